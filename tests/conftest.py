@@ -1,0 +1,91 @@
+"""Shared fixtures: the Mailgun emulator on a real port, an HTTP session, clients with fast retries,
+and a real PostgreSQL (the server on 127.0.0.1:5432 when one answers, else an embedded one)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+
+from tests.support.database import TestDatabase, open_test_database
+from worker.emulator import EmulatorSettings, MailgunEmulator
+from worker.mailgun import MailgunClient
+from worker.retry import RetryPolicy
+
+DOMAIN = "mg.example.com"
+API_KEY = "key-test-0123456789abcdef"
+
+
+class SleepLog:
+    """A retry `sleep` that records each wait and yields once instead of waiting."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings()
+
+
+@pytest.fixture
+async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[MailgunEmulator]:
+    async with MailgunEmulator(api_key=API_KEY, domains=[DOMAIN],
+                               settings=emulator_settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def sleeps() -> SleepLog:
+    return SleepLog()
+
+
+@pytest.fixture
+def make_client(emulator: MailgunEmulator, http_session: aiohttp.ClientSession,
+                sleeps: SleepLog) -> Callable[..., MailgunClient]:
+    """A client for the emulator whose retries do not really wait; keywords override defaults."""
+
+    def make(**overrides: Any) -> MailgunClient:
+        options: dict[str, Any] = {
+            "api_base": emulator.base_url,
+            "api_key": API_KEY,
+            "retry": RetryPolicy(max_attempts=4, backoff_max=5.0, sleep=sleeps),
+            "timeout": 5.0,
+        }
+        options.update(overrides)
+        return MailgunClient(http_session, **options)
+
+    return make
+
+
+@pytest.fixture
+def client(make_client: Callable[..., MailgunClient]) -> MailgunClient:
+    return make_client()
+
+
+@pytest.fixture(scope="session")
+def test_database() -> Iterator[TestDatabase]:
+    """One database for the whole test run, created empty and dropped at the end."""
+    with open_test_database() as database:
+        yield database

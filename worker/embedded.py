@@ -1,0 +1,20 @@
+"""An embedded PostgreSQL (PyPI `pgserver`, binaries in a wheel) for the demo and for tests on
+machines without a server. It runs as root too, which the system's own PostgreSQL refuses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def embedded_postgres(data_dir: Path) -> Iterator[str]:
+    """Start a private server in `data_dir`, yield its `postgresql://` URL, stop it after."""
+    import pgserver  # imported late: it is only needed where no server is given
+
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()

@@ -1,0 +1,55 @@
+"""Choices for what Mailgun's public record leaves open (reference section 9), and other knobs.
+
+Each default is the reading of the evidence the reference gives; tests and users can pick the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(kw_only=True)
+class EmulatorSettings:
+    # List `limit`: documented maximum 1000. Above it Mailgun is believed to clamp silently
+    # (unknown 3); "reject" answers 400 instead. Paging URLs echo the limit actually used.
+    max_limit: int = 1000
+    over_limit: Literal["clamp", "reject"] = "clamp"
+    # The page past the last one: `items: []` (recorded for an empty list) or `null` (reported
+    # in mailgun.js#342) (unknown 5).
+    past_end_items: Literal["empty", "null"] = "empty"
+    # Address case (unknown 4): stored as given and matched, sorted and cursored case-sensitively,
+    # in code-point order; False folds case for matching and order.
+    case_sensitive: bool = True
+    # An invalid address (unknown 1): "reject" answers 400 to a single add and fails the whole
+    # JSON batch that holds one; "accept" stores anything (a real list once held an address "").
+    invalid_address: Literal["reject", "accept"] = "reject"
+    # Add-many cap (documented 1000); a larger array is a 400 (unknown 2).
+    max_batch: int = 1000
+    # Fixed-window request budget per API key (X-Request-* headers). Recordings show a limit of
+    # 2500 and windows about 30 s apart (unknown 6).
+    rate_limit: int = 2500
+    rate_window_s: float = 30.0
+    # Mailgun has never been seen sending Retry-After; True adds it to every 429.
+    retry_after_on_429: bool = False
+    # /v3 list responses: keyset `paging` (today's API) or the legacy `skip`/`total_count` form.
+    # /v2 always answers in the legacy form.
+    paging_style: Literal["cursor", "offset"] = "cursor"
+    # CSV import: 202 in current docs, 200 in older ones.
+    import_status: int = 202
+    # Added to every API request, to model the round trip to Mailgun.
+    latency_s: float = 0.0
+    # Domains not declared answer 404 "Domain not found"; True creates any domain on first use.
+    auto_create_domains: bool = False
+    # Largest request body accepted (CSV imports are documented up to 25 MB).
+    max_request_bytes: int = 32 * 1024 * 1024
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a partial update (the control endpoint's PATCH), refusing unknown names."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown emulator settings: {', '.join(unknown)}")
+        for name, value in changes.items():
+            setattr(self, name, value)

@@ -1,0 +1,77 @@
+"""Every error mailgun-sync raises on purpose.
+
+    SyncError                      base: catch this to catch everything below
+    ├── ConfigError                a setting is missing or malformed (exit code 2)
+    ├── MailgunError               Mailgun answered, or could not be reached
+    │   ├── MailgunAuthError       401: wrong key, or the domain lives in the other region
+    │   ├── MailgunNotFoundError   404: unknown domain, or an address not on the list
+    │   ├── MailgunRejectedError   another 4xx: Mailgun refused the request as sent
+    │   ├── MailgunUnavailableError  429, 5xx, timeouts, resets: still failing after every retry
+    │   └── PagingError            a list could not be read completely and safely
+    │       └── MalformedPageError   a page that is not the JSON Mailgun documents
+    └── DatabaseError              PostgreSQL refused or could not be reached
+
+Messages name what is wrong and what to check. The API key never appears in any of them.
+"""
+
+from __future__ import annotations
+
+
+class SyncError(Exception):
+    """mailgun-sync failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__)
+
+
+class ConfigError(SyncError):
+    """A setting is missing or malformed."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {problem}")
+
+
+class MailgunError(SyncError):
+    """Mailgun answered with an error, or could not be reached."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        mailgun_message: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.status = status
+        self.mailgun_message = mailgun_message
+        self.url = url
+        super().__init__(message)
+
+
+class MailgunAuthError(MailgunError):
+    """Mailgun refused the API key (401)."""
+
+
+class MailgunNotFoundError(MailgunError):
+    """Mailgun answered 404."""
+
+
+class MailgunRejectedError(MailgunError):
+    """Mailgun refused the request as sent (a 4xx other than 401, 404 and 429)."""
+
+
+class MailgunUnavailableError(MailgunError):
+    """Mailgun kept failing (429, 5xx, timeouts or resets) until the retries ran out."""
+
+
+class PagingError(MailgunError):
+    """A list could not be read completely; nothing may be concluded from the part read."""
+
+
+class MalformedPageError(PagingError):
+    """A page was not the JSON Mailgun documents."""
+
+
+class DatabaseError(SyncError):
+    """PostgreSQL refused the operation or could not be reached."""

@@ -1,0 +1,427 @@
+"""The Mailgun client: reads whole lists page by page, pushes records back, deletes, with retries.
+
+The client owns no session: one `aiohttp.ClientSession` per process is opened by the caller and
+shared. The API key travels only in the Authorization header of requests built for the configured
+origin; paging URLs pointing anywhere else stop the pull instead of being followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, quote_plus, urlsplit
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from worker import errors
+from worker.logs import get_logger
+from worker.records import (
+    MAX_BATCH,
+    MalformedRecordError,
+    Record,
+    SuppressionList,
+    batch_item,
+    form_fields,
+    parse_record,
+)
+from worker.retry import Retryable, RetryPolicy, server_wait_hint
+from worker.settings import validate_api_base
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PAGE_LIMIT = 1000
+DEFAULT_MAX_PAGES = 1_000_000
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a list: its records in the server's order, and the URL it came from."""
+
+    number: int
+    url: str
+    records: list[Record]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    record: Record
+    reason: str
+
+
+@dataclass(slots=True)
+class PushOutcome:
+    """What Mailgun confirmed (a 2xx) and what it refused (with its message)."""
+
+    accepted: list[Record] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def extend(self, other: PushOutcome) -> None:
+        self.accepted.extend(other.accepted)
+        self.rejected.extend(other.rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    body: bytes
+    url: str
+
+    def message(self) -> str:
+        """Mailgun's `message`, or the start of a non-JSON body (a 401 is `text/plain`)."""
+        try:
+            payload = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return self.body[:200].decode("utf-8", "replace").strip()
+        if isinstance(payload, dict) and isinstance(payload.get("message"), str):
+            return str(payload["message"])
+        return self.body[:200].decode("utf-8", "replace").strip()
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
+    iterator = iter(records)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+class MailgunClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        api_base: str,
+        api_key: str,
+        retry: RetryPolicy | None = None,
+        page_limit: int = DEFAULT_PAGE_LIMIT,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        push_concurrency: int = 4,
+        timeout: float = 30.0,
+        api_version: str = "v3",
+    ) -> None:
+        self._session = session
+        self._base = validate_api_base(api_base)
+        self._origin = urlsplit(self._base)
+        self._auth = aiohttp.encode_basic_auth("api", api_key)
+        self._retry = retry or RetryPolicy()
+        self._page_limit = page_limit
+        self._max_pages = max_pages
+        self._max_response_bytes = max_response_bytes
+        self._push_concurrency = push_concurrency
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._version = api_version
+
+    def __repr__(self) -> str:
+        return f"MailgunClient(api_base={self._base!r})"
+
+    def list_url(self, domain: str, kind: SuppressionList) -> str:
+        return f"{self._base}/{self._version}/{quote(domain, safe='')}/{kind.value}"
+
+    def address_url(self, domain: str, kind: SuppressionList, address: str) -> str:
+        # Mailgun decodes path addresses query-style: a raw `+` would arrive as a space.
+        return f"{self.list_url(domain, kind)}/{quote(address, safe='')}"
+
+    # ---- reading --------------------------------------------------------------------------
+
+    async def pages(
+        self, domain: str, kind: SuppressionList, *, after: str | None = None, term: str = ""
+    ) -> AsyncIterator[Page]:
+        """Every page of a list, in order, following `paging.next` as Mailgun returns it.
+
+        Ending normally means the list was read to its end (an empty, null or missing `items`).
+        Anything else raises: a PagingError for a page that cannot be trusted, a MailgunError for
+        a request that failed. `after` starts behind that address (keyset resume).
+        """
+        base = self.list_url(domain, kind)
+        tail = f"limit={self._page_limit}&term={quote_plus(term)}"
+        url = f"{base}?page=next&address={quote_plus(after)}&{tail}" if after is not None \
+            else f"{base}?{tail}"
+        fetched: set[str] = set()
+        number = 0
+        while True:
+            if number >= self._max_pages:
+                raise errors.PagingError(
+                    f"{domain} {kind.value}: stopped after {self._max_pages} pages without "
+                    "reaching the end of the list", url=url)
+            payload = await self._get_page(url, domain, kind)
+            items = payload.get("items")
+            if "paging" not in payload and "total_count" in payload:
+                async for page in self._offset_pages(payload, base, domain, kind):
+                    yield page
+                return
+            if items is None or items == []:
+                return
+            records = self._parse_items(items, url, domain, kind)
+            number += 1
+            yield Page(number, url, records)
+            fetched.add(url)
+            url = self._next_url(payload, url, fetched, records[-1], domain, kind, base)
+
+    async def records(self, domain: str, kind: SuppressionList) -> AsyncIterator[Record]:
+        async for page in self.pages(domain, kind):
+            for record in page.records:
+                yield record
+
+    async def _offset_pages(self, first: dict[str, Any], base: str, domain: str,
+                            kind: SuppressionList) -> AsyncIterator[Page]:
+        """The legacy form: `{"total_count", "items"}` walked with `skip`."""
+        payload, url, skip, number = first, f"{base}?limit={self._page_limit}", 0, 0
+        while True:
+            items = payload.get("items")
+            if items is None or items == []:
+                return
+            total = payload.get("total_count")
+            if not isinstance(total, int):
+                raise errors.MalformedPageError(
+                    f"{domain} {kind.value}: `total_count` is not a number", url=url)
+            records = self._parse_items(items, url, domain, kind)
+            number += 1
+            yield Page(number, url, records)
+            skip += len(records)
+            if skip >= total:
+                return
+            if number >= self._max_pages:
+                raise errors.PagingError(
+                    f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
+            url = f"{base}?skip={skip}&limit={self._page_limit}"
+            payload = await self._get_page(url, domain, kind)
+
+    def _parse_items(self, items: object, url: str, domain: str,
+                     kind: SuppressionList) -> list[Record]:
+        if not isinstance(items, list):
+            raise errors.MalformedPageError(
+                f"{domain} {kind.value}: `items` is {type(items).__name__}, expected a list",
+                url=url)
+        try:
+            return [parse_record(kind, item) for item in items]
+        except MalformedRecordError as exc:
+            raise errors.MalformedPageError(
+                f"{domain} {kind.value}: a record on the page is malformed: {exc}", url=url) from exc
+
+    def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: Record,
+                  domain: str, kind: SuppressionList, base: str) -> str:
+        """Check `paging.next` before the key is sent anywhere with it."""
+        paging = payload.get("paging")
+        nxt = paging.get("next") if isinstance(paging, dict) else None
+        where = f"{domain} {kind.value}"
+        if not isinstance(nxt, str) or not nxt:
+            raise errors.MalformedPageError(
+                f"{where}: a page with records has no paging.next, so the list cannot be "
+                "read to its end", url=url)
+        parts = urlsplit(nxt)
+        if (parts.scheme, parts.netloc) != (self._origin.scheme, self._origin.netloc):
+            raise errors.PagingError(
+                f"{where}: paging.next points at {parts.scheme}://{parts.netloc}, not "
+                f"{self._base}; not following it (the API key is only sent to {self._base})",
+                url=url)
+        if f"{parts.scheme}://{parts.netloc}{parts.path}" != base:
+            raise errors.PagingError(
+                f"{where}: paging.next points at another path ({parts.path})", url=url)
+        if nxt in fetched:
+            raise errors.PagingError(
+                f"{where}: paging.next repeats a page already read; the cursor is not advancing",
+                url=url)
+        cursor = parse_qs(parts.query, keep_blank_values=True).get("address", [None])[0]
+        if cursor is None or cursor.lower() != last.address.lower():
+            raise errors.PagingError(
+                f"{where}: paging.next continues after {cursor!r}, not after the page's last "
+                f"record {last.address!r}; records could be skipped or repeated", url=url)
+        return nxt
+
+    async def _get_page(self, url: str, domain: str, kind: SuppressionList) -> dict[str, Any]:
+        async def attempt() -> dict[str, Any]:
+            reply = await self._send("GET", url)
+            if reply.status != 200:
+                raise self._error(reply, domain, kind)
+            try:
+                payload = orjson.loads(reply.body)
+            except orjson.JSONDecodeError as exc:
+                # Usually a body cut short on the way; another try normally gets it whole.
+                raise Retryable(f"page is not JSON ({exc})", status=reply.status) from None
+            if not isinstance(payload, dict):
+                raise Retryable(f"page is JSON {type(payload).__name__}, expected an object",
+                                status=reply.status)
+            return payload
+
+        try:
+            return await self._retrying(attempt, "GET", url, domain, kind)
+        except errors.MailgunUnavailableError as exc:
+            if exc.status == 200:
+                raise errors.MalformedPageError(str(exc), status=200, url=url) from exc
+            raise
+
+    async def get(self, domain: str, kind: SuppressionList, address: str) -> Record | None:
+        """One record, or None when Mailgun does not list the address."""
+        url = self.address_url(domain, kind, address)
+
+        async def attempt() -> Record | None:
+            reply = await self._send("GET", url)
+            if reply.status == 404:
+                return None
+            if reply.status != 200:
+                raise self._error(reply, domain, kind)
+            try:
+                return parse_record(kind, orjson.loads(reply.body))
+            except (orjson.JSONDecodeError, MalformedRecordError) as exc:
+                raise errors.MalformedPageError(
+                    f"{domain} {kind.value}: unreadable record for {address!r}: {exc}",
+                    url=url) from exc
+
+        return await self._retrying(attempt, "GET", url, domain, kind)
+
+    # ---- writing --------------------------------------------------------------------------
+
+    async def push(self, domain: str, kind: SuppressionList, records: Iterable[Record],
+                   *, batch_size: int = MAX_BATCH) -> AsyncIterator[PushOutcome]:
+        """Send records in batches (one each for the allowlist), a bounded number at a time,
+        yielding each batch's outcome as soon as Mailgun answered it."""
+        size = min(batch_size, MAX_BATCH) if kind.accepts_batches else 1
+        running: set[asyncio.Task[PushOutcome]] = set()
+        try:
+            for batch in _chunks(records, size):
+                if len(running) >= self._push_concurrency:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        yield task.result()
+                running.add(asyncio.create_task(self.push_batch(domain, kind, batch)))
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def push_batch(self, domain: str, kind: SuppressionList,
+                         records: Sequence[Record]) -> PushOutcome:
+        """Add up to 1000 records. A batch Mailgun refuses (400/413) is split in halves until the
+        refused records are found, so one bad record never holds back the others."""
+        if not records:
+            return PushOutcome()
+        if len(records) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} records, not {len(records)}")
+        url = self.list_url(domain, kind)
+        if kind.accepts_batches:
+            body = orjson.dumps([batch_item(kind, r) for r in records])
+            reply = await self._retrying(
+                partial(self._send, "POST", url, json_body=body), "POST", url, domain, kind)
+        else:
+            outcome = PushOutcome()
+            for record in records:
+                form = form_fields(kind, record)
+                reply = await self._retrying(
+                    partial(self._send, "POST", url, form=form), "POST", url, domain, kind)
+                outcome.extend(self._one_outcome(reply, [record], domain, kind))
+            return outcome
+        if reply.status in (400, 413) and len(records) > 1:
+            half = len(records) // 2
+            outcome = await self.push_batch(domain, kind, records[:half])
+            outcome.extend(await self.push_batch(domain, kind, records[half:]))
+            return outcome
+        return self._one_outcome(reply, records, domain, kind)
+
+    def _one_outcome(self, reply: _Reply, records: Sequence[Record], domain: str,
+                     kind: SuppressionList) -> PushOutcome:
+        if 200 <= reply.status < 300:
+            return PushOutcome(accepted=list(records))
+        if reply.status in (400, 413):
+            return PushOutcome(rejected=[Rejection(r, reply.message()) for r in records])
+        raise self._error(reply, domain, kind)
+
+    async def delete(self, domain: str, kind: SuppressionList, address: str,
+                     *, tag: str | None = None) -> bool:
+        """Remove an address (or one unsubscribe tag). False when Mailgun did not have it."""
+        url = self.address_url(domain, kind, address)
+        if tag is not None:
+            url += f"?tag={quote_plus(tag)}"
+        reply = await self._retrying(partial(self._send, "DELETE", url), "DELETE", url, domain, kind)
+        if reply.status == 404:
+            return False
+        if 200 <= reply.status < 300:
+            return True
+        raise self._error(reply, domain, kind)
+
+    # ---- transport ------------------------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], method: str, url: str,
+                        domain: str, kind: SuppressionList) -> T:
+        try:
+            async for try_ in self._retry.retrying(method=method, domain=domain, list=kind.value):
+                with try_:
+                    return await attempt()
+        except Retryable as exc:
+            raise errors.MailgunUnavailableError(
+                f"{domain} {kind.value}: {method} still failing after {self._retry.max_attempts} "
+                f"attempts: {exc.reason}", status=exc.status, url=url) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _send(self, method: str, url: str, *, json_body: bytes | None = None,
+                    form: dict[str, str] | None = None) -> _Reply:
+        """Send once; a retryable answer raises `Retryable`, any other is returned."""
+        headers = {"Authorization": self._auth}
+        data: Any = None
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json_body
+        elif form is not None:
+            data = form
+        try:
+            async with self._session.request(
+                method, URL(url, encoded=True), headers=headers, data=data,
+                allow_redirects=False, timeout=self._timeout,
+            ) as response:
+                body = await self._read_capped(response, url)
+                status = response.status
+                if status == 429 or status >= 500:
+                    raise Retryable(f"HTTP {status}", status=status,
+                                    wait_hint=server_wait_hint(status, response.headers))
+                return _Reply(status, body, url)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+
+    async def _read_capped(self, response: aiohttp.ClientResponse, url: str) -> bytes:
+        cap = self._max_response_bytes
+        if response.content_length is not None and response.content_length > cap:
+            raise errors.MalformedPageError(
+                f"response of {response.content_length} bytes exceeds the {cap}-byte cap", url=url)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(256 * 1024):
+            size += len(chunk)
+            if size > cap:
+                raise errors.MalformedPageError(
+                    f"response exceeds the {cap}-byte cap", url=url)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _error(self, reply: _Reply, domain: str, kind: SuppressionList) -> errors.MailgunError:
+        """A typed error for a final (non-retryable) answer."""
+        message = reply.message()
+        where = f"{domain} {kind.value}"
+        if reply.status == 401:
+            return errors.MailgunAuthError(
+                f"{where}: Mailgun refused the API key (401 {message}). Check MAILGUN_API_KEY, and "
+                f"that MAILGUN_API_BASE ({self._base}) is the region the domain lives in "
+                "(US https://api.mailgun.net, EU https://api.eu.mailgun.net)",
+                status=401, mailgun_message=message, url=reply.url)
+        if reply.status == 404:
+            return errors.MailgunNotFoundError(
+                f"{where}: Mailgun answered 404 ({message}). Check the domain name and region",
+                status=404, mailgun_message=message, url=reply.url)
+        if 300 <= reply.status < 400:
+            return errors.MailgunRejectedError(
+                f"{where}: Mailgun answered a redirect ({reply.status}), which is not followed",
+                status=reply.status, mailgun_message=message, url=reply.url)
+        return errors.MailgunRejectedError(
+            f"{where}: Mailgun refused the request ({reply.status} {message})",
+            status=reply.status, mailgun_message=message, url=reply.url)

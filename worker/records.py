@@ -1,0 +1,174 @@
+"""Suppression records: the lists, parsing Mailgun's JSON, and the payloads sent back. No I/O.
+
+Mailgun's wire forms vary by list and by era (see the API reference): `code` comes as "550" or 550,
+timestamps as `... UTC`, `... GMT` or `... +0000`, unsubscribe tags as `tags: [...]` or a legacy
+`tag`, and the allowlist uses `value`/`type`/`createdAt`. Everything is normalised here, once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+
+class SuppressionList(enum.StrEnum):
+    """A suppression list of a sending domain; the value is its path segment in the API."""
+
+    BOUNCES = "bounces"
+    UNSUBSCRIBES = "unsubscribes"
+    COMPLAINTS = "complaints"
+    ALLOWLIST = "whitelists"
+
+    @property
+    def accepts_batches(self) -> bool:
+        """Whether Mailgun takes a JSON array of records (the allowlist takes one form post each)."""
+        return self is not SuppressionList.ALLOWLIST
+
+    @classmethod
+    def parse(cls, name: str) -> SuppressionList:
+        """Accept the path segment or the friendlier `allowlist`."""
+        if name == "allowlist":
+            return cls.ALLOWLIST
+        return cls(name)
+
+
+SYNCED_LISTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES, SuppressionList.COMPLAINTS)
+
+# The largest JSON array Mailgun accepts in one add-many request.
+MAX_BATCH = 1000
+
+
+class MalformedRecordError(ValueError):
+    """A list item that is not a suppression record."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One suppression as the worker sees it, whatever list it came from.
+
+    `address` is the allowlist's `value` too (an address or, with `kind == "domain"`, a domain).
+    """
+
+    address: str
+    created_at: datetime | None = None
+    code: str | None = None
+    error: str | None = None
+    tags: tuple[str, ...] = ()
+    kind: str | None = None
+    reason: str | None = None
+
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_UTC_NAMES = frozenset({"UTC", "GMT", "+0000", "-0000", "Z", "UT"})
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse Mailgun's RFC 2822 timestamps (`UTC`, `GMT` or a numeric offset), or ISO 8601.
+
+    The usual form `Thu, 26 Mar 2026 12:59:15 UTC` takes a fast path: the general parser costs
+    several microseconds a value, which adds up over a million records.
+    """
+    parts = text.split()
+    if len(parts) == 6 and parts[5] in _UTC_NAMES and parts[2] in _MONTHS:
+        try:
+            hour, minute, second = parts[4].split(":")
+            return datetime(int(parts[3]), _MONTHS[parts[2]], int(parts[1]),
+                            int(hour), int(minute), int(second), tzinfo=UTC)
+        except ValueError:
+            pass
+    try:
+        parsed = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise MalformedRecordError(f"unreadable timestamp {text!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Render a timestamp the way Mailgun's v3 API does: `Thu, 26 Mar 2026 12:59:15 UTC`."""
+    return moment.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S UTC")
+
+
+def _text(item: Mapping[str, Any], key: str) -> str | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise MalformedRecordError(f"field {key!r} is {type(value).__name__}, expected text")
+    return str(value)
+
+
+def _timestamp(item: Mapping[str, Any], key: str) -> datetime | None:
+    value = item.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise MalformedRecordError(f"field {key!r} is {type(value).__name__}, expected a date")
+    return parse_timestamp(value)
+
+
+def _tags(item: Mapping[str, Any]) -> tuple[str, ...]:
+    raw = item.get("tags")
+    if raw is None:
+        raw = item.get("tag")
+    if raw is None:
+        return ()
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, list) or not all(isinstance(t, str) for t in values):
+        raise MalformedRecordError("field 'tags' is not a list of text")
+    return tuple(sorted(set(values)))
+
+
+def parse_record(kind: SuppressionList, item: object) -> Record:
+    """Normalise one list item; unknown fields are ignored, missing optional ones are None."""
+    if not isinstance(item, Mapping):
+        raise MalformedRecordError(f"list item is {type(item).__name__}, expected an object")
+    key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    address = item.get(key)
+    if not isinstance(address, str):
+        raise MalformedRecordError(f"list item has no text {key!r}")
+    if kind is SuppressionList.BOUNCES:
+        return Record(address, _timestamp(item, "created_at"),
+                      code=_text(item, "code"), error=_text(item, "error"))
+    if kind is SuppressionList.UNSUBSCRIBES:
+        return Record(address, _timestamp(item, "created_at"), tags=_tags(item))
+    if kind is SuppressionList.COMPLAINTS:
+        return Record(address, _timestamp(item, "created_at"))
+    return Record(address, _timestamp(item, "createdAt") or _timestamp(item, "created_at"),
+                  kind=_text(item, "type") or "address", reason=_text(item, "reason"))
+
+
+def batch_item(kind: SuppressionList, record: Record) -> dict[str, Any]:
+    """One element of an add-many JSON array (bounces, unsubscribes, complaints)."""
+    item: dict[str, Any] = {"address": record.address}
+    if kind is SuppressionList.BOUNCES:
+        if record.code is not None:
+            item["code"] = record.code
+        if record.error is not None:
+            item["error"] = record.error
+    elif kind is SuppressionList.UNSUBSCRIBES:
+        item["tags"] = list(record.tags) or ["*"]
+    if record.created_at is not None:
+        item["created_at"] = format_timestamp(record.created_at)
+    return item
+
+
+def form_fields(kind: SuppressionList, record: Record) -> dict[str, str]:
+    """The form of a single add; the allowlist knows no other way to add."""
+    if kind is SuppressionList.ALLOWLIST:
+        fields = {"domain" if record.kind == "domain" else "address": record.address}
+        if record.reason:
+            fields["reason"] = record.reason
+        return fields
+    fields = {k: str(v) for k, v in batch_item(kind, record).items() if not isinstance(v, list)}
+    if kind is SuppressionList.UNSUBSCRIBES:
+        # A form add takes one `tag`; a plural `tags` field is silently ignored by Mailgun.
+        fields["tag"] = record.tags[0] if record.tags else "*"
+    return fields

@@ -1,0 +1,106 @@
+"""Settings from the environment, overridden by command-line flags; validated once, at start.
+
+Each setting has one name everywhere: the environment variable, the flag and the README table.
+Secrets (the API key, the database URL with its password) are kept out of every repr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from worker.errors import ConfigError
+
+US_API_BASE = "https://api.mailgun.net"
+EU_API_BASE = "https://api.eu.mailgun.net"
+
+T = TypeVar("T")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_api_base(value: str, setting: str = "MAILGUN_API_BASE") -> str:
+    """An https origin, or plain http to a loopback host (an emulator); no path, no credentials."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(setting, f"{value!r} is not an http(s) URL such as {US_API_BASE}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(setting, "must be a bare origin, without credentials, query or fragment")
+    if parts.path.rstrip("/") not in ("", "/v3"):
+        raise ConfigError(
+            setting, f"must be an origin such as {US_API_BASE}; the client adds /v3/<domain>/<list>")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ConfigError(setting, "plain http is allowed for loopback hosts only; use https")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(setting, f"{value!r} has an invalid port") from None
+    netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
+    if ":" in parts.hostname:
+        netloc = f"[{parts.hostname}]" + (f":{port}" if port is not None else "")
+    return f"{parts.scheme}://{netloc}"
+
+
+def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T,
+           check: Callable[[T], bool], expected: str) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = convert(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not {expected}") from None
+    if not check(value):
+        raise ConfigError(name, f"{raw!r} is not {expected}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    api_key: str = field(repr=False)
+    api_base: str = US_API_BASE
+    domains: tuple[str, ...] = ()
+    database_url: str | None = field(default=None, repr=False)
+    max_attempts: int = 6
+    backoff_max: float = 60.0
+    max_delete_fraction: float = 0.10
+    http_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
+        """Read every setting; `overrides` (from flags) win where not None."""
+        merged = {**env, **{k: str(v) for k, v in overrides.items() if v is not None}}
+        api_key = merged.get("MAILGUN_API_KEY", "").strip()
+        if not api_key:
+            raise ConfigError("MAILGUN_API_KEY", "is not set; give the domain's private API key")
+        domains = tuple(d.strip() for d in merged.get("MAILGUN_DOMAINS", "").split(",") if d.strip())
+        for domain in domains:
+            if "/" in domain or " " in domain or "." not in domain:
+                raise ConfigError("MAILGUN_DOMAINS", f"{domain!r} is not a domain name")
+        return cls(
+            api_key=api_key,
+            api_base=validate_api_base(merged.get("MAILGUN_API_BASE") or US_API_BASE),
+            domains=domains,
+            database_url=merged.get("DATABASE_URL") or None,
+            max_attempts=_parse(merged, "MAILGUN_MAX_ATTEMPTS", int, 6,
+                                lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),
+            backoff_max=_parse(merged, "MAILGUN_BACKOFF_MAX", float, 60.0,
+                               lambda v: math.isfinite(v) and 0 <= v <= 3600,
+                               "a number of seconds from 0 to 3600"),
+            max_delete_fraction=_parse(merged, "SYNC_MAX_DELETE_FRACTION", float, 0.10,
+                                       lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
+            http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
+                                lambda v: math.isfinite(v) and 0 < v <= 600,
+                                "a number of seconds from 0 to 600"),
+        )
