@@ -13,7 +13,7 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Start a private server in `data_dir`, yield its `postgresql://` URL, stop it after."""
     import pgserver  # imported late: it is only needed where no server is given
 
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     try:
         yield str(server.get_uri())
     finally:

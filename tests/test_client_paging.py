@@ -1,0 +1,186 @@
+"""Reading whole lists: every record once, in both paging styles, and no trust in a bad page."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.conftest import API_KEY, DOMAIN
+from worker import errors
+from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
+from worker.records import SuppressionList
+
+ALL_LISTS = list(SuppressionList)
+
+
+def wire_records(kind: SuppressionList, count: int) -> list[dict]:
+    key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    return [{key: f"user{i:05}+tag@example.com", "code": 550 if i % 2 else "551",
+             "tags": ["*", f"t{i % 3}"]} for i in range(count)]
+
+
+async def pull(client, kind=SuppressionList.BOUNCES, domain=DOMAIN) -> list:
+    return [record async for record in client.records(domain, kind)]
+
+
+@pytest.mark.parametrize("kind", ALL_LISTS)
+async def test_pull_reads_2345_records_once_each_with_keyset_paging(emulator, make_client, kind):
+    emulator.seed(DOMAIN, kind, wire_records(kind, 2345))
+    records = await pull(make_client(page_limit=100), kind)
+    addresses = [r.address for r in records]
+    assert addresses == sorted(f"user{i:05}+tag@example.com" for i in range(2345))
+    pages = [r for r in emulator.requests if r.method == "GET"]
+    assert len(pages) == 25  # 24 pages of records, then the empty page that proves the end
+    assert pages[0].query == {"limit": "100", "term": ""}
+    assert pages[1].query["page"] == "next"
+
+
+@pytest.mark.parametrize("kind", [SuppressionList.BOUNCES, SuppressionList.COMPLAINTS])
+async def test_pull_reads_2345_records_from_the_legacy_v2_offset_api(emulator, make_client, kind):
+    emulator.seed(DOMAIN, kind, wire_records(kind, 2345))
+    records = await pull(make_client(page_limit=300, api_version="v2"), kind)
+    assert len({r.address for r in records}) == len(records) == 2345
+    skips = [r.query.get("skip") for r in emulator.requests]
+    assert skips == [None, *[str(n) for n in range(300, 2345, 300)]]
+
+
+@pytest.mark.parametrize("emulator_settings", [EmulatorSettings(paging_style="offset")])
+async def test_pull_follows_an_offset_style_answer_on_v3(emulator, make_client):
+    emulator.seed(DOMAIN, "unsubscribes", wire_records(SuppressionList.UNSUBSCRIBES, 2345))
+    records = await pull(make_client(page_limit=1000), SuppressionList.UNSUBSCRIBES)
+    # The legacy form lists one row per (address, tag); each address carries two tags here.
+    assert len(records) == 2 * 2345
+    assert {r.address for r in records} == {f"user{i:05}+tag@example.com" for i in range(2345)}
+
+
+@pytest.mark.parametrize("emulator_settings", [EmulatorSettings(past_end_items="null")])
+async def test_pull_ends_on_items_null_past_the_last_page(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
+    assert len(await pull(make_client(page_limit=4))) == 10
+
+
+async def test_pull_of_an_empty_list_is_one_request(emulator, client):
+    assert await pull(client) == []
+    assert len(emulator.requests) == 1
+
+
+async def test_seed_document_samples_parse(emulator, client):
+    emulator.seed(DOMAIN, "bounces", [
+        {"code": 550, "created_at": "Fri, 21 Oct 2011 11:02:55 GMT", "error": "Message was not "
+         "accepted -- invalid mailbox. Local mailbox 'serobnic@mail.ru is unavailable: user not found",
+         "address": "'serobnic@mail.ru"},
+        {"address": "alice@example.com", "code": "550", "error": "Message was not accepted",
+         "created_at": "Thu, 13 Oct 2011 18:02:00 +0000"},
+    ])
+    serobnic, alice = await pull(client)
+    assert (serobnic.address, serobnic.code) == ("'serobnic@mail.ru", "550")
+    assert serobnic.created_at == datetime(2011, 10, 21, 11, 2, 55, tzinfo=UTC)
+    assert (alice.code, alice.created_at) == ("550", datetime(2011, 10, 13, 18, 2, tzinfo=UTC))
+
+
+async def test_pull_can_resume_after_an_address(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 30))
+    client = make_client(page_limit=7)
+    pages = [page async for page in client.pages(DOMAIN, SuppressionList.BOUNCES,
+                                                 after="user00019+tag@example.com")]
+    assert [r.address for p in pages for r in p.records] == [
+        f"user{i:05}+tag@example.com" for i in range(20, 30)]
+
+
+async def test_next_url_on_another_origin_stops_the_pull_and_gets_no_key(emulator, make_client):
+    async with MailgunEmulator(api_key=API_KEY, domains=[DOMAIN]) as elsewhere:
+        emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 5))
+        emulator.inject(Fault(action="foreign_next", foreign_origin=elsewhere.base_url))
+        with pytest.raises(errors.PagingError, match="not following it") as caught:
+            await pull(make_client(page_limit=2))
+        assert len(elsewhere.requests) == 0
+        assert API_KEY not in str(caught.value)
+
+
+async def test_a_next_url_that_repeats_forever_stops_the_pull(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 5))
+    emulator.inject(Fault(action="repeat_next", times=None))
+    with pytest.raises(errors.PagingError, match="not advancing"):
+        await pull(make_client(page_limit=2))
+    assert len(emulator.requests) == 1
+
+
+async def test_page_cap_stops_a_pull_that_does_not_end(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 50))
+    with pytest.raises(errors.PagingError, match="stopped after 3 pages"):
+        await pull(make_client(page_limit=5, max_pages=3))
+
+
+async def test_a_relative_next_url_is_refused(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 3))
+    emulator.inject(Fault(action="foreign_next", foreign_origin=""))
+    with pytest.raises(errors.PagingError, match="not following it"):
+        await pull(make_client(page_limit=2))
+
+
+async def test_a_truncated_page_is_fetched_again(emulator, client, sleeps):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 3))
+    emulator.inject(Fault(action="truncated_json"))
+    assert len(await pull(client)) == 3
+    assert len(sleeps.waits) == 1
+
+
+async def test_a_page_that_stays_malformed_is_a_malformed_page_error(emulator, client):
+    emulator.inject(Fault(action="malformed_json", times=None))
+    with pytest.raises(errors.MalformedPageError, match="not JSON") as caught:
+        await pull(client)
+    assert caught.value.url is not None
+    assert len(emulator.requests) == 4  # every attempt the policy allows
+
+
+async def test_a_connection_reset_mid_page_is_retried(emulator, client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 300))
+    emulator.inject(Fault(action="reset"))
+    assert len(await pull(client)) == 300
+
+
+async def test_a_page_far_larger_than_asked_is_refused_without_retry(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 3))
+    emulator.inject(Fault(action="oversized", size_bytes=2_000_000))
+    with pytest.raises(errors.MalformedPageError, match="cap"):
+        await pull(make_client(max_response_bytes=1_000_000))
+    assert len(emulator.requests) == 1
+
+
+async def test_items_that_are_not_records_name_the_problem(emulator, client):
+    emulator.seed(DOMAIN, "bounces", [{"address": "a@example.com"}])
+    emulator.tables.table(DOMAIN, SuppressionList.BOUNCES).rows()[0]["created_at"] = 12
+    with pytest.raises(errors.MalformedPageError, match="created_at"):
+        await pull(client)
+
+
+async def test_a_wrong_key_is_an_auth_error_that_names_key_and_region(make_client):
+    with pytest.raises(errors.MailgunAuthError) as caught:
+        await pull(make_client(api_key="key-wrong-secret"))
+    message = str(caught.value)
+    assert "MAILGUN_API_KEY" in message
+    assert "api.eu.mailgun.net" in message
+    assert "key-wrong-secret" not in message
+
+
+async def test_an_unknown_domain_is_a_not_found_error(client):
+    with pytest.raises(errors.MailgunNotFoundError, match=r"Domain not found: nope\.example\.org"):
+        await pull(client, domain="nope.example.org")
+
+
+async def test_get_and_delete_encode_plus_in_addresses(emulator, client):
+    emulator.seed(DOMAIN, "bounces", [{"address": "first+last@example.com", "code": "551"}])
+    record = await client.get(DOMAIN, SuppressionList.BOUNCES, "first+last@example.com")
+    assert record is not None
+    assert record.code == "551"
+    assert await client.delete(DOMAIN, SuppressionList.BOUNCES, "first+last@example.com") is True
+    assert await client.delete(DOMAIN, SuppressionList.BOUNCES, "first+last@example.com") is False
+    assert await client.get(DOMAIN, SuppressionList.BOUNCES, "first+last@example.com") is None
+
+
+async def test_delete_can_remove_one_unsubscribe_tag(emulator, client):
+    emulator.seed(DOMAIN, "unsubscribes", [{"address": "u@example.com", "tags": ["*", "news"]}])
+    assert await client.delete(DOMAIN, SuppressionList.UNSUBSCRIBES, "u@example.com", tag="news")
+    [record] = await pull(client, SuppressionList.UNSUBSCRIBES)
+    assert record.tags == ("*",)

@@ -1,0 +1,98 @@
+"""Normalising Mailgun's varied record forms into one shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.records import (
+    MalformedRecordError,
+    Record,
+    SuppressionList,
+    batch_item,
+    form_fields,
+    parse_record,
+    parse_timestamp,
+)
+
+MOMENT = datetime(2011, 10, 13, 18, 2, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", [
+    "Thu, 13 Oct 2011 18:02:00 UTC",
+    "Thu, 13 Oct 2011 18:02:00 GMT",
+    "Thu, 13 Oct 2011 18:02:00 +0000",
+    "Thu, 13 Oct 2011 20:02:00 +0200",
+    "2011-10-13T18:02:00.000Z",
+    "13 Oct 2011 18:02:00 UTC",
+])
+def test_timestamps_parse_from_every_form_mailgun_uses(text):
+    assert parse_timestamp(text) == MOMENT
+
+
+def test_a_numeric_offset_keeps_its_instant():
+    parsed = parse_timestamp("Thu, 13 Oct 2011 13:02:00 -0500")
+    assert parsed == MOMENT
+    assert parsed.utcoffset() == timedelta(hours=-5)
+    assert parsed.tzinfo != UTC
+
+
+def test_an_unreadable_timestamp_is_malformed():
+    with pytest.raises(MalformedRecordError, match="unreadable timestamp"):
+        parse_timestamp("yesterday-ish")
+
+
+@pytest.mark.parametrize("code", ["550", 550])
+def test_bounce_code_is_text_whether_sent_as_string_or_number(code):
+    record = parse_record(SuppressionList.BOUNCES, {"address": "a@x.com", "code": code})
+    assert record.code == "550"
+
+
+def test_unknown_fields_are_ignored_and_missing_ones_are_none():
+    record = parse_record(SuppressionList.BOUNCES, {
+        "address": "a@x.com", "MessageHash": "4e7b", "something_new": {"x": 1}})
+    assert record == Record("a@x.com")
+
+
+@pytest.mark.parametrize(("item", "tags"), [
+    ({"address": "a@x.com", "tags": ["*", "Bar", "Survey Requests"]}, ("*", "Bar", "Survey Requests")),
+    ({"address": "a@x.com", "tag": "*"}, ("*",)),
+    ({"address": "a@x.com"}, ()),
+])
+def test_unsubscribe_tags_come_from_tags_or_the_legacy_tag(item, tags):
+    assert parse_record(SuppressionList.UNSUBSCRIBES, item).tags == tags
+
+
+def test_allowlist_entries_read_value_type_and_camel_case_created_at():
+    record = parse_record(SuppressionList.ALLOWLIST, {
+        "value": "example.org", "type": "domain", "reason": "partner",
+        "createdAt": "Thu, 13 Oct 2011 18:02:00 UTC"})
+    assert record == Record("example.org", MOMENT, kind="domain", reason="partner")
+
+
+@pytest.mark.parametrize("item", [
+    "a@x.com", {"code": "550"}, {"address": 12}, {"address": "a@x.com", "code": ["550"]},
+    {"address": "a@x.com", "created_at": 12}, {"address": "a@x.com", "code": True},
+])
+def test_items_that_are_not_records_are_malformed(item):
+    with pytest.raises(MalformedRecordError):
+        parse_record(SuppressionList.BOUNCES, item)
+
+
+def test_batch_items_carry_only_what_the_list_takes():
+    record = Record("a@x.com", MOMENT, code="550", error="full", tags=("x",))
+    assert batch_item(SuppressionList.BOUNCES, record) == {
+        "address": "a@x.com", "code": "550", "error": "full", "created_at": "Thu, 13 Oct 2011 18:02:00 UTC"}
+    assert batch_item(SuppressionList.COMPLAINTS, record) == {
+        "address": "a@x.com", "created_at": "Thu, 13 Oct 2011 18:02:00 UTC"}
+    assert batch_item(SuppressionList.UNSUBSCRIBES, Record("a@x.com"))["tags"] == ["*"]
+
+
+def test_forms_use_singular_tag_and_allowlist_address_or_domain():
+    assert form_fields(SuppressionList.UNSUBSCRIBES, Record("a@x.com", tags=("news",))) == {
+        "address": "a@x.com", "tag": "news"}
+    assert form_fields(SuppressionList.ALLOWLIST, Record("example.org", kind="domain")) == {
+        "domain": "example.org"}
+    assert form_fields(SuppressionList.ALLOWLIST, Record("a@x.com", reason="vip")) == {
+        "address": "a@x.com", "reason": "vip"}
