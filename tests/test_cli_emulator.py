@@ -1,0 +1,164 @@
+"""`python -m worker emulator` as a real process: it serves the seeded lists, takes faults over its
+control endpoint, stops cleanly on SIGTERM, and refuses a seed it cannot load with exit code 2."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+CLI_DOMAIN = "mg.example.com"
+CLI_KEY = "key-x"
+AUTH = {"Authorization": aiohttp.encode_basic_auth("api", CLI_KEY)}
+START_DEADLINE_S = 15.0
+STOP_DEADLINE_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningEmulator:
+    process: asyncio.subprocess.Process
+    base_url: str
+    output: Path
+
+
+async def start_emulator(tmp_path: Path, *extra: str) -> tuple[asyncio.subprocess.Process, Path]:
+    """The emulator command in a child process; its stdout and stderr go to one file (no pipe to fill)."""
+    output = tmp_path / "output.txt"
+    with output.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "emulator", *extra,
+            stdout=sink, stderr=sink, stdin=asyncio.subprocess.DEVNULL)
+    return process, output
+
+
+async def wait_until_answering(process: asyncio.subprocess.Process, base_url: str, output: Path) -> None:
+    """Poll the control endpoint until it answers 200, the process dies, or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_DEADLINE_S
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if process.returncode is not None:
+                said = await asyncio.to_thread(output.read_text)
+                raise AssertionError(f"emulator exited early with code {process.returncode}: {said}")
+            try:
+                async with session.get(f"{base_url}/_emulator/state") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            if loop.time() > deadline:
+                said = await asyncio.to_thread(output.read_text)
+                raise AssertionError(f"emulator did not answer within {START_DEADLINE_S} s: {said}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def seed_file(tmp_path: Path) -> Path:
+    seed = tmp_path / "seed.json"
+    seed.write_bytes(orjson.dumps({"domains": {CLI_DOMAIN: {
+        "bounces": [{"address": f"user{i:02}@example.com", "code": "550"} for i in range(25)],
+        "complaints": [{"address": "angry@example.com"}],
+    }}}))
+    return seed
+
+
+@pytest.fixture
+async def running(tmp_path: Path, seed_file: Path) -> AsyncIterator[RunningEmulator]:
+    port = free_port()
+    process, output = await start_emulator(
+        tmp_path, "--port", str(port), "--seed", str(seed_file),
+        "--domain", CLI_DOMAIN, "--api-key", CLI_KEY)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        await wait_until_answering(process, base_url, output)
+        yield RunningEmulator(process, base_url, output)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_cli_emulator_pages_the_seeded_list_with_basic_auth(running):
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        url: str | None = f"{running.base_url}/v3/{CLI_DOMAIN}/bounces?limit=10"
+        seen: list[str] = []
+        pages = 0
+        while url is not None and pages < 10:
+            async with session.get(url) as response:
+                assert response.status == 200
+                page = await response.json()
+            pages += 1
+            if not page["items"]:
+                break
+            seen.extend(item["address"] for item in page["items"])
+            url = page["paging"]["next"]
+        assert seen == [f"user{i:02}@example.com" for i in range(25)]
+        assert pages == 4
+        async with session.get(f"{running.base_url}/v3/{CLI_DOMAIN}/complaints") as response:
+            assert [i["address"] for i in (await response.json())["items"]] == ["angry@example.com"]
+
+    wrong_key = {"Authorization": aiohttp.encode_basic_auth("api", "key-wrong")}
+    async with (aiohttp.ClientSession(headers=wrong_key) as session,
+                session.get(f"{running.base_url}/v3/{CLI_DOMAIN}/bounces") as response):
+        assert response.status == 401
+        assert await response.text() == "Forbidden"
+
+
+async def test_cli_emulator_serves_an_injected_fault_once(running):
+    async with aiohttp.ClientSession() as control:
+        async with control.post(f"{running.base_url}/_emulator/faults",
+                                json={"status": 503, "list": "bounces", "times": 1}) as response:
+            assert response.status == 200
+        async with control.get(f"{running.base_url}/_emulator/state") as response:
+            state = await response.json()
+        assert [(f["status"], f["list"]) for f in state["faults"]] == [(503, "bounces")]
+        assert state["domains"][CLI_DOMAIN]["bounces"] == 25
+
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        url = f"{running.base_url}/v3/{CLI_DOMAIN}/bounces"
+        async with session.get(url) as response:
+            assert response.status == 503
+            assert await response.json() == {"message": "Internal Server Error"}
+        async with session.get(url) as response:
+            assert response.status == 200
+
+
+async def test_cli_emulator_exits_0_on_sigterm_and_stops_listening(running):
+    running.process.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(running.process.wait(), timeout=STOP_DEADLINE_S)
+    assert code == 0, running.output.read_text()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"{running.base_url}/_emulator/state")
+
+
+@pytest.mark.parametrize("content", [None, b'{"domains": '], ids=["missing", "not-json"])
+async def test_cli_emulator_with_an_unloadable_seed_exits_2_with_one_line_naming_seed(tmp_path, content):
+    seed = tmp_path / "seed.json"
+    if content is not None:
+        seed.write_bytes(content)
+    process, output = await start_emulator(
+        tmp_path, "--port", str(free_port()), "--seed", str(seed),
+        "--domain", CLI_DOMAIN, "--api-key", CLI_KEY)
+    code = await asyncio.wait_for(process.wait(), timeout=START_DEADLINE_S)
+
+    assert code == 2
+    lines = output.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("mailgun-sync: --seed: ")
+    assert str(seed) in lines[0]
