@@ -1,6 +1,7 @@
 """The `mailgun-sync` command: argument parsing, the one error boundary, and exit codes.
 
-Exit codes: 0 success, 1 a sync did not end well, 2 a setting or argument is wrong.
+Exit codes: 0 success; 1 a list did not end `ok` or `skipped`, or the run failed; 2 a setting or
+argument is missing or malformed.
 """
 
 from __future__ import annotations
@@ -8,30 +9,84 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from worker import __version__
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError, SyncError
+from worker.lifespan import open_resources
 from worker.logs import configure_logging, get_logger
+from worker.migrate import migrate, pending_migrations
+from worker.reconcile import ListResult, ReconcileOptions, Reconciler
+from worker.records import SYNCED_LISTS, SuppressionList
+from worker.report import render_table
+from worker.settings import Settings
+from worker.store import open_pool
 
 log = get_logger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become ConfigError, so they leave through the same one-line boundary."""
+
+    def error(self, message: str) -> Any:
+        raise ConfigError("arguments", message)
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that override the environment; each names its variable."""
+    parser.add_argument("--api-base", dest="MAILGUN_API_BASE", metavar="URL",
+                        help="Mailgun origin (env MAILGUN_API_BASE; EU: https://api.eu.mailgun.net)")
+    parser.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                        help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+    parser.add_argument("--max-attempts", dest="MAILGUN_MAX_ATTEMPTS", metavar="N",
+                        help="tries per Mailgun request (env MAILGUN_MAX_ATTEMPTS, default 6)")
+    parser.add_argument("--backoff-max", dest="MAILGUN_BACKOFF_MAX", metavar="SECONDS",
+                        help="longest wait between tries (env MAILGUN_BACKOFF_MAX, default 60)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mailgun-sync",
         description="Keep Mailgun's suppression lists and a PostgreSQL mirror in step.")
     parser.add_argument("--version", action="version", version=f"mailgun-sync {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+
+    run = commands.add_parser("run", help="reconcile every configured domain and list once, then exit")
+    run.add_argument("--domain", action="append", dest="domains", metavar="D",
+                     help="a sending domain (repeatable; default: MAILGUN_DOMAINS)")
+    run.add_argument("--list", action="append", dest="lists", metavar="L",
+                     choices=[k.value for k in SYNCED_LISTS],
+                     help="bounces, unsubscribes or complaints (repeatable; default: all three)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print what would change on either side, change nothing")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    run.add_argument("--allow-mass-delete", action="store_true",
+                     help="let a run remove more than SYNC_MAX_DELETE_FRACTION of a list")
+    run.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
+                     help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION, 0.10)")
+    _add_settings_flags(run)
+
+    migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
+    migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                             help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+
+    demo = commands.add_parser(
+        "demo", help="run a full reconcile against the emulator and an embedded PostgreSQL")
+    demo.add_argument("--keep", type=Path, metavar="DIR",
+                      help="keep the embedded database in DIR instead of a temporary directory")
 
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
@@ -49,6 +104,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k.isupper()}
+
+
+def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    domains = ",".join(args.domains) if args.domains else None
+    settings = Settings.from_env(env, **_overrides(args), MAILGUN_DOMAINS=domains)
+    if not settings.domains:
+        raise ConfigError("MAILGUN_DOMAINS", "no domain to sync: set MAILGUN_DOMAINS or pass --domain")
+    return settings
+
+
+async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(args, env)
+    kinds = [SuppressionList(name) for name in args.lists] if args.lists else list(SYNCED_LISTS)
+    options = ReconcileOptions(dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete,
+                               max_delete_fraction=settings.max_delete_fraction)
+    async with open_resources(settings) as resources:
+        missing = await pending_migrations(resources.pool)
+        if missing:
+            raise SyncError(f"the mirror's schema is not up to date (missing migrations {missing}): "
+                            "run `mailgun-sync migrate` first")
+        reconciler = Reconciler(resources.store, resources.mailgun, options)
+        results = await reconciler.run(uuid.uuid4(), settings.domains, kinds)
+    print_results(results, as_json=args.json)
+    return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
+
+
+def print_results(results: Sequence[ListResult], *, as_json: bool) -> None:
+    if as_json:
+        payload = {"ok": all(r.succeeded for r in results), "results": [r.as_json() for r in results]}
+        sys.stdout.write(orjson.dumps(payload).decode() + "\n")
+    else:
+        sys.stdout.write(render_table(results))
+
+
+async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    url = args.DATABASE_URL or env.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    async with open_pool(url, max_size=1) as pool:
+        applied = await migrate(pool)
+    print(f"applied migrations {applied}" if applied else "schema already up to date")
+    return EXIT_OK
+
+
 async def serve_emulator(args: argparse.Namespace) -> int:
     settings = EmulatorSettings(
         latency_s=args.latency_ms / 1000, rate_limit=args.rate_limit,
@@ -56,8 +157,11 @@ async def serve_emulator(args: argparse.Namespace) -> int:
     emulator = MailgunEmulator(api_key=args.api_key, domains=args.domains, settings=settings)
     if args.seed is not None:
         try:
-            emulator.load_seed(orjson.loads(args.seed.read_bytes()))
-        except (OSError, orjson.JSONDecodeError, ValueError) as exc:
+            seed = orjson.loads(args.seed.read_bytes())
+            if not isinstance(seed, dict):
+                raise ValueError('expected an object {"domains": {...}}')
+            emulator.load_seed(seed)
+        except (OSError, orjson.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError("--seed", f"cannot load {args.seed}: {exc}") from exc
     base_url = await emulator.start(args.host, args.port)
     log.info("emulator_started", base_url=base_url, domains=args.domains or "any")
@@ -72,21 +176,27 @@ async def serve_emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cli(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(level=args.log_level)
+async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run one command; every error it raises on purpose becomes one line on stderr."""
+    env = os.environ if env is None else env
     try:
-        if args.command == "emulator":
-            return await serve_emulator(args)
-        parser.error(f"unknown command {args.command}")
+        args = build_parser().parse_args(argv)
+        configure_logging(level=args.log_level or ("WARNING" if args.command == "demo" else "INFO"))
+        if args.command == "run":
+            return await run_command(args, env)
+        if args.command == "migrate":
+            return await migrate_command(args, env)
+        if args.command == "demo":
+            from worker.demo import run_demo
+
+            return await run_demo(keep=args.keep)
+        return await serve_emulator(args)
     except ConfigError as exc:
         print(f"mailgun-sync: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SyncError as exc:
         print(f"mailgun-sync: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> None:

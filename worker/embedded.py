@@ -4,6 +4,7 @@ machines without a server. It runs as root too, which the system's own PostgreSQ
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +12,13 @@ from pathlib import Path
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Start a private server in `data_dir`, yield its `postgresql://` URL, stop it after."""
-    import pgserver  # imported late: it is only needed where no server is given
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime directory, which warns where XDG_RUNTIME_DIR
+        # is unset (containers, CI); the directory is not used for anything here.
+        warnings.simplefilter("ignore", UserWarning)
+        import pgserver  # imported late: it is only needed where no server is given
 
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     try:
         yield str(server.get_uri())
     finally:

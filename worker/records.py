@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
+
 
 class SuppressionList(enum.StrEnum):
     """A suppression list of a sending domain; the value is its path segment in the API."""
@@ -172,3 +174,12 @@ def form_fields(kind: SuppressionList, record: Record) -> dict[str, str]:
         # A form add takes one `tag`; a plural `tags` field is silently ignored by Mailgun.
         fields["tag"] = record.tags[0] if record.tags else "*"
     return fields
+
+
+def address_problem(address: str) -> str | None:
+    """Why an address cannot be a suppression, or None. Syntax only: no DNS, one row at a time."""
+    try:
+        validate_email(address, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        return f"invalid address: {exc}"
+    return None

@@ -129,6 +129,10 @@ class MailgunEmulator:
             for kind, records in dict(lists).items():
                 self.seed(domain, kind, records)
 
+    def remove(self, domain: str, kind: SuppressionList | str, address: str) -> bool:
+        """Delete one record, as if someone removed it in Mailgun's dashboard."""
+        return self.tables.table(domain, SuppressionList.parse(str(kind))).remove(address) is not None
+
     def records(self, domain: str, kind: SuppressionList | str) -> list[dict[str, Any]]:
         """A copy of a list, in the API's order."""
         table = self.tables.table(domain, SuppressionList.parse(str(kind)))

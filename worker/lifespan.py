@@ -1,0 +1,38 @@
+"""Open the process's long-lived resources in one place and close them in reverse order."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+
+from worker.errors import ConfigError
+from worker.mailgun import MailgunClient
+from worker.retry import RetryPolicy
+from worker.settings import Settings
+from worker.store import MirrorStore, open_pool
+
+
+@dataclass(frozen=True)
+class Resources:
+    pool: asyncpg.Pool
+    store: MirrorStore
+    mailgun: MailgunClient
+
+
+@contextlib.asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+    """The database pool, the one HTTP session of the process, and the clients built on them."""
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await stack.enter_async_context(open_pool(settings.database_url))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        mailgun = MailgunClient(
+            session, api_base=settings.api_base, api_key=settings.api_key,
+            retry=RetryPolicy(max_attempts=settings.max_attempts, backoff_max=settings.backoff_max),
+            timeout=settings.http_timeout)
+        yield Resources(pool=pool, store=MirrorStore(pool), mailgun=mailgun)

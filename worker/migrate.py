@@ -1,0 +1,38 @@
+"""Apply sql/migrations in order, each once, under an advisory lock so concurrent starts are safe."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from worker.logs import get_logger
+from worker.sql import migrations, queries
+from worker.store import wrap_db_errors
+
+log = get_logger(__name__)
+
+
+async def migrate(pool: asyncpg.Pool) -> list[int]:
+    """Bring the schema up to date; returns the versions applied now (none when current)."""
+    applied_now: list[int] = []
+    async with wrap_db_errors("migrating the schema"), pool.acquire() as connection, \
+            connection.transaction():
+        await connection.execute(queries()["lock_migrations"])
+        await connection.execute(queries()["create_migrations_table"])
+        done = {row["version"] for row in await connection.fetch(queries()["applied_migrations"])}
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            await connection.execute(migration.sql)
+            await connection.execute(queries()["record_migration"], migration.version, migration.name)
+            applied_now.append(migration.version)
+            log.info("migration_applied", version=migration.version, name=migration.name)
+    return applied_now
+
+
+async def pending_migrations(pool: asyncpg.Pool) -> list[int]:
+    """Versions not yet applied; every version when the schema is absent."""
+    async with wrap_db_errors("reading the schema version"), pool.acquire() as connection:
+        exists = await connection.fetchval(queries()["migrations_table_exists"])
+        done = {row["version"] for row in await connection.fetch(queries()["applied_migrations"])} \
+            if exists else set()
+    return [m.version for m in migrations() if m.version not in done]

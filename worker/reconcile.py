@@ -1,0 +1,163 @@
+"""One reconcile of one (domain, list): lock, pull, diff, push, record. The only place that orders
+these steps.
+
+Safety rules kept here:
+- nothing is applied, removed or pushed unless the pull read the whole list;
+- a pending row becomes synced only after Mailgun answered its batch with a 2xx;
+- a run that would remove more than the allowed share of a list removes nothing (`guarded`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from worker.errors import DatabaseError, MailgunError, SyncError
+from worker.logs import get_logger
+from worker.mailgun import MailgunClient
+from worker.records import MAX_BATCH, SuppressionList, address_problem
+from worker.store import ListSession, MirrorStore, PendingRow
+
+log = get_logger(__name__)
+
+# A guard that trips on two removed rows out of ten would stop every small list; below this many
+# removals the fraction is not checked.
+GUARD_MIN_REMOVALS = 10
+
+OK, SKIPPED, FAILED, GUARDED = "ok", "skipped", "failed", "guarded"
+
+
+@dataclass(slots=True)
+class ListResult:
+    domain: str
+    list: str
+    status: str = OK
+    pulled: int = 0
+    inserted: int = 0
+    updated: int = 0
+    removed: int = 0
+    adopted: int = 0
+    pushed: int = 0
+    rejected: int = 0
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in (OK, SKIPPED)
+
+    def counts(self) -> tuple[int, ...]:
+        return (self.pulled, self.inserted, self.updated, self.removed, self.adopted, self.pushed,
+                self.rejected)
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconcileOptions:
+    dry_run: bool = False
+    allow_mass_delete: bool = False
+    max_delete_fraction: float = 0.10
+    push_batch_size: int = MAX_BATCH
+    push_read_ahead: int = 4 * MAX_BATCH
+
+
+def guard_trips(removals: int, synced_rows: int, fraction: float) -> bool:
+    return removals > GUARD_MIN_REMOVALS and removals > fraction * synced_rows
+
+
+class Reconciler:
+    def __init__(self, store: MirrorStore, mailgun: MailgunClient, options: ReconcileOptions) -> None:
+        self._store = store
+        self._mailgun = mailgun
+        self._options = options
+
+    async def run(self, run_id: uuid.UUID, domains: Sequence[str],
+                  kinds: Sequence[SuppressionList]) -> list[ListResult]:
+        return [await self.reconcile(run_id, domain, kind) for domain in domains for kind in kinds]
+
+    async def reconcile(self, run_id: uuid.UUID, domain: str, kind: SuppressionList) -> ListResult:
+        result = ListResult(domain, kind.value)
+        started = datetime.now(UTC)
+        clock = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(run_id=str(run_id), domain=domain, list=kind.value):
+            try:
+                async with self._store.list_session(domain, kind) as session:
+                    if session is None:
+                        result.status = SKIPPED
+                        log.info("list_locked_elsewhere")
+                    else:
+                        await self._reconcile(session, run_id, result)
+            except SyncError as exc:
+                result.status, result.error = FAILED, str(exc)
+            if not self._options.dry_run:
+                await self._record(run_id, kind, result, started)
+            log.info("list_reconciled", status=result.status, pulled=result.pulled,
+                     inserted=result.inserted, updated=result.updated, removed=result.removed,
+                     adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
+                     error=result.error, dry_run=self._options.dry_run,
+                     seconds=round(time.perf_counter() - clock, 3))
+        return result
+
+    async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
+        options = self._options
+        pull_started = await session.database_now()
+        try:
+            result.pulled = await session.stage(self._mailgun.pages(session.domain, session.kind))
+        except MailgunError as exc:
+            result.status, result.error = FAILED, f"pull incomplete, nothing changed: {exc}"
+            return
+        plan = await session.plan(pull_started)
+        guarded = not options.allow_mass_delete and guard_trips(
+            plan.removals, plan.synced_rows, options.max_delete_fraction)
+        if guarded:
+            result.status = GUARDED
+            result.error = (
+                f"would remove {plan.removals} of {plan.synced_rows} synced rows, more than "
+                f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; removed nothing "
+                "(--allow-mass-delete lets it through)")
+        if options.dry_run:
+            result.inserted, result.updated, result.adopted = plan.inserts, plan.updates, plan.adoptions
+            result.removed = 0 if guarded else plan.removals
+            result.pushed = plan.pushes
+            return
+        applied = await session.apply(run_id, pull_started, remove=not guarded)
+        result.inserted, result.updated = applied.inserted, applied.updated
+        result.removed, result.adopted = applied.removed, applied.adopted
+        try:
+            await self._push(session, run_id, result)
+        except MailgunError as exc:
+            result.status = FAILED
+            result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
+
+    async def _push(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
+        """Push pending rows; each is marked only from its own batch's answer."""
+        async for rows in session.pending(self._options.push_read_ahead):
+            invalid = [(row, problem) for row in rows
+                       if (problem := address_problem(row.record.address)) is not None]
+            result.rejected += await session.mark_rejected(run_id, invalid)
+            refused = {id(row) for row, _ in invalid}
+            valid = [row for row in rows if id(row) not in refused]
+            by_address = {row.record.address: row for row in valid}
+            async for outcome in self._mailgun.push(
+                    session.domain, session.kind, [row.record for row in valid],
+                    batch_size=self._options.push_batch_size):
+                confirmed: list[PendingRow] = [by_address[r.address] for r in outcome.accepted]
+                result.pushed += await session.mark_pushed(run_id, confirmed)
+                result.rejected += await session.mark_rejected(
+                    run_id, [(by_address[r.record.address], r.reason) for r in outcome.rejected])
+
+    async def _record(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
+                      started: datetime) -> None:
+        try:
+            await self._store.record_run(
+                run_id, result.domain, kind, status=result.status, dry_run=False,
+                counts=result.counts(), error=result.error, started=started,
+                finished=datetime.now(UTC))
+        except DatabaseError as exc:
+            log.error("run_not_recorded", error=str(exc))

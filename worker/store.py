@@ -1,0 +1,249 @@
+"""Every database operation of the worker, by name. The SQL itself lives in sql/queries.sql.
+
+One reconcile of one (domain, list) runs on one connection: it holds the list's advisory lock,
+streams the pull into a session-private staging table, and diffs it in SQL, so the list never
+lives whole in Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from worker.errors import DatabaseError
+from worker.mailgun import Page
+from worker.records import Record, SuppressionList
+from worker.sql import queries
+
+# The data columns of each mirror table, the ones Mailgun owns. Identifiers only: they fill the
+# {cols}-style placeholders of sql/queries.sql.
+DATA_COLUMNS: dict[SuppressionList, tuple[str, ...]] = {
+    SuppressionList.BOUNCES: ("code", "error", "created_at"),
+    SuppressionList.UNSUBSCRIBES: ("tags", "created_at"),
+    SuppressionList.COMPLAINTS: ("created_at",),
+}
+MIRRORED_LISTS = tuple(DATA_COLUMNS)
+
+_PLACEHOLDER = re.compile(r"\{(table|list|cols|r_cols|m_cols|set_cols)\}")
+
+
+@functools.cache
+def list_query(name: str, kind: SuppressionList) -> str:
+    """The named query for one list: its `NAME@list` variant if any, placeholders filled."""
+    text = queries().get(f"{name}@{kind.value}") or queries()[name]
+    cols = DATA_COLUMNS[kind]
+    values = {
+        "table": f"mailgun.{kind.value}",
+        "list": kind.value,
+        "cols": ", ".join(cols),
+        "r_cols": ", ".join(f"r.{c}" for c in cols),
+        "m_cols": ", ".join(f"m.{c}" for c in cols),
+        "set_cols": ", ".join(f"{c} = r.{c}" for c in cols),
+    }
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+@contextlib.asynccontextmanager
+async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
+    """Turn driver and connection failures into a DatabaseError that says what was being done."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseError(f"PostgreSQL failed while {doing}: {type(exc).__name__}: {exc}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise DatabaseError(f"PostgreSQL could not be reached while {doing}: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
+    # No statement cache: each reconcile creates its own temporary tables, which would
+    # invalidate cached plans, and an unnamed statement costs one parse per query.
+    async with wrap_db_errors("connecting"):
+        pool = await asyncpg.create_pool(
+            database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
+            server_settings={"application_name": "mailgun-sync"})
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What applying a complete pull would change."""
+
+    inserts: int
+    updates: int
+    removals: int
+    synced_rows: int
+    adoptions: int
+    pushes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    inserted: int
+    updated: int
+    removed: int
+    adopted: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A local addition waiting to be pushed, with the row version it was read at."""
+
+    record: Record
+    version: str
+
+
+def _copy_row(record: Record) -> tuple[Any, ...]:
+    return (record.address, record.code, record.error, record.created_at,
+            list(record.tags) if record.tags else None)
+
+
+def _pending_record(kind: SuppressionList, row: asyncpg.Record) -> Record:
+    if kind is SuppressionList.BOUNCES:
+        return Record(row["address"], row["created_at"], code=row["code"], error=row["error"])
+    if kind is SuppressionList.UNSUBSCRIBES:
+        return Record(row["address"], row["created_at"], tags=tuple(row["tags"]))
+    return Record(row["address"], row["created_at"])
+
+
+class ListSession:
+    """One (domain, list) on one connection, with its advisory lock held."""
+
+    def __init__(self, connection: asyncpg.Connection, domain: str, kind: SuppressionList) -> None:
+        self._db = connection
+        self.domain = domain
+        self.kind = kind
+
+    def _q(self, name: str) -> str:
+        return list_query(name, self.kind)
+
+    async def database_now(self) -> datetime:
+        """The database's clock: row times are compared with it, never with this machine's."""
+        async with wrap_db_errors("reading the clock"):
+            moment: datetime = await self._db.fetchval(queries()["database_now"])
+        return moment
+
+    async def stage(self, pages: AsyncIterator[Page]) -> int:
+        """Stream every page into the staging table in one COPY; returns the records staged.
+
+        If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
+        nothing staged.
+        """
+        count = 0
+
+        async def rows() -> AsyncIterator[tuple[Any, ...]]:
+            nonlocal count
+            async for page in pages:
+                count += len(page.records)
+                for record in page.records:
+                    yield _copy_row(record)
+
+        async with wrap_db_errors(f"staging {self.domain} {self.kind.value}"):
+            await self._db.execute(queries()["create_staging"])
+            await self._db.copy_records_to_table(
+                "staging", records=rows(), columns=["address", "code", "error", "created_at", "tags"])
+            await self._db.execute(queries()["build_remote"])
+            if self.kind is SuppressionList.UNSUBSCRIBES:
+                await self._db.execute(queries()["merge_remote_tags"])
+            await self._db.execute(queries()["analyze_remote"])
+        return count
+
+    async def plan(self, pull_started: datetime) -> Plan:
+        async with wrap_db_errors(f"planning {self.domain} {self.kind.value}"):
+            row = await self._db.fetchrow(self._q("plan"), self.domain, pull_started)
+        return Plan(**dict(row))
+
+    async def apply(self, run_id: uuid.UUID, pull_started: datetime, *, remove: bool) -> Applied:
+        """Apply the complete pull in one transaction: adopt, update, insert, then (unless
+        guarded) remove."""
+        async with wrap_db_errors(f"applying the pull of {self.domain} {self.kind.value}"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id)
+            updated = await self._db.fetchval(self._q("update_changed"), self.domain, run_id, pull_started)
+            inserted = await self._db.fetchval(self._q("insert_remote_only"), self.domain, run_id)
+            removed = 0
+            if remove:
+                removed = await self._db.fetchval(
+                    self._q("remove_vanished"), self.domain, run_id, pull_started)
+        return Applied(inserted=inserted, updated=updated, removed=removed, adopted=adopted)
+
+    async def pending(self, batch_size: int) -> AsyncIterator[list[PendingRow]]:
+        """Pending rows in address order, a batch at a time, read fresh for each batch."""
+        after = ""
+        while True:
+            async with wrap_db_errors(f"reading pending {self.domain} {self.kind.value}"):
+                rows = await self._db.fetch(self._q("select_pending"), self.domain, after, batch_size)
+            if not rows:
+                return
+            yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]
+            after = rows[-1]["address"].lower()
+
+    async def mark_pushed(self, run_id: uuid.UUID, rows: Sequence[PendingRow]) -> int:
+        if not rows:
+            return 0
+        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} pushed"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            marked: int = await self._db.fetchval(
+                self._q("mark_pushed"), self.domain, run_id,
+                [r.record.address for r in rows], [r.version for r in rows])
+        return marked
+
+    async def mark_rejected(self, run_id: uuid.UUID, rows: Iterable[tuple[PendingRow, str]]) -> int:
+        refused = list(rows)
+        if not refused:
+            return 0
+        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} rejected"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            marked: int = await self._db.fetchval(
+                self._q("mark_rejected"), self.domain, run_id,
+                [r.record.address for r, _ in refused], [r.version for r, _ in refused],
+                [reason for _, reason in refused])
+        return marked
+
+
+class MirrorStore:
+    """The mirror database: migrations, per-list sessions and the run record."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @contextlib.asynccontextmanager
+    async def list_session(self, domain: str, kind: SuppressionList) -> AsyncIterator[ListSession | None]:
+        """A session for one list with its lock held, or None when another process holds it."""
+        async with wrap_db_errors(f"locking {domain} {kind.value}"):
+            connection = await self._pool.acquire()
+        try:
+            async with wrap_db_errors(f"locking {domain} {kind.value}"):
+                locked = await connection.fetchval(queries()["try_lock_list"], domain, kind.value)
+            if not locked:
+                yield None
+                return
+            try:
+                yield ListSession(connection, domain, kind)
+            finally:
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await connection.execute(queries()["drop_staging"])
+                    await connection.fetchval(queries()["unlock_list"], domain, kind.value)
+        finally:
+            await self._pool.release(connection)
+
+    async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: str,
+                         dry_run: bool, counts: Sequence[int], error: str | None,
+                         started: datetime, finished: datetime) -> None:
+        async with wrap_db_errors("recording the run"):
+            await self._pool.execute(queries()["record_run"], run_id, domain, kind.value, status,
+                                     dry_run, *counts, error, started, finished)
