@@ -8,13 +8,18 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import structlog
 
 from tests.support.database import TestDatabase, open_test_database
+from tests.support.mirror import empty_mirror
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.mailgun import MailgunClient
+from worker.migrate import migrate
+from worker.reconcile import ReconcileOptions, Reconciler
 from worker.retry import RetryPolicy
+from worker.store import MirrorStore, open_pool
 
 DOMAIN = "mg.example.com"
 API_KEY = "key-test-0123456789abcdef"
@@ -89,3 +94,36 @@ def test_database() -> Iterator[TestDatabase]:
     """One database for the whole test run, created empty and dropped at the end."""
     with open_test_database() as database:
         yield database
+
+
+@pytest.fixture(scope="session")
+def database_url(test_database: TestDatabase) -> str:
+    """The run's database with the mirror's schema applied."""
+
+    async def setup() -> None:
+        async with open_pool(test_database.url, max_size=1) as pool:
+            await migrate(pool)
+
+    asyncio.run(setup())
+    return test_database.url
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a mirror emptied for this test."""
+    async with open_pool(database_url) as opened:
+        await empty_mirror(opened)
+        yield opened
+
+
+@pytest.fixture
+def store(pool: asyncpg.Pool) -> MirrorStore:
+    return MirrorStore(pool)
+
+
+@pytest.fixture
+def make_reconciler(store: MirrorStore, client: MailgunClient) -> Callable[..., Reconciler]:
+    def make(**options: Any) -> Reconciler:
+        return Reconciler(store, client, ReconcileOptions(**options))
+
+    return make

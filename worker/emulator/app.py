@@ -219,7 +219,7 @@ class MailgunEmulator:
                       recorded: RecordedRequest) -> web.StreamResponse:
         match = request.match_info
         fault = self.faults.take(request.method, request.path, match.get("domain"),
-                                 match.get("list"), request.query.get("page"))
+                                 match.get("list"), request.query.get("page"), recorded.body)
         if fault is not None:
             early = await self._fault_before(request, fault)
             if early is not None:

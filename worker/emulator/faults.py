@@ -37,6 +37,7 @@ class Fault:
     list: str | None = None
     page: str | None = None          # the list request's `page` parameter; "" for a first page
     path_contains: str | None = None
+    body_contains: str | None = None  # matched against the raw request body
     message: str | None = None
     retry_after: str | None = None   # a Retry-After header value: seconds or an HTTP date
     reset_in_ms: int | None = None   # X-Request-Reset this far ahead, with X-Request-Remaining 0
@@ -55,8 +56,10 @@ class Fault:
         return cls(**data)
 
     def matches(self, method: str, path: str, domain: str | None, kind: str | None,
-                page: str | None) -> bool:
+                page: str | None, body: bytes = b"") -> bool:
         return (
+            (self.body_contains is None or self.body_contains.encode() in body)
+            and
             (self.method is None or self.method.upper() == method)
             and (self.domain is None or self.domain == domain)
             and (self.list is None or self.list == kind)
@@ -85,11 +88,11 @@ class FaultBook:
             return list(self._rules)
 
     def take(self, method: str, path: str, domain: str | None, kind: str | None,
-             page: str | None) -> Fault | None:
+             page: str | None, body: bytes = b"") -> Fault | None:
         """The rule that fires for this request, if any, counting it down."""
         with self._lock:
             for rule in self._rules:
-                if not rule.matches(method, path, domain, kind, page):
+                if not rule.matches(method, path, domain, kind, page, body):
                     continue
                 if rule.skip > 0:
                     rule.skip -= 1

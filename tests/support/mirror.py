@@ -1,0 +1,49 @@
+"""Reading and arranging the mirror's tables directly, as an application (or a test) would."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from worker.records import SuppressionList
+
+MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "sync_runs", "changes")
+
+
+async def empty_mirror(pool: asyncpg.Pool) -> None:
+    await pool.execute("TRUNCATE " + ", ".join(f"mailgun.{t}" for t in MIRROR_TABLES))
+
+
+async def insert_row(pool: asyncpg.Pool, kind: SuppressionList | str, domain: str, address: str,
+                     *, state: str = "pending", synced_at: datetime | None = None,
+                     **data: Any) -> None:
+    """Insert a row in a chosen state; `state="pending"` with no other options is exactly what an
+    application's plain INSERT gives."""
+    columns = {"domain": domain, "address": address, **data}
+    if state != "pending" or synced_at is not None:
+        columns.update(sync_state=state, synced_at=synced_at)
+    names = ", ".join(columns)
+    params = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    await pool.execute(
+        f"INSERT INTO mailgun.{SuppressionList.parse(str(kind)).value} ({names}) VALUES ({params})",
+        *columns.values())
+
+
+async def rows(pool: asyncpg.Pool, kind: SuppressionList | str) -> dict[str, dict[str, Any]]:
+    """The mirror table as {address: row}."""
+    table = SuppressionList.parse(str(kind)).value
+    found = await pool.fetch(f"SELECT * FROM mailgun.{table} ORDER BY lower(address)")
+    return {r["address"]: dict(r) for r in found}
+
+
+async def snapshot(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
+    """Every mirror table, row for row, for byte-for-byte comparisons."""
+    return {t: [tuple(r) for r in await pool.fetch(f"SELECT * FROM mailgun.{t} ORDER BY 1, 2")]
+            for t in MIRROR_TABLES}
+
+
+async def changes(pool: asyncpg.Pool) -> list[tuple[str, str, str]]:
+    found = await pool.fetch("SELECT list, address, action FROM mailgun.changes ORDER BY id")
+    return [(r["list"], r["address"], r["action"]) for r in found]
