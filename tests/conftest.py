@@ -123,7 +123,7 @@ def store(pool: asyncpg.Pool) -> MirrorStore:
 
 @pytest.fixture
 def make_reconciler(store: MirrorStore, client: MailgunClient) -> Callable[..., Reconciler]:
-    def make(**options: Any) -> Reconciler:
+    def make(client: MailgunClient = client, **options: Any) -> Reconciler:
         return Reconciler(store, client, ReconcileOptions(**options))
 
     return make
