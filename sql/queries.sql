@@ -78,7 +78,7 @@ SELECT
       WHERE NOT EXISTS (SELECT 1 FROM {table} m WHERE m.domain = $1 AND lower(m.address) = r.key)) AS inserts,
     (SELECT count(*) FROM {table} m JOIN remote r ON lower(m.address) = r.key
       WHERE m.domain = $1 AND m.sync_state = 'synced' AND m.synced_at < $2
-        AND ({m_cols}) IS DISTINCT FROM ({r_cols})) AS updates,
+        AND (m.address, {m_cols}) IS DISTINCT FROM (r.address, {r_cols})) AS updates,
     (SELECT count(*) FROM {table} m
       WHERE m.domain = $1 AND m.sync_state = 'synced' AND m.synced_at < $2
         AND NOT EXISTS (SELECT 1 FROM remote r WHERE r.key = lower(m.address))) AS removals,
@@ -96,7 +96,7 @@ SELECT
       WHERE NOT EXISTS (SELECT 1 FROM {table} m WHERE m.domain = $1 AND lower(m.address) = r.key)) AS inserts,
     (SELECT count(*) FROM {table} m JOIN remote r ON lower(m.address) = r.key
       WHERE m.domain = $1 AND m.sync_state = 'synced' AND m.synced_at < $2
-        AND ({m_cols}) IS DISTINCT FROM ({r_cols})) AS updates,
+        AND (m.address, {m_cols}) IS DISTINCT FROM (r.address, {r_cols})) AS updates,
     (SELECT count(*) FROM {table} m
       WHERE m.domain = $1 AND m.sync_state = 'synced' AND m.synced_at < $2
         AND NOT EXISTS (SELECT 1 FROM remote r WHERE r.key = lower(m.address))) AS removals,
@@ -108,9 +108,11 @@ SELECT
         AND NOT EXISTS (SELECT 1 FROM remote r WHERE r.key = lower(m.address) AND r.tags @> m.tags)) AS pushes;
 
 -- name: adopt
--- $1 domain, $2 run id. Pending or rejected rows Mailgun already has become synced, with its data.
+-- $1 domain, $2 run id. Pending or rejected rows Mailgun already has become synced, with its data
+-- and its spelling of the address (so anything pushed later names the record Mailgun has).
 WITH adopted AS (
-    UPDATE {table} m SET {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = now()
+    UPDATE {table} m
+    SET address = r.address, {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = now()
     FROM remote r
     WHERE m.domain = $1 AND lower(m.address) = r.key AND m.sync_state IN ('pending', 'rejected')
     RETURNING m.address
@@ -126,7 +128,8 @@ SELECT count(*) FROM logged;
 -- it holds tags Mailgun does not have yet.
 WITH adopted AS (
     UPDATE {table} m
-    SET tags = (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t),
+    SET address = r.address,
+        tags = (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t),
         created_at = r.created_at,
         sync_state = CASE WHEN r.tags @> m.tags THEN 'synced' ELSE 'pending' END::mailgun.sync_state,
         sync_error = NULL,
@@ -142,13 +145,14 @@ WITH adopted AS (
 SELECT count(*) FROM logged;
 
 -- name: update_changed
--- $1 domain, $2 run id, $3 when the pull started. Remote wins for synced rows; a row synced after
+-- $1 domain, $2 run id, $3 when the pull started. Remote wins for synced rows, address spelling
+-- included; a row synced after
 -- the pull started (by another path) is newer than the pull and left alone.
 WITH changed AS (
-    UPDATE {table} m SET {set_cols}, synced_at = now()
+    UPDATE {table} m SET address = r.address, {set_cols}, synced_at = now()
     FROM remote r
     WHERE m.domain = $1 AND lower(m.address) = r.key AND m.sync_state = 'synced'
-      AND m.synced_at < $3 AND ({m_cols}) IS DISTINCT FROM ({r_cols})
+      AND m.synced_at < $3 AND (m.address, {m_cols}) IS DISTINCT FROM (r.address, {r_cols})
     RETURNING m.address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
