@@ -270,3 +270,43 @@ ORDER BY action, list, address;
 SELECT (SELECT count(*) FROM mailgun.bounces WHERE sync_state = 'pending')
      + (SELECT count(*) FROM mailgun.unsubscribes WHERE sync_state = 'pending')
      + (SELECT count(*) FROM mailgun.complaints WHERE sync_state = 'pending');
+
+-- name: count_states
+-- $1 domain: rows waiting for Mailgun, and rows it (or local validation) refused.
+SELECT count(*) FILTER (WHERE sync_state = 'pending') AS pending,
+       count(*) FILTER (WHERE sync_state = 'rejected') AS rejected
+FROM {table} WHERE domain = $1;
+
+-- name: latest_runs
+-- The last recorded run of every (domain, list).
+SELECT DISTINCT ON (domain, list) domain, list, status, pulled, inserted, updated, removed, adopted,
+       pushed, rejected, error, started_at, finished_at
+FROM mailgun.sync_runs
+ORDER BY domain, list, finished_at DESC;
+
+-- name: ping
+SELECT 1;
+
+-- name: backfill_progress
+-- $1 domain, $2 list: where an unfinished backfill of this list stopped, if one did.
+SELECT last_address, pages, records, started_at FROM mailgun.backfill_progress
+WHERE domain = $1 AND list = $2;
+
+-- name: backfill_save_progress
+-- $1 domain, $2 list, $3 the page's last address, $4 its record count. Committed with the page.
+INSERT INTO mailgun.backfill_progress (domain, list, last_address, pages, records)
+VALUES ($1, $2, $3, 1, $4)
+ON CONFLICT (domain, list) DO UPDATE
+SET last_address = $3, pages = backfill_progress.pages + 1, records = backfill_progress.records + $4,
+    updated_at = clock_timestamp();
+
+-- name: backfill_stage
+-- $1 domain, $2 list: a completed backfill's pages fill this session's staging table.
+INSERT INTO staging (address, code, error, created_at, tags)
+SELECT address, code, error, created_at, tags FROM mailgun.backfill_pages
+WHERE domain = $1 AND list = $2;
+
+-- name: backfill_clear
+-- $1 domain, $2 list
+WITH pages AS (DELETE FROM mailgun.backfill_pages WHERE domain = $1 AND list = $2)
+DELETE FROM mailgun.backfill_progress WHERE domain = $1 AND list = $2;

@@ -17,19 +17,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
 from worker import __version__
+from worker.backfill import Backfiller, Progress
+from worker.daemon import build_trigger, serve
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError, SyncError
 from worker.lifespan import open_resources
 from worker.logs import configure_logging, get_logger
+from worker.metrics import Metrics
 from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.report import render_table
+from worker.report import list_status, render_status, render_table
 from worker.settings import Settings
-from worker.store import open_pool
+from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
 
@@ -55,6 +59,14 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="longest wait between tries (env MAILGUN_BACKOFF_MAX, default 60)")
 
 
+def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--domain", action="append", dest="domains", metavar="D",
+                        help="a sending domain (repeatable; default: MAILGUN_DOMAINS)")
+    parser.add_argument("--list", action="append", dest="lists", metavar="L",
+                        choices=[k.value for k in SYNCED_LISTS],
+                        help="bounces, unsubscribes or complaints (repeatable; default: all three)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailgun-sync",
@@ -65,11 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      parser_class=_Parser)
 
     run = commands.add_parser("run", help="reconcile every configured domain and list once, then exit")
-    run.add_argument("--domain", action="append", dest="domains", metavar="D",
-                     help="a sending domain (repeatable; default: MAILGUN_DOMAINS)")
-    run.add_argument("--list", action="append", dest="lists", metavar="L",
-                     choices=[k.value for k in SYNCED_LISTS],
-                     help="bounces, unsubscribes or complaints (repeatable; default: all three)")
+    _add_scope_flags(run)
     run.add_argument("--dry-run", action="store_true",
                      help="print what would change on either side, change nothing")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -78,6 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
                      help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION, 0.10)")
     _add_settings_flags(run)
+
+    daemon = commands.add_parser("daemon", help="reconcile every domain and list on a schedule, serve "
+                                 "/healthz, /readyz and /metrics, drain on SIGTERM")
+    _add_scope_flags(daemon)
+    daemon.add_argument("--interval", dest="SYNC_INTERVAL", metavar="SECONDS",
+                        help="seconds between runs of each list (env SYNC_INTERVAL, default 900)")
+    daemon.add_argument("--cron", dest="SYNC_CRON", metavar="EXPR",
+                        help="a crontab schedule instead of the interval (env SYNC_CRON)")
+    daemon.add_argument("--jitter", dest="SYNC_JITTER", metavar="SECONDS",
+                        help="random delay added to each run (env SYNC_JITTER, default 30)")
+    daemon.add_argument("--http-port", dest="HTTP_PORT", metavar="PORT",
+                        help="port of /healthz, /readyz, /metrics (env HTTP_PORT, default 8080)")
+    daemon.add_argument("--shutdown-grace", dest="SHUTDOWN_GRACE", metavar="SECONDS",
+                        help="how long a stop waits for the run in progress (env SHUTDOWN_GRACE, 25)")
+    daemon.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
+                        help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION)")
+    _add_settings_flags(daemon)
+
+    backfill = commands.add_parser(
+        "backfill", help="one-shot full pull into the mirror, resumable; pushes only with --push")
+    _add_scope_flags(backfill)
+    backfill.add_argument("--push", action="store_true", help="also push pending local additions")
+    backfill.add_argument("--allow-mass-delete", action="store_true",
+                          help="let the backfill remove more than SYNC_MAX_DELETE_FRACTION of a list")
+    backfill.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
+                          help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION)")
+    _add_settings_flags(backfill)
+
+    status = commands.add_parser("status", help="the last run, pending and rejected rows of every list")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                        help="PostgreSQL URL of the mirror (env DATABASE_URL)")
 
     migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
     migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
@@ -116,16 +156,24 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     return settings
 
 
+def selected_lists(args: argparse.Namespace) -> list[SuppressionList]:
+    return [SuppressionList(name) for name in args.lists] if args.lists else list(SYNCED_LISTS)
+
+
+async def require_schema(pool: asyncpg.Pool) -> None:
+    missing = await pending_migrations(pool)
+    if missing:
+        raise SyncError(f"the mirror's schema is not up to date (missing migrations {missing}): "
+                        "run `mailgun-sync migrate` first")
+
+
 async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
-    kinds = [SuppressionList(name) for name in args.lists] if args.lists else list(SYNCED_LISTS)
+    kinds = selected_lists(args)
     options = ReconcileOptions(dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete,
                                max_delete_fraction=settings.max_delete_fraction)
     async with open_resources(settings) as resources:
-        missing = await pending_migrations(resources.pool)
-        if missing:
-            raise SyncError(f"the mirror's schema is not up to date (missing migrations {missing}): "
-                            "run `mailgun-sync migrate` first")
+        await require_schema(resources.pool)
         reconciler = Reconciler(resources.store, resources.mailgun, options)
         results = await reconciler.run(uuid.uuid4(), settings.domains, kinds)
     print_results(results, as_json=args.json)
@@ -138,6 +186,41 @@ def print_results(results: Sequence[ListResult], *, as_json: bool) -> None:
         sys.stdout.write(orjson.dumps(payload).decode() + "\n")
     else:
         sys.stdout.write(render_table(results))
+
+
+async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(args, env)
+    build_trigger(settings)  # a malformed schedule fails before anything opens
+    metrics = Metrics()
+    async with open_resources(settings, observer=metrics) as resources:
+        await require_schema(resources.pool)
+        await serve(settings, resources, metrics, selected_lists(args))
+    return EXIT_OK
+
+
+async def backfill_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(args, env)
+    options = ReconcileOptions(allow_mass_delete=args.allow_mass_delete,
+                               max_delete_fraction=settings.max_delete_fraction)
+    async with open_resources(settings) as resources:
+        await require_schema(resources.pool)
+        backfiller = Backfiller(resources.store, resources.mailgun, options, push=args.push,
+                                progress=Progress(sys.stdout))
+        results = await backfiller.run(uuid.uuid4(), settings.domains, selected_lists(args))
+    print_results(results, as_json=False)
+    return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
+
+
+async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    url = args.DATABASE_URL or env.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    async with open_pool(url, max_size=2) as pool:
+        await require_schema(pool)
+        report = await list_status(MirrorStore(pool), env.get("MAILGUN_DOMAINS", ""))
+    sys.stdout.write(orjson.dumps({"lists": report}).decode() + "\n" if args.json
+                     else render_status(report))
+    return EXIT_OK
 
 
 async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -186,6 +269,12 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await run_command(args, env)
         if args.command == "migrate":
             return await migrate_command(args, env)
+        if args.command == "daemon":
+            return await daemon_command(args, env)
+        if args.command == "backfill":
+            return await backfill_command(args, env)
+        if args.command == "status":
+            return await status_command(args, env)
         if args.command == "demo":
             from worker.demo import run_demo
 

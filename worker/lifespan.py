@@ -10,7 +10,7 @@ import aiohttp
 import asyncpg
 
 from worker.errors import ConfigError
-from worker.mailgun import MailgunClient
+from worker.mailgun import HttpObserver, MailgunClient
 from worker.retry import RetryPolicy
 from worker.settings import Settings
 from worker.store import MirrorStore, open_pool
@@ -24,7 +24,8 @@ class Resources:
 
 
 @contextlib.asynccontextmanager
-async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+async def open_resources(settings: Settings, *,
+                         observer: HttpObserver | None = None) -> AsyncIterator[Resources]:
     """The database pool, the one HTTP session of the process, and the clients built on them."""
     if not settings.database_url:
         raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
@@ -34,5 +35,5 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         mailgun = MailgunClient(
             session, api_base=settings.api_base, api_key=settings.api_key,
             retry=RetryPolicy(max_attempts=settings.max_attempts, backoff_max=settings.backoff_max),
-            timeout=settings.http_timeout)
+            timeout=settings.http_timeout, observer=observer)
         yield Resources(pool=pool, store=MirrorStore(pool), mailgun=mailgun)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import aiohttp
@@ -86,6 +86,22 @@ class _Reply:
         return self.body[:200].decode("utf-8", "replace").strip()
 
 
+class HttpObserver(Protocol):
+    """Hears every answer (None: no answer at all) and every retry; metrics implement it."""
+
+    def on_response(self, method: str, status: int | None) -> None: ...
+
+    def on_retry(self, status: int | None) -> None: ...
+
+
+class _Unobserved:
+    def on_response(self, method: str, status: int | None) -> None:
+        pass
+
+    def on_retry(self, status: int | None) -> None:
+        pass
+
+
 def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
@@ -106,6 +122,7 @@ class MailgunClient:
         push_concurrency: int = 4,
         timeout: float = 30.0,
         api_version: str = "v3",
+        observer: HttpObserver | None = None,
     ) -> None:
         self._session = session
         self._base = validate_api_base(api_base)
@@ -118,6 +135,7 @@ class MailgunClient:
         self._push_concurrency = push_concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._version = api_version
+        self._observer = observer or _Unobserved()
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
@@ -356,7 +374,8 @@ class MailgunClient:
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], method: str, url: str,
                         domain: str, kind: SuppressionList) -> T:
         try:
-            async for try_ in self._retry.retrying(method=method, domain=domain, list=kind.value):
+            async for try_ in self._retry.retrying(self._observer.on_retry, method=method, domain=domain,
+                                                   list=kind.value):
                 with try_:
                     return await attempt()
         except Retryable as exc:
@@ -375,19 +394,22 @@ class MailgunClient:
             data = json_body
         elif form is not None:
             data = form
+        status: int | None = None
         try:
             async with self._session.request(
                 method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False, timeout=self._timeout,
             ) as response:
-                body = await self._read_capped(response, url)
                 status = response.status
-                if status == 429 or status >= 500:
-                    raise Retryable(f"HTTP {status}", status=status,
-                                    wait_hint=server_wait_hint(status, response.headers))
-                return _Reply(status, body, url)
+                body = await self._read_capped(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._observer.on_response(method, None)
             raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+        self._observer.on_response(method, status)
+        if status == 429 or status >= 500:
+            raise Retryable(f"HTTP {status}", status=status,
+                            wait_hint=server_wait_hint(status, response.headers))
+        return _Reply(status, body, url)
 
     async def _read_capped(self, response: aiohttp.ClientResponse, url: str) -> bytes:
         cap = self._max_response_bytes

@@ -9,6 +9,7 @@ Safety rules kept here:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ class ReconcileOptions:
     dry_run: bool = False
     allow_mass_delete: bool = False
     max_delete_fraction: float = 0.10
+    push: bool = True
     push_batch_size: int = MAX_BATCH
     push_read_ahead: int = 4 * MAX_BATCH
 
@@ -82,6 +84,9 @@ class Reconciler:
         return [await self.reconcile(run_id, domain, kind) for domain in domains for kind in kinds]
 
     async def reconcile(self, run_id: uuid.UUID, domain: str, kind: SuppressionList) -> ListResult:
+        """Reconcile one list; every outcome is a result, except a cancellation, which is recorded
+        as a failed run and then propagates. Nothing is half-applied either way: the diff is one
+        transaction, and a row is marked pushed only from Mailgun's answer to its own batch."""
         result = ListResult(domain, kind.value)
         started = datetime.now(UTC)
         clock = time.perf_counter()
@@ -90,25 +95,39 @@ class Reconciler:
                 async with self._store.list_session(domain, kind) as session:
                     if session is None:
                         result.status = SKIPPED
-                        log.info("list_locked_elsewhere")
                     else:
                         await self._reconcile(session, run_id, result)
             except SyncError as exc:
                 result.status, result.error = FAILED, str(exc)
-            if not self._options.dry_run:
-                await self._record(run_id, kind, result, started)
-            log.info("list_reconciled", status=result.status, pulled=result.pulled,
-                     inserted=result.inserted, updated=result.updated, removed=result.removed,
-                     adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
-                     error=result.error, dry_run=self._options.dry_run,
-                     seconds=round(time.perf_counter() - clock, 3))
+            except asyncio.CancelledError:
+                result.status = FAILED
+                result.error = "interrupted before the end; unconfirmed rows stay pending"
+                await self._finish(run_id, kind, result, started, clock)
+                raise
+            await self._finish(run_id, kind, result, started, clock)
         return result
+
+    async def _finish(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
+                      started: datetime, clock: float) -> None:
+        # A skipped run did nothing; recording it would bury the real runs under replicas' skips.
+        if not self._options.dry_run and result.status != SKIPPED:
+            await self._record(run_id, kind, result, started)
+        log.info("list_reconciled", status=result.status, pulled=result.pulled,
+                 inserted=result.inserted, updated=result.updated, removed=result.removed,
+                 adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
+                 error=result.error, dry_run=self._options.dry_run,
+                 seconds=round(time.perf_counter() - clock, 3))
+
+    async def _pull(self, session: ListSession, result: ListResult) -> datetime:
+        """Stage the whole remote list; returns when the pull started (by the database's clock)."""
+        pull_started = await session.database_now()
+        result.pulled = await session.stage(self._mailgun.pages(session.domain, session.kind))
+        return pull_started
 
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         options = self._options
-        pull_started = await session.database_now()
         try:
-            result.pulled = await session.stage(self._mailgun.pages(session.domain, session.kind))
+            pull_started = await self._pull(session, result)
         except MailgunError as exc:
             result.status, result.error = FAILED, f"pull incomplete, nothing changed: {exc}"
             return
@@ -129,11 +148,17 @@ class Reconciler:
         applied = await session.apply(run_id, pull_started, remove=not guarded)
         result.inserted, result.updated = applied.inserted, applied.updated
         result.removed, result.adopted = applied.removed, applied.adopted
+        await self._applied(session, guarded=guarded)
+        if not options.push:
+            return
         try:
             await self._push(session, run_id, result)
         except MailgunError as exc:
             result.status = FAILED
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
+
+    async def _applied(self, session: ListSession, *, guarded: bool) -> None:
+        """Called once a complete pull has been applied to the mirror."""
 
     async def _push(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         """Push pending rows; each is marked only from its own batch's answer."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from worker.reconcile import ListResult
+from worker.store import MIRRORED_LISTS, MirrorStore
 
 COLUMNS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected")
 
@@ -22,4 +24,39 @@ def render_table(results: Sequence[ListResult]) -> str:
                      + "".join(f"  {n:>8}" for n in counts))
         if r.error:
             lines.append(f"{'':<{domain_width}}  error: {r.error}")
+    return "\n".join(lines) + "\n"
+
+
+async def list_status(store: MirrorStore, configured_domains: str = "") -> list[dict[str, Any]]:
+    """Per (domain, list): the last recorded run, and the rows waiting for or refused by Mailgun."""
+    runs = {(r["domain"], r["list"]): r for r in await store.latest_runs()}
+    domains = {d.strip() for d in configured_domains.split(",") if d.strip()} | {d for d, _ in runs}
+    report = []
+    for domain in sorted(domains):
+        for kind in MIRRORED_LISTS:
+            run = runs.get((domain, kind.value))
+            pending, rejected = await store.count_states(domain, kind)
+            report.append({
+                "domain": domain, "list": kind.value,
+                "last_run_at": run["finished_at"].isoformat() if run else None,
+                "status": run["status"] if run else None,
+                **{c: (run[c] if run else 0) for c in COLUMNS},
+                "pending_rows": pending, "rejected_rows": rejected,
+                "error": run["error"] if run else None,
+            })
+    return report
+
+
+def render_status(report: Sequence[dict[str, Any]]) -> str:
+    if not report:
+        return "no runs recorded yet\n"
+    lines = [f"{'domain':<24}  {'list':<12}  {'last run (UTC)':<19}  {'status':<8}  {'pending':>8}"
+             f"  {'rejected':>8}"]
+    lines.append("-" * len(lines[0]))
+    for row in report:
+        when = row["last_run_at"][:19].replace("T", " ") if row["last_run_at"] else "never"
+        lines.append(f"{row['domain']:<24}  {row['list']:<12}  {when:<19}  {row['status'] or '-':<8}"
+                     f"  {row['pending_rows']:>8}  {row['rejected_rows']:>8}")
+        if row["error"]:
+            lines.append(f"{'':<24}  last error: {row['error']}")
     return "\n".join(lines) + "\n"

@@ -75,12 +75,16 @@ class RetryPolicy:
         backoff = wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max)
         return float(backoff(state))
 
-    def retrying(self, **context: object) -> AsyncRetrying:
-        """A tenacity controller for one logical request; `context` goes into the retry log lines."""
+    def retrying(self, on_retry: Callable[[int | None], None] | None = None,
+                 **context: object) -> AsyncRetrying:
+        """A tenacity controller for one logical request; `context` goes into the retry log lines,
+        and `on_retry` hears the status (None: no answer) of each attempt about to be retried."""
 
         def before_sleep(state: RetryCallState) -> None:
             outcome = state.outcome
             error = outcome.exception() if outcome is not None else None
+            if on_retry is not None:
+                on_retry(getattr(error, "status", None))
             log.warning(
                 "retry_scheduled", attempt=state.attempt_number,
                 wait_s=round(state.upcoming_sleep, 3), reason=str(error),

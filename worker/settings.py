@@ -76,6 +76,13 @@ class Settings:
     backoff_max: float = 60.0
     max_delete_fraction: float = 0.10
     http_timeout: float = 30.0
+    # The daemon's
+    sync_interval: float = 900.0
+    sync_cron: str | None = None
+    sync_jitter: float = 30.0
+    http_port: int = 8080
+    failures_before_unready: int = 3
+    shutdown_grace: float = 25.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -103,4 +110,18 @@ class Settings:
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
                                 lambda v: math.isfinite(v) and 0 < v <= 600,
                                 "a number of seconds from 0 to 600"),
+            sync_interval=_parse(merged, "SYNC_INTERVAL", float, 900.0,
+                                 lambda v: math.isfinite(v) and 1 <= v <= 7 * 86400,
+                                 "a number of seconds from 1 to 604800"),
+            sync_cron=(merged.get("SYNC_CRON") or "").strip() or None,
+            sync_jitter=_parse(merged, "SYNC_JITTER", float, 30.0,
+                               lambda v: math.isfinite(v) and 0 <= v <= 3600,
+                               "a number of seconds from 0 to 3600"),
+            http_port=_parse(merged, "HTTP_PORT", int, 8080, lambda v: 0 <= v <= 65535,
+                             "a port number"),
+            failures_before_unready=_parse(merged, "SYNC_FAILURES_BEFORE_UNREADY", int, 3,
+                                           lambda v: v >= 1, "a whole number of at least 1"),
+            shutdown_grace=_parse(merged, "SHUTDOWN_GRACE", float, 25.0,
+                                  lambda v: math.isfinite(v) and 0 <= v <= 3600,
+                                  "a number of seconds from 0 to 3600"),
         )

@@ -97,11 +97,22 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class BackfillProgress:
+    last_address: str
+    pages: int
+    records: int
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class PendingRow:
     """A local addition waiting to be pushed, with the row version it was read at."""
 
     record: Record
     version: str
+
+
+_COPY_COLUMNS = ["address", "code", "error", "created_at", "tags"]
 
 
 def _copy_row(record: Record) -> tuple[Any, ...]:
@@ -151,13 +162,45 @@ class ListSession:
 
         async with wrap_db_errors(f"staging {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["create_staging"])
-            await self._db.copy_records_to_table(
-                "staging", records=rows(), columns=["address", "code", "error", "created_at", "tags"])
-            await self._db.execute(queries()["build_remote"])
-            if self.kind is SuppressionList.UNSUBSCRIBES:
-                await self._db.execute(queries()["merge_remote_tags"])
-            await self._db.execute(queries()["analyze_remote"])
+            await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
+            await self._build_remote()
         return count
+
+    async def _build_remote(self) -> None:
+        await self._db.execute(queries()["build_remote"])
+        if self.kind is SuppressionList.UNSUBSCRIBES:
+            await self._db.execute(queries()["merge_remote_tags"])
+        await self._db.execute(queries()["analyze_remote"])
+
+    # ---- a resumable backfill: pages committed one by one, with their cursor ------------------
+
+    async def backfill_progress(self) -> BackfillProgress | None:
+        async with wrap_db_errors(f"reading backfill progress of {self.domain} {self.kind.value}"):
+            row = await self._db.fetchrow(queries()["backfill_progress"], self.domain, self.kind.value)
+        return BackfillProgress(**dict(row)) if row else None
+
+    async def backfill_page(self, page: Page) -> None:
+        """Commit one page and the cursor after it together: a kill loses at most this page."""
+        rows = [(self.domain, self.kind.value, *_copy_row(r)) for r in page.records]
+        async with wrap_db_errors(f"saving a backfill page of {self.domain} {self.kind.value}"), \
+                self._db.transaction():
+            await self._db.copy_records_to_table(
+                "backfill_pages", schema_name="mailgun", records=rows,
+                columns=["domain", "list", *_COPY_COLUMNS])
+            await self._db.execute(queries()["backfill_save_progress"], self.domain, self.kind.value,
+                                   page.records[-1].address, len(page.records))
+
+    async def stage_backfill(self) -> int:
+        """Stage a completed backfill's pages as if they had been pulled in one go."""
+        async with wrap_db_errors(f"staging the backfill of {self.domain} {self.kind.value}"):
+            await self._db.execute(queries()["create_staging"])
+            status = await self._db.execute(queries()["backfill_stage"], self.domain, self.kind.value)
+            await self._build_remote()
+        return int(status.split()[-1])
+
+    async def clear_backfill(self) -> None:
+        async with wrap_db_errors(f"clearing the backfill of {self.domain} {self.kind.value}"):
+            await self._db.execute(queries()["backfill_clear"], self.domain, self.kind.value)
 
     async def plan(self, pull_started: datetime) -> Plan:
         async with wrap_db_errors(f"planning {self.domain} {self.kind.value}"):
@@ -240,6 +283,21 @@ class MirrorStore:
                     await connection.fetchval(queries()["unlock_list"], domain, kind.value)
         finally:
             await self._pool.release(connection)
+
+    async def count_states(self, domain: str, kind: SuppressionList) -> tuple[int, int]:
+        """(pending, rejected) rows of one list."""
+        async with wrap_db_errors(f"counting {domain} {kind.value}"):
+            row = await self._pool.fetchrow(list_query("count_states", kind), domain)
+        return row["pending"], row["rejected"]
+
+    async def latest_runs(self) -> list[dict[str, Any]]:
+        async with wrap_db_errors("reading the last runs"):
+            return [dict(r) for r in await self._pool.fetch(queries()["latest_runs"])]
+
+    async def ping(self, within: float) -> None:
+        """Raise DatabaseError unless PostgreSQL answers within `within` seconds."""
+        async with wrap_db_errors("checking the connection"):
+            await self._pool.fetchval(queries()["ping"], timeout=within)
 
     async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: str,
                          dry_run: bool, counts: Sequence[int], error: str | None,

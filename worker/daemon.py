@@ -1,0 +1,194 @@
+"""`mailgun-sync daemon`: every (domain, list) on a schedule, with health, readiness and metrics,
+and a drain on SIGTERM.
+
+APScheduler 3's `shutdown(wait=True)` cancels running asyncio jobs instead of waiting for them,
+so the daemon tracks its own runs: on a stop signal it pauses the scheduler, waits for the runs
+in progress up to `SHUTDOWN_GRACE`, cancels what is left (a cancelled run leaves nothing
+half-applied) and only then shuts the scheduler down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import signal
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from worker.errors import ConfigError, DatabaseError, SyncError
+from worker.lifespan import Resources
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
+from worker.records import SuppressionList
+from worker.settings import Settings
+
+log = get_logger(__name__)
+
+_CRON_WEEKDAYS = {"0": "sun", "7": "sun", "1": "mon", "2": "tue", "3": "wed", "4": "thu", "5": "fri",
+                  "6": "sat"}
+
+
+def build_trigger(settings: Settings) -> BaseTrigger:
+    """`SYNC_CRON` (standard crontab, Sunday = 0) if set, else every `SYNC_INTERVAL` seconds."""
+    if settings.sync_cron is None:
+        return IntervalTrigger(seconds=settings.sync_interval, jitter=settings.sync_jitter or None,
+                               timezone=UTC)
+    fields = settings.sync_cron.split()
+    if len(fields) != 5:
+        raise ConfigError("SYNC_CRON",
+                          f"{settings.sync_cron!r} needs 5 fields: minute hour day month weekday")
+    minute, hour, day, month, weekday = fields
+    # APScheduler 3 numbers weekdays from Monday; crontab from Sunday. Names mean the same in both.
+    weekday = re.sub(r"\d", lambda m: _CRON_WEEKDAYS[m.group()], weekday)
+    try:
+        return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
+                           jitter=settings.sync_jitter or None, timezone=UTC)
+    except ValueError as exc:
+        raise ConfigError("SYNC_CRON", f"{settings.sync_cron!r}: {exc}") from None
+
+
+class Daemon:
+    def __init__(self, settings: Settings, resources: Resources, metrics: Metrics,
+                 kinds: Sequence[SuppressionList]) -> None:
+        self._settings = settings
+        self._resources = resources
+        self._metrics = metrics
+        self._kinds = tuple(kinds)
+        self._reconciler = Reconciler(resources.store, resources.mailgun, ReconcileOptions(
+            max_delete_fraction=settings.max_delete_fraction))
+        self._trigger = build_trigger(settings)
+        self._scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={
+            "coalesce": True, "max_instances": 1,
+            "misfire_grace_time": max(1, int(settings.sync_interval))})
+        self._running: set[asyncio.Task[Any]] = set()
+        self._failures: dict[tuple[str, str], int] = {}
+        self._stopping = False
+
+    def start(self) -> None:
+        """Schedule every (domain, list); first runs are spread over the jitter window so that
+        replicas started together do not all reach for the same list at once."""
+        now = datetime.now(UTC)
+        for domain in self._settings.domains:
+            for kind in self._kinds:
+                first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
+                self._scheduler.add_job(
+                    self._sync, self._trigger, args=(domain, kind), id=f"{domain}/{kind.value}",
+                    name=f"reconcile {domain} {kind.value}", next_run_time=first)
+        self._scheduler.start()
+        log.info("daemon_started", domains=list(self._settings.domains),
+                 lists=[k.value for k in self._kinds],
+                 schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
+
+    async def _sync(self, domain: str, kind: SuppressionList) -> None:
+        if self._stopping:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        key = (domain, kind.value)
+        try:
+            clock = time.perf_counter()
+            result = await self._reconciler.reconcile(uuid.uuid4(), domain, kind)
+            self._metrics.observe_run(result, time.perf_counter() - clock)
+            if result.status in (FAILED, GUARDED):
+                self._failures[key] = self._failures.get(key, 0) + 1
+            elif result.status == OK:
+                self._failures[key] = 0
+            pending, _ = await self._resources.store.count_states(domain, kind)
+            self._metrics.observe_pending(domain, kind.value, pending)
+        except SyncError as exc:
+            self._failures[key] = self._failures.get(key, 0) + 1
+            log.error("scheduled_run_failed", domain=domain, list=kind.value, error=str(exc))
+        except Exception:  # the per-run guard: one broken run must not stop the daemon
+            self._failures[key] = self._failures.get(key, 0) + 1
+            log.exception("scheduled_run_crashed", domain=domain, list=kind.value)
+        finally:
+            self._running.discard(task)
+
+    def failing_lists(self) -> list[str]:
+        limit = self._settings.failures_before_unready
+        return sorted(f"{d}/{k}" for (d, k), n in self._failures.items() if n > limit)
+
+    async def readiness(self) -> str | None:
+        """Why the daemon is not ready, or None when it is."""
+        try:
+            await self._resources.store.ping(within=2.0)
+        except DatabaseError as exc:
+            return f"database unreachable: {exc}"
+        failing = self.failing_lists()
+        if failing:
+            return (f"failing more than {self._settings.failures_before_unready} runs in a row: "
+                    + ", ".join(failing))
+        return None
+
+    async def drain(self, grace: float) -> None:
+        """Stop scheduling, give the runs in progress `grace` seconds, cancel the rest."""
+        self._stopping = True
+        self._scheduler.pause()
+        running = set(self._running)
+        if running:
+            log.info("draining", runs=len(running), grace_s=grace)
+            _, late = await asyncio.wait(running, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("runs_cancelled_at_shutdown", runs=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        self._scheduler.shutdown(wait=False)
+
+
+def build_http_app(daemon: Daemon, metrics: Metrics) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        problem = await daemon.readiness()
+        if problem:
+            return web.Response(status=503, text=f"not ready: {problem}\n")
+        return web.Response(text="ready\n")
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
+    return app
+
+
+async def serve(settings: Settings, resources: Resources, metrics: Metrics,
+                kinds: Sequence[SuppressionList], *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
+    stop = stop or asyncio.Event()
+    daemon = Daemon(settings, resources, metrics, kinds)
+    runner = web.AppRunner(build_http_app(daemon, metrics), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        daemon.start()
+        await stop.wait()
+        log.info("stop_requested")
+        await daemon.drain(settings.shutdown_grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("daemon_stopped")

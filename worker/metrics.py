@@ -1,0 +1,63 @@
+"""Prometheus metrics of one process, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from worker.reconcile import ListResult
+
+# Run durations range from a second (a small list) to many minutes (millions of records).
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+RECORD_ACTIONS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter(
+            "mailgun_sync_runs", "Reconciles of one (domain, list), by outcome.",
+            ["domain", "list", "status"], registry=self.registry)
+        self.records = Counter(
+            "mailgun_sync_records", "Records handled, by action.",
+            ["domain", "list", "action"], registry=self.registry)
+        self.duration = Histogram(
+            "mailgun_sync_run_duration_seconds", "How long one reconcile of one (domain, list) took.",
+            ["domain", "list"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.last_success = Gauge(
+            "mailgun_sync_last_success_timestamp_seconds",
+            "When a reconcile of this (domain, list) last ended ok (Unix time).",
+            ["domain", "list"], registry=self.registry)
+        self.pending = Gauge(
+            "mailgun_sync_pending_rows", "Local additions not yet confirmed by Mailgun.",
+            ["domain", "list"], registry=self.registry)
+        self.http_requests = Counter(
+            "mailgun_sync_http_requests", "Requests sent to Mailgun, by method and answer.",
+            ["method", "status"], registry=self.registry)
+        self.http_retries = Counter(
+            "mailgun_sync_http_retries", "Mailgun requests tried again, by the answer that caused it.",
+            ["status"], registry=self.registry)
+
+    def observe_run(self, result: ListResult, seconds: float) -> None:
+        labels = {"domain": result.domain, "list": result.list}
+        self.runs.labels(status=result.status, **labels).inc()
+        self.duration.labels(**labels).observe(seconds)
+        for action, count in zip(RECORD_ACTIONS, result.counts(), strict=True):
+            if count:
+                self.records.labels(action=action, **labels).inc(count)
+        if result.status == "ok":
+            self.last_success.labels(**labels).set(time.time())
+
+    def observe_pending(self, domain: str, kind: str, rows: int) -> None:
+        self.pending.labels(domain=domain, list=kind).set(rows)
+
+    # The Mailgun client's observer interface.
+    def on_response(self, method: str, status: int | None) -> None:
+        self.http_requests.labels(method=method, status=str(status) if status else "error").inc()
+
+    def on_retry(self, status: int | None) -> None:
+        self.http_retries.labels(status=str(status) if status else "error").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
