@@ -136,6 +136,8 @@ class Daemon:
     async def drain(self, grace: float) -> None:
         """Stop scheduling, give the runs in progress `grace` seconds, cancel the rest."""
         self._stopping = True
+        if not self._scheduler.running:
+            return
         self._scheduler.pause()
         running = set(self._running)
         if running:

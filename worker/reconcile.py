@@ -88,7 +88,8 @@ class Reconciler:
         as a failed run and then propagates. Nothing is half-applied either way: the diff is one
         transaction, and a row is marked pushed only from Mailgun's answer to its own batch."""
         result = ListResult(domain, kind.value)
-        started = datetime.now(UTC)
+        # The recorded span is the time the list's lock was held, so runs of one list never overlap.
+        span: list[datetime | None] = [datetime.now(UTC), None]
         clock = time.perf_counter()
         with structlog.contextvars.bound_contextvars(run_id=str(run_id), domain=domain, list=kind.value):
             try:
@@ -96,22 +97,28 @@ class Reconciler:
                     if session is None:
                         result.status = SKIPPED
                     else:
-                        await self._reconcile(session, run_id, result)
+                        span[0] = datetime.now(UTC)
+                        try:
+                            await self._reconcile(session, run_id, result)
+                        finally:
+                            span[1] = datetime.now(UTC)
             except SyncError as exc:
                 result.status, result.error = FAILED, str(exc)
             except asyncio.CancelledError:
                 result.status = FAILED
                 result.error = "interrupted before the end; unconfirmed rows stay pending"
-                await self._finish(run_id, kind, result, started, clock)
+                await self._finish(run_id, kind, result, span, clock)
                 raise
-            await self._finish(run_id, kind, result, started, clock)
+            await self._finish(run_id, kind, result, span, clock)
         return result
 
     async def _finish(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
-                      started: datetime, clock: float) -> None:
+                      span: list[datetime | None], clock: float) -> None:
         # A skipped run did nothing; recording it would bury the real runs under replicas' skips.
         if not self._options.dry_run and result.status != SKIPPED:
-            await self._record(run_id, kind, result, started)
+            started, finished = span
+            await self._record(run_id, kind, result, started or datetime.now(UTC),
+                               finished or datetime.now(UTC))
         log.info("list_reconciled", status=result.status, pulled=result.pulled,
                  inserted=result.inserted, updated=result.updated, removed=result.removed,
                  adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
@@ -178,11 +185,10 @@ class Reconciler:
                     run_id, [(by_address[r.record.address], r.reason) for r in outcome.rejected])
 
     async def _record(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
-                      started: datetime) -> None:
+                      started: datetime, finished: datetime) -> None:
         try:
             await self._store.record_run(
                 run_id, result.domain, kind, status=result.status, dry_run=False,
-                counts=result.counts(), error=result.error, started=started,
-                finished=datetime.now(UTC))
+                counts=result.counts(), error=result.error, started=started, finished=finished)
         except DatabaseError as exc:
             log.error("run_not_recorded", error=str(exc))

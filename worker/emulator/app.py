@@ -155,7 +155,8 @@ class MailgunEmulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on a real socket; returns the base URL (`http://host:port`)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # A stop does not wait long for requests held by a delay fault.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

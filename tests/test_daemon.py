@@ -1,0 +1,193 @@
+"""The daemon: scheduling, /healthz, /readyz, /metrics, and a drain on stop that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from tests.conftest import API_KEY, DOMAIN
+from tests.support.mirror import insert_row, rows
+from worker.daemon import Daemon, build_http_app, build_trigger
+from worker.emulator import Fault
+from worker.errors import ConfigError
+from worker.lifespan import Resources
+from worker.metrics import Metrics
+from worker.records import SYNCED_LISTS, SuppressionList
+from worker.settings import Settings
+
+BOUNCES = SuppressionList.BOUNCES
+
+
+def daemon_settings(emulator, **changes) -> Settings:
+    options = {"api_key": API_KEY, "api_base": str(emulator.base_url), "domains": (DOMAIN,),
+               "sync_interval": 1.0, "sync_jitter": 0.0, "failures_before_unready": 2, **changes}
+    return Settings(**options)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def daemon(emulator, pool, store, client, metrics) -> AsyncIterator[Daemon]:
+    running = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
+                     metrics, SYNCED_LISTS)
+    yield running
+    await running.drain(grace=5)
+
+
+async def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+def test_interval_schedule_with_jitter(emulator):
+    trigger = build_trigger(daemon_settings(emulator, sync_interval=600, sync_jitter=20))
+    assert isinstance(trigger, IntervalTrigger)
+    assert (trigger.interval.total_seconds(), trigger.jitter) == (600, 20)
+
+
+def test_cron_schedule_counts_weekdays_from_sunday_like_crontab(emulator):
+    trigger = build_trigger(daemon_settings(emulator, sync_cron="*/15 2 * * 1-5"))
+    assert isinstance(trigger, CronTrigger)
+    assert str(trigger.fields[4]) == "mon-fri"  # day_of_week
+    assert str(trigger.fields[6]) == "*/15"  # minute
+
+
+@pytest.mark.parametrize("cron", ["* * *", "61 * * * *", "* * * * funday"])
+def test_a_malformed_cron_names_sync_cron(emulator, cron):
+    with pytest.raises(ConfigError) as caught:
+        build_trigger(daemon_settings(emulator, sync_cron=cron))
+    assert caught.value.setting == "SYNC_CRON"
+
+
+async def test_every_list_is_reconciled_on_schedule_again_and_again(daemon, emulator, pool):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": "sched@example.com"}])
+    daemon.start()
+
+    async def every_list_ran_twice() -> bool:
+        counts = await pool.fetch("SELECT list, count(*) AS n FROM mailgun.sync_runs GROUP BY list")
+        return len(counts) == 3 and all(r["n"] >= 2 for r in counts)
+
+    await wait_for(every_list_ran_twice)
+    assert "sched@example.com" in await rows(pool, BOUNCES)
+
+
+async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics, aiohttp_client):
+    http = await aiohttp_client(build_http_app(daemon, metrics))
+    assert (await http.get("/healthz")).status == 200
+    assert (await http.get("/readyz")).status == 200
+    before = await (await http.get("/metrics")).text()
+    assert 'mailgun_sync_runs_total{domain="mg.example.com"' not in before
+
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"m{i}@example.com"} for i in range(7)])
+    daemon.start()
+
+    async def metrics_show_a_run() -> bool:
+        text = await (await http.get("/metrics")).text()
+        return 'mailgun_sync_records_total{action="inserted",domain="mg.example.com",list="bounces"} 7.0' in text
+
+    await wait_for(metrics_show_a_run)
+    text = await (await http.get("/metrics")).text()
+    assert 'mailgun_sync_runs_total{domain="mg.example.com",list="bounces",status="ok"}' in text
+    assert 'mailgun_sync_last_success_timestamp_seconds{domain="mg.example.com",list="bounces"}' in text
+    assert 'mailgun_sync_pending_rows{domain="mg.example.com",list="bounces"} 0.0' in text
+    assert 'mailgun_sync_run_duration_seconds_count{domain="mg.example.com",list="bounces"}' in text
+
+
+async def test_readiness_fails_once_a_list_keeps_failing_and_names_it(
+        emulator, pool, store, make_client, metrics, aiohttp_client):
+    from worker.retry import RetryPolicy
+
+    client = make_client(retry=RetryPolicy(max_attempts=1), observer=metrics)
+    daemon = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
+                    metrics, [BOUNCES])
+    http = await aiohttp_client(build_http_app(daemon, metrics))
+    emulator.fail_next(503, times=None, list="bounces")
+    daemon.start()
+    try:
+        async def unready() -> bool:
+            return (await http.get("/readyz")).status == 503
+
+        await wait_for(unready)
+        body = await (await http.get("/readyz")).text()
+        assert "mg.example.com/bounces" in body
+        text = await (await http.get("/metrics")).text()
+        assert 'mailgun_sync_http_requests_total{method="GET",status="503"}' in text
+        assert 'mailgun_sync_runs_total{domain="mg.example.com",list="bounces",status="failed"}' in text
+        emulator.faults.clear()
+
+        async def ready_again() -> bool:
+            return (await http.get("/readyz")).status == 200
+
+        await wait_for(ready_again)
+    finally:
+        await daemon.drain(grace=5)
+
+
+async def test_readiness_fails_when_the_database_is_unreachable(daemon, metrics, pool, aiohttp_client):
+    http = await aiohttp_client(build_http_app(daemon, metrics))
+    await pool.close()
+    response = await http.get("/readyz")
+    assert response.status == 503
+    assert "database unreachable" in await response.text()
+
+
+def daemon_env(emulator, database_url, **extra) -> dict[str, str]:
+    return {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+            "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url, "HTTP_PORT": "0",
+            "SYNC_JITTER": "0", **extra}
+
+
+async def start_daemon(env) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "daemon", "--list", "bounces", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+
+async def test_sigterm_lets_the_run_in_progress_finish_then_exits_0(emulator, pool, database_url):
+    for i in range(1500):
+        await insert_row(pool, BOUNCES, DOMAIN, f"drain{i:04}@example.com")
+    emulator.inject(Fault(action="delay", delay_s=1.0, times=None, method="POST"))
+    worker = await start_daemon(daemon_env(emulator, database_url, SHUTDOWN_GRACE="20"))
+    await wait_for(lambda: _posted(emulator))
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(worker.wait(), 20)
+
+    assert code == 0
+    mirror = await rows(pool, BOUNCES)
+    assert {r["sync_state"] for r in mirror.values()} == {"synced"}
+    assert len(emulator.records(DOMAIN, BOUNCES)) == 1500
+    status = await pool.fetchval("SELECT status FROM mailgun.sync_runs")
+    assert status == "ok"
+
+
+async def test_sigterm_past_the_grace_cancels_cleanly_and_keeps_rows_pending(emulator, pool, database_url):
+    for i in range(10):
+        await insert_row(pool, BOUNCES, DOMAIN, f"late{i}@example.com")
+    emulator.inject(Fault(action="delay", delay_s=30, times=None, method="POST"))
+    worker = await start_daemon(daemon_env(emulator, database_url, SHUTDOWN_GRACE="0.5"))
+    await wait_for(lambda: _posted(emulator))
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(worker.wait(), 10)
+
+    assert code == 0
+    mirror = await rows(pool, BOUNCES)
+    assert {r["sync_state"] for r in mirror.values()} == {"pending"}
+    run = await pool.fetchrow("SELECT status, error FROM mailgun.sync_runs")
+    assert run["status"] == "failed"
+    assert "interrupted" in run["error"]
+
+
+async def _posted(emulator) -> bool:
+    return any(r.method == "POST" for r in emulator.requests)
