@@ -95,7 +95,8 @@ async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics,
 
     async def metrics_show_a_run() -> bool:
         text = await (await http.get("/metrics")).text()
-        return 'mailgun_sync_records_total{action="inserted",domain="mg.example.com",list="bounces"} 7.0' in text
+        inserted = 'mailgun_sync_records_total{action="inserted",domain="mg.example.com",list="bounces"}'
+        return f"{inserted} 7.0" in text
 
     await wait_for(metrics_show_a_run)
     text = await (await http.get("/metrics")).text()
