@@ -20,6 +20,13 @@ EU_API_BASE = "https://api.eu.mailgun.net"
 
 T = TypeVar("T")
 
+# Every environment variable the worker reads; deployment files are checked against this list.
+ENVIRONMENT = (
+    "MAILGUN_API_KEY", "MAILGUN_API_BASE", "MAILGUN_DOMAINS", "DATABASE_URL", "MAILGUN_MAX_ATTEMPTS",
+    "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
+    "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE",
+)
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":

@@ -1,0 +1,117 @@
+"""The image and the Kubernetes manifests: valid, and every command line and setting in them is
+one the worker understands, so a typo fails here rather than in a cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from worker.cli import build_parser
+from worker.settings import ENVIRONMENT
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+CORE_MANIFESTS = [p for p in MANIFESTS if "monitoring" not in p.parts]
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert found, f"{name} is a test dependency; install the project with [test]"
+    return found
+
+
+def documents() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in MANIFESTS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                yield path, doc
+
+
+def containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = doc.get("spec", {})
+    pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec") \
+        or spec.get("template", {}).get("spec") or {}
+    yield from pod.get("initContainers", [])
+    yield from pod.get("containers", [])
+
+
+def test_manifests_pass_strict_kubernetes_validation():
+    done = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", *map(str, CORE_MANIFESTS)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_manifests_and_config_pass_yamllint():
+    done = subprocess.run([tool("yamllint"), "-s", "-c", str(ROOT / ".yamllint.yaml"), str(ROOT / "deploy")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    done = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def command_lines() -> list[tuple[str, list[str]]]:
+    found = []
+    for path, doc in documents():
+        for container in containers(doc):
+            assert container.get("command") in (None, ["mailgun-sync"]), path
+            found.append((f"{path.name}:{container['name']}", list(container.get("args", []))))
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.MULTILINE)[1])
+    assert entrypoint == ["mailgun-sync"]
+    found.append(("Dockerfile:CMD", json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE)[1])))
+    return found
+
+
+@pytest.mark.parametrize(("where", "argv"), command_lines(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_command_line_parses_with_the_worker_parser(where, argv):
+    build_parser().parse_args(argv)
+
+
+def test_every_setting_in_the_manifests_is_one_the_worker_reads():
+    names: set[str] = set()
+    for _, doc in documents():
+        if doc["kind"] == "ConfigMap":
+            names |= set(doc["data"])
+        for container in containers(doc):
+            names |= {e["name"] for e in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] == "mailgun-sync"
+    overlay = yaml.safe_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
+    for generator in overlay.get("configMapGenerator", []):
+        names |= {literal.split("=", 1)[0] for literal in generator.get("literals", [])}
+    assert names - set(ENVIRONMENT) == set()
+
+
+def test_no_secret_value_is_kept_in_git():
+    for path, doc in documents():
+        assert doc["kind"] != "Secret", f"{path} holds a Secret"
+        for container in containers(doc):
+            for env in container.get("env", []):
+                if env["name"] in ("MAILGUN_API_KEY", "DATABASE_URL"):
+                    assert "secretKeyRef" in env.get("valueFrom", {}), f"{path}: {env['name']}"
+
+
+def test_the_daemon_gets_longer_to_stop_than_its_shutdown_grace():
+    deployment = next(doc for _, doc in documents() if doc["kind"] == "Deployment")
+    configmap = next(doc for _, doc in documents() if doc["kind"] == "ConfigMap")
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > float(configmap["data"]["SHUTDOWN_GRACE"]) + 5
+
+
+def test_the_cronjob_never_overlaps_itself():
+    cronjob = next(doc for _, doc in documents() if doc["kind"] == "CronJob")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
