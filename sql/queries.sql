@@ -89,23 +89,10 @@ SELECT
       WHERE m.domain = $1 AND m.sync_state = 'pending'
         AND NOT EXISTS (SELECT 1 FROM remote r WHERE r.key = lower(m.address))) AS pushes;
 
--- name: plan@unsubscribes
--- As `plan`, and a pending unsubscribe Mailgun has with fewer tags is pushed for the missing ones.
-SELECT
-    (SELECT count(*) FROM remote r
-      WHERE NOT EXISTS (SELECT 1 FROM {table} m WHERE m.domain = $1 AND lower(m.address) = r.key)) AS inserts,
-    (SELECT count(*) FROM {table} m JOIN remote r ON lower(m.address) = r.key
-      WHERE m.domain = $1 AND m.sync_state = 'synced' AND m.synced_at < $2
-        AND (m.address, {m_cols}) IS DISTINCT FROM (r.address, {r_cols})) AS updates,
-    (SELECT count(*) FROM {table} m
-      WHERE m.domain = $1 AND m.sync_state = 'synced' AND m.synced_at < $2
-        AND NOT EXISTS (SELECT 1 FROM remote r WHERE r.key = lower(m.address))) AS removals,
-    (SELECT count(*) FROM {table} m WHERE m.domain = $1 AND m.sync_state = 'synced') AS synced_rows,
-    (SELECT count(*) FROM {table} m JOIN remote r ON lower(m.address) = r.key
-      WHERE m.domain = $1 AND m.sync_state IN ('pending', 'rejected')) AS adoptions,
-    (SELECT count(*) FROM {table} m
-      WHERE m.domain = $1 AND m.sync_state = 'pending'
-        AND NOT EXISTS (SELECT 1 FROM remote r WHERE r.key = lower(m.address) AND r.tags @> m.tags)) AS pushes;
+-- name: tag_pushes
+-- $1 domain: pending unsubscribes Mailgun has, but with fewer tags; they are pushed for the rest.
+SELECT count(*) FROM mailgun.unsubscribes m JOIN remote r ON lower(m.address) = r.key
+WHERE m.domain = $1 AND m.sync_state = 'pending' AND NOT r.tags @> m.tags;
 
 -- name: adopt
 -- $1 domain, $2 run id. Pending or rejected rows Mailgun already has become synced, with its data

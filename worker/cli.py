@@ -57,6 +57,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="tries per Mailgun request (env MAILGUN_MAX_ATTEMPTS, default 6)")
     parser.add_argument("--backoff-max", dest="MAILGUN_BACKOFF_MAX", metavar="SECONDS",
                         help="longest wait between tries (env MAILGUN_BACKOFF_MAX, default 60)")
+    parser.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
+                        help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION, 0.10)")
 
 
 def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     run.add_argument("--allow-mass-delete", action="store_true",
                      help="let a run remove more than SYNC_MAX_DELETE_FRACTION of a list")
-    run.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
-                     help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION, 0.10)")
     _add_settings_flags(run)
 
     daemon = commands.add_parser("daemon", help="reconcile every domain and list on a schedule, serve "
@@ -100,8 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port of /healthz, /readyz, /metrics (env HTTP_PORT, default 8080)")
     daemon.add_argument("--shutdown-grace", dest="SHUTDOWN_GRACE", metavar="SECONDS",
                         help="how long a stop waits for the run in progress (env SHUTDOWN_GRACE, 25)")
-    daemon.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
-                        help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION)")
     _add_settings_flags(daemon)
 
     backfill = commands.add_parser(
@@ -110,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--push", action="store_true", help="also push pending local additions")
     backfill.add_argument("--allow-mass-delete", action="store_true",
                           help="let the backfill remove more than SYNC_MAX_DELETE_FRACTION of a list")
-    backfill.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
-                          help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION)")
     _add_settings_flags(backfill)
 
     status = commands.add_parser("status", help="the last run, pending and rejected rows of every list")

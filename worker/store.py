@@ -204,8 +204,10 @@ class ListSession:
 
     async def plan(self, pull_started: datetime) -> Plan:
         async with wrap_db_errors(f"planning {self.domain} {self.kind.value}"):
-            row = await self._db.fetchrow(self._q("plan"), self.domain, pull_started)
-        return Plan(**dict(row))
+            row = dict(await self._db.fetchrow(self._q("plan"), self.domain, pull_started))
+            if self.kind is SuppressionList.UNSUBSCRIBES:
+                row["pushes"] += await self._db.fetchval(queries()["tag_pushes"], self.domain)
+        return Plan(**row)
 
     async def apply(self, run_id: uuid.UUID, pull_started: datetime, *, remove: bool) -> Applied:
         """Apply the complete pull in one transaction: adopt, update, insert, then (unless
