@@ -58,7 +58,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backoff-max", dest="MAILGUN_BACKOFF_MAX", metavar="SECONDS",
                         help="longest wait between tries (env MAILGUN_BACKOFF_MAX, default 60)")
     parser.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
-                        help="largest share of a list one run may remove (env SYNC_MAX_DELETE_FRACTION, 0.10)")
+                        help="largest share of a list a run may remove (env SYNC_MAX_DELETE_FRACTION, 0.1)")
 
 
 def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
