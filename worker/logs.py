@@ -19,7 +19,12 @@ class _CurrentStderr:
 
 
 def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
-    """Set up structlog once per process. `json=None` picks JSON unless stderr is a terminal."""
+    """Set up structlog. `json=None` picks JSON unless stderr is a terminal.
+
+    Loggers are not cached on first use: the module-level ones would keep the first
+    configuration's level for good, so a second in-process `cli()` call with another --log-level
+    would still filter with the first one's.
+    """
     if json is None:
         json = not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (
@@ -35,7 +40,7 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )
 
 

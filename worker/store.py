@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.errors import DatabaseError
+from worker.errors import ConfigError, DatabaseError
 from worker.mailgun import Page
 from worker.records import Record, SuppressionList
 from worker.sql import queries
@@ -67,9 +67,13 @@ async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[a
     # No statement cache: each reconcile creates its own temporary tables, which would
     # invalidate cached plans, and an unnamed statement costs one parse per query.
     async with wrap_db_errors("connecting"):
-        pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
-            server_settings={"application_name": "mailgun-sync"})
+        try:
+            pool = await asyncpg.create_pool(
+                database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
+                server_settings={"application_name": "mailgun-sync"})
+        except ValueError as exc:  # the driver cannot parse the URL (ClientConfigurationError, a port)
+            problem = f"is not a postgresql:// URL the driver accepts: {exc}"
+            raise ConfigError("DATABASE_URL", problem) from None
     try:
         yield pool
     finally:

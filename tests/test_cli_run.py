@@ -1,0 +1,451 @@
+"""`mailgun-sync run` (and `migrate`) called in-process as `cli(argv, env)`: what it prints, its exit
+code, how it names a bad setting, and that the API key shows up nowhere, whatever happens."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import API_KEY, DOMAIN
+from tests.support.database import with_database
+from tests.support.mirror import insert_row, rows, snapshot
+from worker.cli import cli
+from worker.records import SYNCED_LISTS
+from worker.sql import migrations
+
+SECOND_DOMAIN = "mg.second-example.org"
+LISTS = [kind.value for kind in SYNCED_LISTS]
+RESULT_FIELDS = {"domain", "list", "status", "pulled", "inserted", "updated", "removed", "pushed",
+                 "rejected", "error"}
+COUNTS = ("pulled", "inserted", "updated", "removed", "pushed", "rejected")
+CREATED = "Fri, 02 Jan 2026 03:04:05 UTC"
+AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+DB_PASSWORD = "db-secret-password"
+DEAD_DATABASE = f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:1/x"
+EVERY_VERSION = [m.version for m in migrations()]
+BASIC_AUTH = base64.b64encode(f"api:{API_KEY}".encode()).decode()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one `cli` call returned and printed."""
+
+    code: int
+    out: str
+    err: str
+
+    def report(self) -> dict[str, Any]:
+        """stdout as the one JSON object `--json` prints, and nothing else."""
+        [line] = self.out.splitlines()
+        payload: dict[str, Any] = json.loads(line)
+        return payload
+
+    def result(self, domain: str, kind: str) -> dict[str, Any]:
+        [found] = [r for r in self.report()["results"] if (r["domain"], r["list"]) == (domain, kind)]
+        return found
+
+    def logs(self) -> list[dict[str, Any]]:
+        """stderr's log lines; each one is a JSON object (stderr is not a terminal here)."""
+        return [json.loads(line) for line in self.err.splitlines() if not line.startswith("mailgun-sync:")]
+
+    def assert_no_secret(self) -> None:
+        for stream in (self.out, self.err):
+            assert API_KEY not in stream
+            assert BASIC_AUTH not in stream
+            assert DB_PASSWORD not in stream
+
+
+@pytest.fixture
+def invoke(capsys):
+    async def invoke(*argv: str, env: dict[str, str]) -> Outcome:
+        capsys.readouterr()
+        code = await cli(list(argv), env=env)
+        out, err = capsys.readouterr()
+        return Outcome(code, out, err)
+
+    return invoke
+
+
+@pytest.fixture
+def env(emulator, database_url, pool) -> dict[str, str]:
+    """A complete environment for the emulator and the test database (emptied for the test); no
+    waiting between retries."""
+    return {
+        "MAILGUN_API_KEY": API_KEY,
+        "MAILGUN_API_BASE": str(emulator.base_url),
+        "MAILGUN_DOMAINS": DOMAIN,
+        "DATABASE_URL": database_url,
+        "MAILGUN_BACKOFF_MAX": "0",
+    }
+
+
+@pytest.fixture
+async def empty_database_url(test_database) -> AsyncIterator[str]:
+    """A database of its own on the tests' server, without the mirror's schema; dropped afterwards."""
+    name = f"mailgun_sync_empty_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(test_database.admin_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield with_database(test_database.admin_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def sync_runs(pool) -> list[tuple[str, str, str]]:
+    found = await pool.fetch("SELECT domain, list, status FROM mailgun.sync_runs ORDER BY domain, list")
+    return [(r["domain"], r["list"], r["status"]) for r in found]
+
+
+# ---- what a run reports --------------------------------------------------------------------------
+
+
+async def test_json_reports_every_list_of_every_configured_domain_and_exits_0(invoke, env, emulator, pool):
+    emulator.declare(SECOND_DOMAIN)
+    emulator.seed(DOMAIN, "bounces", [{"address": "remote@example.com", "code": "550"}])
+    emulator.seed(SECOND_DOMAIN, "complaints", [{"address": "angry@example.com"}])
+    await insert_row(pool, "unsubscribes", DOMAIN, "local@example.com", tags=["promo"])
+
+    outcome = await invoke("run", "--json", env={**env, "MAILGUN_DOMAINS": f"{DOMAIN}, {SECOND_DOMAIN}"})
+
+    assert outcome.code == 0, outcome.err
+    report = outcome.report()
+    assert report["ok"] is True
+    assert [(r["domain"], r["list"]) for r in report["results"]] == [
+        (domain, kind) for domain in (DOMAIN, SECOND_DOMAIN) for kind in LISTS]
+    for result in report["results"]:
+        assert set(result) >= RESULT_FIELDS
+        assert (result["status"], result["error"]) == ("ok", None)
+    assert {k: outcome.result(DOMAIN, "bounces")[k] for k in COUNTS} == {
+        "pulled": 1, "inserted": 1, "updated": 0, "removed": 0, "pushed": 0, "rejected": 0}
+    assert outcome.result(DOMAIN, "unsubscribes")["pushed"] == 1
+    assert (outcome.result(SECOND_DOMAIN, "complaints")["pulled"],
+            outcome.result(SECOND_DOMAIN, "complaints")["inserted"]) == (1, 1)
+    assert [r["address"] for r in emulator.records(DOMAIN, "unsubscribes")] == ["local@example.com"]
+    assert len(await sync_runs(pool)) == 6
+
+
+async def test_repeated_domain_flags_replace_the_configured_domains(invoke, env, emulator, pool):
+    emulator.declare(SECOND_DOMAIN)
+    outcome = await invoke("run", "--json", "--domain", SECOND_DOMAIN, "--domain", DOMAIN,
+                           env={**env, "MAILGUN_DOMAINS": "mg.not-this-one.example.net"})
+    assert outcome.code == 0, outcome.err
+    assert [(r["domain"], r["list"]) for r in outcome.report()["results"]] == [
+        (domain, kind) for domain in (SECOND_DOMAIN, DOMAIN) for kind in LISTS]
+
+
+async def test_list_flag_restricts_the_run_to_that_list(invoke, env, emulator, pool):
+    emulator.seed(DOMAIN, "complaints", [{"address": "angry@example.com"}])
+    outcome = await invoke("run", "--json", "--list", "bounces", env=env)
+    assert outcome.code == 0, outcome.err
+    assert [(r["domain"], r["list"]) for r in outcome.report()["results"]] == [(DOMAIN, "bounces")]
+    assert await sync_runs(pool) == [(DOMAIN, "bounces", "ok")]
+    assert await rows(pool, "complaints") == {}
+    assert {r.path.split("/")[-1] for r in emulator.requests} == {"bounces"}
+
+
+async def test_repeated_list_flags_run_those_lists_in_the_order_given(invoke, env):
+    outcome = await invoke("run", "--json", "--list", "complaints", "--list", "bounces", env=env)
+    assert outcome.code == 0, outcome.err
+    assert [r["list"] for r in outcome.report()["results"]] == ["complaints", "bounces"]
+
+
+async def test_without_json_a_table_names_each_domain_list_and_status(invoke, env, emulator):
+    emulator.declare(SECOND_DOMAIN)
+    outcome = await invoke("run", env={**env, "MAILGUN_DOMAINS": f"{DOMAIN},{SECOND_DOMAIN}"})
+    assert outcome.code == 0, outcome.err
+    lines = outcome.out.splitlines()
+    assert lines[0].split()[:3] == ["domain", "list", "status"]
+    body = [line.split()[:3] for line in lines[2:]]
+    assert body == [[domain, kind, "ok"] for domain in (DOMAIN, SECOND_DOMAIN) for kind in LISTS]
+
+
+async def test_logs_are_json_lines_with_one_summary_per_list_bound_to_the_run(invoke, env):
+    outcome = await invoke("run", "--json", env=env)
+    assert outcome.code == 0, outcome.err
+    summaries = [line for line in outcome.logs() if line["event"] == "list_reconciled"]
+    assert [(s["domain"], s["list"], s["status"]) for s in summaries] == [
+        (DOMAIN, kind, "ok") for kind in LISTS]
+    assert len({s["run_id"] for s in summaries}) == 1
+
+
+async def test_each_in_process_call_logs_at_its_own_level(invoke, env):
+    """Loggers are not left bound to the first call's configuration."""
+    chatty = await invoke("run", "--json", "--list", "bounces", env=env)
+    assert [line["event"] for line in chatty.logs()] == ["list_reconciled"]
+    quiet = await invoke("--log-level", "ERROR", "run", "--json", "--list", "bounces", env=env)
+    assert quiet.code == 0
+    assert quiet.err == ""
+    chatty_again = await invoke("run", "--json", "--list", "bounces", env=env)
+    assert [line["event"] for line in chatty_again.logs()] == ["list_reconciled"]
+
+
+# ---- failures ------------------------------------------------------------------------------------
+
+
+async def test_a_failing_list_exits_1_and_its_error_is_in_the_report(invoke, env, emulator, pool):
+    emulator.fail_next(503, times=None, list="complaints")
+    outcome = await invoke("run", "--json", env={**env, "MAILGUN_MAX_ATTEMPTS": "1"})
+
+    assert outcome.code == 1
+    report = outcome.report()
+    assert report["ok"] is False
+    assert [(r["list"], r["status"]) for r in report["results"]] == [
+        ("bounces", "ok"), ("unsubscribes", "ok"), ("complaints", "failed")]
+    error = outcome.result(DOMAIN, "complaints")["error"]
+    assert "pull incomplete, nothing changed" in error
+    assert "503" in error
+    assert await sync_runs(pool) == [(DOMAIN, "bounces", "ok"), (DOMAIN, "complaints", "failed"),
+                                     (DOMAIN, "unsubscribes", "ok")]
+    outcome.assert_no_secret()
+
+
+async def test_the_table_shows_a_failed_lists_error_under_its_line(invoke, env, emulator):
+    emulator.fail_next(503, times=None)
+    outcome = await invoke("run", "--list", "bounces", env={**env, "MAILGUN_MAX_ATTEMPTS": "1"})
+    assert outcome.code == 1
+    lines = outcome.out.splitlines()
+    assert lines[2].split()[:3] == [DOMAIN, "bounces", "failed"]
+    assert lines[3].strip().startswith("error: pull incomplete")
+
+
+async def test_a_guarded_list_exits_1_and_allow_mass_delete_lets_it_through(invoke, env, emulator, pool):
+    kept = [f"both{i:03}@example.com" for i in range(30)]
+    for address in kept:
+        await insert_row(pool, "bounces", DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO)
+    emulator.seed(DOMAIN, "bounces", [{"address": a} for a in kept[15:]])
+
+    guarded = await invoke("run", "--json", "--list", "bounces", env=env)
+    assert guarded.code == 1
+    assert (guarded.result(DOMAIN, "bounces")["status"], guarded.result(DOMAIN, "bounces")["removed"]) == (
+        "guarded", 0)
+    assert "SYNC_MAX_DELETE_FRACTION" in guarded.result(DOMAIN, "bounces")["error"]
+    assert len(await rows(pool, "bounces")) == 30
+
+    allowed = await invoke("run", "--json", "--list", "bounces", "--allow-mass-delete", env=env)
+    assert allowed.code == 0, allowed.out
+    assert allowed.result(DOMAIN, "bounces")["removed"] == 15
+    assert sorted(await rows(pool, "bounces")) == kept[15:]
+
+
+async def test_max_delete_fraction_flag_overrides_the_environment(invoke, env, emulator, pool):
+    kept = [f"both{i:03}@example.com" for i in range(30)]
+    for address in kept:
+        await insert_row(pool, "bounces", DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO)
+    emulator.seed(DOMAIN, "bounces", [{"address": a} for a in kept[15:]])
+    outcome = await invoke("run", "--json", "--list", "bounces", "--max-delete-fraction", "0.6",
+                           env={**env, "SYNC_MAX_DELETE_FRACTION": "0.1"})
+    assert outcome.code == 0, outcome.out
+    assert outcome.result(DOMAIN, "bounces")["removed"] == 15
+
+
+# ---- settings ------------------------------------------------------------------------------------
+
+
+BAD_SETTINGS = [  # (variable, value); None: not set at all
+    ("MAILGUN_API_KEY", None),
+    ("MAILGUN_API_KEY", "   "),
+    ("MAILGUN_MAX_ATTEMPTS", "abc"),
+    ("MAILGUN_MAX_ATTEMPTS", "0"),
+    ("MAILGUN_BACKOFF_MAX", "soon"),
+    ("SYNC_MAX_DELETE_FRACTION", "2"),
+    ("MAILGUN_API_BASE", "http://example.com"),
+    ("MAILGUN_API_BASE", "not a url"),
+    ("MAILGUN_DOMAINS", None),
+    ("MAILGUN_DOMAINS", " , "),
+    ("MAILGUN_DOMAINS", "no-dot"),
+    ("DATABASE_URL", None),
+    ("DATABASE_URL", "mysql://db.example.com/mirror"),
+    ("DATABASE_URL", f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:notaport/mirror"),
+]
+
+
+@pytest.mark.parametrize(("setting", "value"), BAD_SETTINGS, ids=[f"{s}={v}" for s, v in BAD_SETTINGS])
+async def test_a_missing_or_malformed_setting_exits_2_with_one_line_naming_it(
+        invoke, env, emulator, setting, value):
+    changed = {**env, setting: value}
+    outcome = await invoke("run", "--json", env={k: v for k, v in changed.items() if v is not None})
+
+    assert outcome.code == 2
+    assert outcome.out == ""
+    [line] = outcome.err.splitlines()
+    assert line.startswith(f"mailgun-sync: {setting}: ")
+    outcome.assert_no_secret()
+    assert not emulator.requests
+
+
+@pytest.mark.parametrize(("flags", "setting"), [
+    (["--max-attempts", "abc"], "MAILGUN_MAX_ATTEMPTS"),
+    (["--backoff-max", "-1"], "MAILGUN_BACKOFF_MAX"),
+    (["--api-base", "http://example.com"], "MAILGUN_API_BASE"),
+    (["--max-delete-fraction", "-0.5"], "SYNC_MAX_DELETE_FRACTION"),
+    (["--domain", "not a domain"], "MAILGUN_DOMAINS"),
+    (["--list", "bogus"], "arguments"),
+    (["--no-such-flag"], "arguments"),
+])
+async def test_a_malformed_flag_exits_2_with_one_line_naming_it(invoke, env, emulator, flags, setting):
+    outcome = await invoke("run", *flags, env=env)
+    assert outcome.code == 2
+    [line] = outcome.err.splitlines()
+    assert line.startswith(f"mailgun-sync: {setting}: ")
+    assert not emulator.requests
+
+
+async def test_flags_override_malformed_environment_settings(invoke, env, emulator):
+    outcome = await invoke(
+        "run", "--json", "--max-attempts", "2", "--backoff-max", "0", "--api-base", str(emulator.base_url),
+        "--database-url", env["DATABASE_URL"],
+        env={**env, "MAILGUN_MAX_ATTEMPTS": "abc", "MAILGUN_BACKOFF_MAX": "soon",
+             "MAILGUN_API_BASE": "http://example.com", "DATABASE_URL": DEAD_DATABASE})
+    assert outcome.code == 0, outcome.err
+    assert outcome.report()["ok"] is True
+
+
+async def test_max_attempts_flag_wins_over_the_environment(invoke, env, emulator):
+    emulator.fail_next(503, times=1)
+    once = await invoke("run", "--json", "--list", "bounces", env={**env, "MAILGUN_MAX_ATTEMPTS": "1"})
+    assert once.code == 1
+    emulator.fail_next(503, times=1)
+    twice = await invoke("run", "--json", "--list", "bounces", "--max-attempts", "2",
+                         env={**env, "MAILGUN_MAX_ATTEMPTS": "1"})
+    assert twice.code == 0, twice.out
+
+
+# ---- the API key stays secret --------------------------------------------------------------------
+
+
+async def test_the_api_key_appears_nowhere_in_a_successful_run_logged_at_debug(invoke, env, emulator, pool):
+    emulator.seed(DOMAIN, "bounces", [{"address": "remote@example.com"}])
+    await insert_row(pool, "complaints", DOMAIN, "local@example.com")
+    outcome = await invoke("--log-level", "DEBUG", "run", "--json", env=env)
+    assert outcome.code == 0, outcome.err
+    assert outcome.logs()
+    outcome.assert_no_secret()
+
+
+async def test_a_refused_key_fails_every_list_without_showing_the_key(invoke, env, emulator):
+    emulator.api_key = "key-the-right-one"
+    outcome = await invoke("--log-level", "DEBUG", "run", "--json", env=env)
+
+    assert outcome.code == 1
+    report = outcome.report()
+    assert [r["status"] for r in report["results"]] == ["failed"] * 3
+    assert all("401" in r["error"] for r in report["results"])
+    outcome.assert_no_secret()
+    assert "key-the-right-one" not in outcome.out + outcome.err
+
+
+async def test_retries_and_failures_do_not_show_the_key(invoke, env, emulator, pool):
+    await insert_row(pool, "bounces", DOMAIN, "local@example.com")
+    emulator.fail_next(503, times=None, method="POST")
+    emulator.fail_next(500, times=2, method="GET")
+    outcome = await invoke("--log-level", "DEBUG", "run", "--json",
+                           env={**env, "MAILGUN_MAX_ATTEMPTS": "3"})
+    assert outcome.code == 1
+    assert "push stopped, unconfirmed rows stay pending" in outcome.result(DOMAIN, "bounces")["error"]
+    assert any(line["event"] == "retry_scheduled" for line in outcome.logs())
+    outcome.assert_no_secret()
+
+
+async def test_a_table_report_of_a_refused_key_does_not_show_the_key(invoke, env, emulator):
+    emulator.api_key = "key-the-right-one"
+    outcome = await invoke("run", env=env)
+    assert outcome.code == 1
+    assert outcome.out.count("error: ") == 3
+    outcome.assert_no_secret()
+
+
+# ---- the database --------------------------------------------------------------------------------
+
+
+async def test_a_database_without_the_schema_asks_for_migrate_which_then_makes_run_work(
+        invoke, env, emulator, empty_database_url):
+    env = {**env, "DATABASE_URL": empty_database_url}
+
+    refused = await invoke("run", "--json", env=env)
+    assert refused.code == 1
+    assert refused.out == ""
+    [line] = refused.err.splitlines()
+    assert "run `mailgun-sync migrate`" in line
+    assert not emulator.requests
+
+    applied = await invoke("migrate", env=env)
+    assert applied.code == 0, applied.err
+    assert applied.out == f"applied migrations {EVERY_VERSION}\n"
+
+    again = await invoke("migrate", env=env)
+    assert again.code == 0, again.err
+    assert again.out == "schema already up to date\n"
+
+    ran = await invoke("run", "--json", env=env)
+    assert ran.code == 0, ran.err
+    assert ran.report()["ok"] is True
+
+
+async def test_migrate_takes_the_database_url_flag_and_needs_a_wellformed_one(invoke, empty_database_url):
+    missing = await invoke("migrate", env={})
+    assert missing.code == 2
+    [line] = missing.err.splitlines()
+    assert line.startswith("mailgun-sync: DATABASE_URL: ")
+
+    malformed = await invoke("migrate", "--database-url", "mysql://db.example.com/mirror", env={})
+    assert malformed.code == 2
+    [line] = malformed.err.splitlines()
+    assert line.startswith("mailgun-sync: DATABASE_URL: ")
+
+    applied = await invoke("migrate", "--database-url", empty_database_url,
+                           env={"DATABASE_URL": DEAD_DATABASE})
+    assert applied.code == 0, applied.err
+    assert applied.out == f"applied migrations {EVERY_VERSION}\n"
+
+
+@pytest.mark.parametrize("command", [["run", "--json"], ["migrate"]], ids=["run", "migrate"])
+async def test_an_unreachable_database_is_one_line_naming_postgresql(invoke, env, emulator, command):
+    outcome = await invoke(*command, env={**env, "DATABASE_URL": DEAD_DATABASE})
+    assert outcome.code == 1
+    assert outcome.out == ""
+    assert "Traceback" not in outcome.err
+    [line] = outcome.err.splitlines()
+    assert line.startswith("mailgun-sync: PostgreSQL ")
+    assert not emulator.requests
+    outcome.assert_no_secret()
+
+
+# ---- dry run -------------------------------------------------------------------------------------
+
+
+async def test_dry_run_reports_what_would_change_and_changes_neither_side(invoke, env, emulator, pool):
+    emulator.seed(DOMAIN, "bounces", [
+        {"address": "same@example.com", "code": "550", "created_at": CREATED},
+        {"address": "changed@example.com", "code": "554", "created_at": CREATED},
+        {"address": "remote-only@example.com", "created_at": CREATED},
+    ])
+    for address in ("same@example.com", "changed@example.com", "gone@example.com"):
+        await insert_row(pool, "bounces", DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO,
+                         code="550", created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+    await insert_row(pool, "bounces", DOMAIN, "local-only@example.com")
+    await insert_row(pool, "unsubscribes", DOMAIN, "optout@example.com", tags=["news"])
+    emulator.seed(DOMAIN, "complaints", [{"address": "angry@example.com"}])
+    mirror_before = await snapshot(pool)
+    remote_before = {kind: emulator.records(DOMAIN, kind) for kind in LISTS}
+
+    outcome = await invoke("run", "--dry-run", "--json", env=env)
+
+    assert outcome.code == 0, outcome.err
+    assert outcome.report()["ok"] is True
+    assert {k: outcome.result(DOMAIN, "bounces")[k] for k in COUNTS} == {
+        "pulled": 3, "inserted": 1, "updated": 1, "removed": 1, "pushed": 1, "rejected": 0}
+    assert outcome.result(DOMAIN, "unsubscribes")["pushed"] == 1
+    assert outcome.result(DOMAIN, "complaints")["inserted"] == 1
+    assert await snapshot(pool) == mirror_before
+    assert await sync_runs(pool) == []
+    assert {kind: emulator.records(DOMAIN, kind) for kind in LISTS} == remote_before
+    assert {r.method for r in emulator.requests} == {"GET"}
