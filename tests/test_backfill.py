@@ -1,0 +1,430 @@
+"""`mailgun-sync backfill`: a full pull committed page by page, pull-only unless asked to push,
+resumable after a kill or a failed page with the same end result, progress lines, and the list's lock."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import API_KEY, DOMAIN
+from tests.support.mirror import changes, insert_row, rows
+from worker.backfill import Backfiller, Progress
+from worker.emulator import Fault
+from worker.reconcile import ReconcileOptions
+from worker.records import SuppressionList, format_timestamp, parse_timestamp
+from worker.retry import RetryPolicy
+
+BOUNCES = SuppressionList.BOUNCES
+COMPLAINTS = SuppressionList.COMPLAINTS
+FIRST_CREATED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+DATA = "domain, address, code, error, created_at, sync_state"
+
+
+@pytest.fixture(autouse=True)
+async def _no_backfill_left(pool):
+    """The mirror fixture empties the mirror's tables; a backfill's own tables are emptied here."""
+    await pool.execute("TRUNCATE mailgun.backfill_pages, mailgun.backfill_progress")
+
+
+def seed_bounces(emulator, count: int, prefix: str = "bounced") -> list[str]:
+    """`count` bounces in Mailgun, each with its own code, error and time; returns their addresses
+    in the order Mailgun lists them."""
+    found = [f"{prefix}{i:05}@example.com" for i in range(count)]
+    emulator.seed(DOMAIN, BOUNCES, [
+        {"address": a, "code": "554" if i % 3 == 0 else "550", "error": f"mailbox {i} unavailable",
+         "created_at": format_timestamp(FIRST_CREATED + timedelta(seconds=i))}
+        for i, a in enumerate(found)])
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == found
+    return found
+
+
+def remote_bounces(emulator) -> dict[str, tuple[str, str, datetime]]:
+    return {r["address"]: (r["code"], r["error"], parse_timestamp(r["created_at"]))
+            for r in emulator.records(DOMAIN, BOUNCES)}
+
+
+def mirror_bounces(mirror: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str, datetime]]:
+    return {a: (r["code"], r["error"], r["created_at"]) for a, r in mirror.items()}
+
+
+async def data_columns(pool) -> list[tuple[Any, ...]]:
+    """The bounces mirror without its bookkeeping times, which differ from one run to the next."""
+    return [tuple(r) for r in await pool.fetch(f"SELECT {DATA} FROM mailgun.bounces ORDER BY address")]
+
+
+async def committed(pool, kind: SuppressionList = BOUNCES) -> dict[str, Any] | None:
+    row = await pool.fetchrow("SELECT last_address, pages, records FROM mailgun.backfill_progress"
+                              " WHERE domain = $1 AND list = $2", DOMAIN, kind.value)
+    return dict(row) if row else None
+
+
+async def committed_addresses(pool) -> list[str]:
+    return [r["address"] for r in await pool.fetch(
+        "SELECT address FROM mailgun.backfill_pages WHERE domain = $1 AND list = 'bounces'"
+        " ORDER BY address", DOMAIN)]
+
+
+async def backfill_rows(pool) -> int:
+    return await pool.fetchval(
+        "SELECT (SELECT count(*) FROM mailgun.backfill_pages)"
+        " + (SELECT count(*) FROM mailgun.backfill_progress)")
+
+
+def backfiller(store, client, *, push: bool = False, progress: Progress | None = None) -> Backfiller:
+    return Backfiller(store, client, ReconcileOptions(), push=push,
+                      progress=progress or Progress(io.StringIO()))
+
+
+def gets(emulator, since: int = 0) -> list[dict[str, str]]:
+    """The queries of the list reads Mailgun received, from request number `since` on."""
+    return [r.query for r in list(emulator.requests)[since:] if r.method == "GET"]
+
+
+def posted_addresses(emulator) -> list[str]:
+    return [item["address"] for r in emulator.requests if r.method == "POST" for item in r.json()]
+
+
+async def wait_until_unlocked(pool) -> None:
+    """A killed worker's lock goes with its connection; wait for PostgreSQL to notice."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"):
+        assert asyncio.get_running_loop().time() < deadline, "the killed worker's lock was never released"
+        await asyncio.sleep(0.02)
+
+
+# ---- a complete backfill -------------------------------------------------------------------------
+
+
+async def test_backfill_pulls_the_whole_list_into_an_empty_mirror_as_synced_rows(
+        pool, emulator, store, make_client):
+    seed_bounces(emulator, 2345)
+
+    result = await backfiller(store, make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (result.status, result.pulled, result.inserted, result.removed) == ("ok", 2345, 2345, 0)
+    mirror = await rows(pool, BOUNCES)
+    assert mirror_bounces(mirror) == remote_bounces(emulator)
+    assert {r["sync_state"] for r in mirror.values()} == {"synced"}
+    assert {r["domain"] for r in mirror.values()} == {DOMAIN}
+    # 24 pages of records, then the empty page that ends the list.
+    assert len(gets(emulator)) == 25
+    assert await backfill_rows(pool) == 0
+    assert sorted(await changes(pool)) == sorted(("bounces", a, "insert") for a in mirror)
+
+
+async def test_backfill_is_pull_only_and_pushes_pending_rows_only_when_asked(
+        pool, emulator, store, make_client):
+    seed_bounces(emulator, 2345)
+    await insert_row(pool, BOUNCES, DOMAIN, "local.addition@example.net", code="551", error="moved")
+
+    pulled = await backfiller(store, make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (pulled.status, pulled.inserted, pulled.pushed) == ("ok", 2345, 0)
+    assert posted_addresses(emulator) == []
+    assert "local.addition@example.net" not in remote_bounces(emulator)
+    mirror = await rows(pool, BOUNCES)
+    assert len(mirror) == 2346
+    assert mirror["local.addition@example.net"]["sync_state"] == "pending"
+    assert await backfill_rows(pool) == 0
+
+    pushed = await backfiller(store, make_client(page_limit=100), push=True).reconcile(
+        uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (pushed.status, pushed.pulled, pushed.inserted, pushed.pushed) == ("ok", 2345, 0, 1)
+    assert posted_addresses(emulator) == ["local.addition@example.net"]
+    assert remote_bounces(emulator)["local.addition@example.net"][:2] == ("551", "moved")
+    mirror = await rows(pool, BOUNCES)
+    assert {r["sync_state"] for r in mirror.values()} == {"synced"}
+    assert mirror_bounces(mirror) == remote_bounces(emulator)
+    assert await backfill_rows(pool) == 0
+
+
+async def test_backfill_applies_the_pull_like_a_run_updating_and_removing_synced_rows(
+        pool, emulator, store, make_client):
+    found = seed_bounces(emulator, 300)
+    await insert_row(pool, BOUNCES, DOMAIN, found[0], state="synced", synced_at=AN_HOUR_AGO,
+                     code="550", error="stale", created_at=FIRST_CREATED)
+    await insert_row(pool, BOUNCES, DOMAIN, "gone@example.com", state="synced", synced_at=AN_HOUR_AGO)
+
+    result = await backfiller(store, make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (result.status, result.inserted, result.updated, result.removed) == ("ok", 299, 1, 1)
+    assert mirror_bounces(await rows(pool, BOUNCES)) == remote_bounces(emulator)
+
+
+# ---- resuming ------------------------------------------------------------------------------------
+
+
+async def test_a_killed_backfill_resumes_from_its_last_committed_page_and_ends_as_an_uninterrupted_one(
+        pool, emulator, database_url, store, make_client):
+    found = seed_bounces(emulator, 5000)
+    # Slow every read so the worker can be killed between two pages (it reads 1000 records a page).
+    emulator.inject(Fault(action="delay", delay_s=0.3, times=None, method="GET"))
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "backfill", "--list", "bounces", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while (saved := await committed(pool)) is None or saved["pages"] < 2:
+            assert worker.returncode is None, "the backfill ended before it could be killed"
+            assert asyncio.get_running_loop().time() < deadline, "the backfill never committed 2 pages"
+            await asyncio.sleep(0.01)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    await wait_until_unlocked(pool)
+    emulator.faults.clear()
+
+    saved = await committed(pool)
+    assert saved is not None
+    pages = saved["pages"]
+    assert 2 <= pages < 5
+    assert saved == {"last_address": found[1000 * pages - 1], "pages": pages, "records": 1000 * pages}
+    assert await committed_addresses(pool) == found[:1000 * pages]
+    assert await rows(pool, BOUNCES) == {}  # nothing is applied before the list is read to its end
+    cut = len(emulator.requests)
+
+    result = await backfiller(store, make_client()).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (result.status, result.pulled, result.inserted) == ("ok", 5000, 5000)
+    resumed_reads = gets(emulator, cut)
+    assert resumed_reads[0] == {"page": "next", "address": saved["last_address"], "limit": "1000", "term": ""}
+    # The committed pages were not read again: every read continues after the committed cursor.
+    assert all(q.get("page") == "next" and q["address"] >= saved["last_address"] for q in resumed_reads)
+    assert len(resumed_reads) == 5 - pages + 1
+    assert await backfill_rows(pool) == 0
+    resumed = await data_columns(pool)
+    assert mirror_bounces(await rows(pool, BOUNCES)) == remote_bounces(emulator)
+    resumed_changes = sorted(await changes(pool))
+
+    # The same data backfilled without interruption into an empty mirror gives the same mirror.
+    await pool.execute("TRUNCATE mailgun.bounces, mailgun.sync_runs, mailgun.changes")
+    uninterrupted = await backfiller(store, make_client()).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert uninterrupted.counts() == result.counts()
+    assert await data_columns(pool) == resumed
+    assert sorted(await changes(pool)) == resumed_changes
+
+
+async def test_a_failed_page_keeps_the_committed_pages_and_a_later_backfill_completes_from_there(
+        pool, emulator, store, make_client, sleeps):
+    found = seed_bounces(emulator, 550)
+    await insert_row(pool, BOUNCES, DOMAIN, "gone@example.com", state="synced", synced_at=AN_HOUR_AGO)
+    await insert_row(pool, BOUNCES, DOMAIN, "local.addition@example.net")
+    mirror_before = await rows(pool, BOUNCES)
+    # The first page and the next two come; the fourth never does.
+    emulator.fail_next(503, times=None, page="next", skip=2)
+    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
+
+    failed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert failed.status == "failed"
+    assert "pull incomplete, nothing changed" in str(failed.error)
+    assert await rows(pool, BOUNCES) == mirror_before
+    assert await committed(pool) == {"last_address": found[299], "pages": 3, "records": 300}
+    assert await committed_addresses(pool) == found[:300]
+
+    emulator.faults.clear()
+    cut = len(emulator.requests)
+    completed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (completed.status, completed.pulled, completed.inserted, completed.removed) == ("ok", 550, 550, 1)
+    resumed_reads = gets(emulator, cut)
+    assert resumed_reads[0]["address"] == found[299]
+    assert len(resumed_reads) == 4  # records 301-550 in three pages, then the end of the list
+    mirror = await rows(pool, BOUNCES)
+    assert mirror["local.addition@example.net"]["sync_state"] == "pending"  # pull-only
+    del mirror["local.addition@example.net"]
+    assert mirror_bounces(mirror) == remote_bounces(emulator)
+    assert await backfill_rows(pool) == 0
+
+
+async def test_a_guarded_backfill_keeps_its_pages_and_applies_them_when_allowed(
+        pool, emulator, store, make_client):
+    seed_bounces(emulator, 150)
+    await pool.executemany(
+        "INSERT INTO mailgun.bounces (domain, address, sync_state, synced_at) VALUES ($1, $2, 'synced', $3)",
+        [(DOMAIN, f"gone{i:03}@example.com", AN_HOUR_AGO) for i in range(40)])
+
+    guarded = await backfiller(store, make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (guarded.status, guarded.removed, guarded.inserted) == ("guarded", 0, 150)
+    assert await committed(pool) is not None
+    cut = len(emulator.requests)
+    allowed = Backfiller(store, make_client(page_limit=100), ReconcileOptions(allow_mass_delete=True),
+                         progress=Progress(io.StringIO()))
+
+    result = await allowed.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (result.status, result.pulled, result.removed) == ("ok", 150, 40)
+    assert len(gets(emulator, cut)) == 1  # only the read that confirms the list has ended
+    assert mirror_bounces(await rows(pool, BOUNCES)) == remote_bounces(emulator)
+    assert await backfill_rows(pool) == 0
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+async def test_progress_logs_records_pages_rate_and_elapsed_time_for_every_page(
+        pool, emulator, store, make_client):
+    seed_bounces(emulator, 250)
+    out = io.StringIO()
+
+    each_page = backfiller(store, make_client(page_limit=100), progress=Progress(out, every=0))
+
+    with capture_logs() as logs:
+        result = await each_page.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert result.status == "ok"
+    lines = events(logs, "backfill_progress")
+    assert [(line["records"], line["pages"]) for line in lines] == [(100, 1), (200, 2), (250, 3)]
+    for line in lines:
+        assert (line["domain"], line["list"], line["log_level"]) == (DOMAIN, "bounces", "info")
+        assert isinstance(line["pages_per_s"], int | float) and line["pages_per_s"] >= 0
+        assert isinstance(line["elapsed_s"], int | float) and line["elapsed_s"] >= 0
+    assert [line["elapsed_s"] for line in lines] == sorted(line["elapsed_s"] for line in lines)
+    assert out.getvalue() == ""  # not a terminal: log lines only, no bar
+
+
+async def test_progress_logs_nothing_between_two_lines_closer_than_the_interval(
+        pool, emulator, store, make_client):
+    seed_bounces(emulator, 250)
+
+    with capture_logs() as logs:
+        result = await backfiller(store, make_client(page_limit=100), progress=Progress(
+            io.StringIO(), every=3600)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert result.status == "ok"
+    assert events(logs, "backfill_progress") == []
+
+
+async def test_progress_of_a_resumed_backfill_counts_from_the_committed_pages(
+        pool, emulator, store, make_client, sleeps):
+    seed_bounces(emulator, 250)
+    emulator.fail_next(503, times=None, page="next", skip=1)
+    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=1, sleep=sleeps))
+    assert (await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    emulator.faults.clear()
+
+    with capture_logs() as logs:
+        result = await backfiller(store, client, progress=Progress(io.StringIO(), every=0)).reconcile(
+            uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert result.status == "ok"
+    [resumed] = events(logs, "backfill_resumed")
+    assert (resumed["after"], resumed["pages"], resumed["records"]) == ("bounced00199@example.com", 2, 200)
+    assert [(line["records"], line["pages"]) for line in events(logs, "backfill_progress")] == [(250, 3)]
+
+
+class Terminal:
+    """A real pseudo-terminal: `file` is its terminal end, `drawn()` what was written to it."""
+
+    def __init__(self) -> None:
+        self._controller, terminal = os.openpty()
+        self.file = os.fdopen(terminal, "w")
+        os.set_blocking(self._controller, False)
+
+    def drawn(self) -> str:
+        self.file.flush()
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self._controller, 65536)
+            except BlockingIOError:
+                return data.decode()
+            data += chunk
+
+    def close(self) -> None:
+        self.file.close()
+        os.close(self._controller)
+
+
+@pytest.fixture
+def terminal():
+    opened = Terminal()
+    yield opened
+    opened.close()
+
+
+async def test_progress_draws_a_bar_when_the_output_is_a_terminal(
+        pool, emulator, store, make_client, terminal):
+    seed_bounces(emulator, 2345)
+    progress = Progress(terminal.file, every=3600)
+
+    result = await backfiller(store, make_client(page_limit=1000), progress=progress).reconcile(
+        uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert result.status == "ok"
+    drawn = terminal.drawn()
+    for records, pages in (("1,000", 1), ("2,000", 2), ("2,345", 3)):
+        assert f"\r{DOMAIN} bounces: {records} records, {pages} pages, " in drawn
+    assert "pages/s" in drawn
+    assert drawn.endswith("\r\n")  # the bar's line is ended once the list is read
+
+
+# ---- one process per list ------------------------------------------------------------------------
+
+
+async def test_a_reconcile_of_a_list_being_backfilled_is_skipped(
+        pool, emulator, store, make_client, make_reconciler):
+    seed_bounces(emulator, 300)
+    emulator.seed(DOMAIN, COMPLAINTS, [{"address": "complained@example.com"}])
+    emulator.inject(Fault(action="delay", delay_s=0.2, times=None, method="GET", list="bounces"))
+    running = asyncio.create_task(
+        backfiller(store, make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not gets(emulator):
+        assert asyncio.get_running_loop().time() < deadline, "the backfill never started reading"
+        await asyncio.sleep(0.01)
+
+    concurrent = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    other_list = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, COMPLAINTS)
+    assert not running.done()
+    backfilled = await running
+
+    assert concurrent.status == "skipped"
+    assert concurrent.counts() == (0, 0, 0, 0, 0, 0, 0)
+    assert other_list.status == "ok"  # the lock is the list's, not the domain's
+    assert backfilled.status == "ok"
+    # Every read of bounces was the backfill's: its four pages, no second pull.
+    assert len([r for r in emulator.requests if r.method == "GET" and r.path.endswith("/bounces")]) == 4
+    statuses = await pool.fetch("SELECT list, status FROM mailgun.sync_runs ORDER BY list")
+    assert [tuple(r) for r in statuses] == [("bounces", "ok"), ("complaints", "ok")]
+
+
+async def test_a_backfill_of_a_list_being_reconciled_is_skipped(
+        pool, emulator, store, make_client, make_reconciler):
+    seed_bounces(emulator, 300)
+    emulator.inject(Fault(action="delay", delay_s=0.2, times=None, method="GET"))
+    running = asyncio.create_task(
+        make_reconciler(client=make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not gets(emulator):
+        assert asyncio.get_running_loop().time() < deadline, "the run never started reading"
+        await asyncio.sleep(0.01)
+
+    skipped = await backfiller(store, make_client(page_limit=100)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    ran = await running
+
+    assert (skipped.status, ran.status) == ("skipped", "ok")
+    assert await committed(pool) is None
+    assert len(gets(emulator)) == 4

@@ -1,0 +1,221 @@
+"""`mailgun-sync status [--json]` called in-process: per (domain, list) the last run's time, status,
+counts and error, with the rows still pending or rejected; it needs no API key and prints none."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from tests.conftest import API_KEY, DOMAIN
+from tests.support.mirror import insert_row
+from worker.backfill import Backfiller, Progress
+from worker.cli import cli
+from worker.reconcile import ReconcileOptions, Reconciler
+from worker.records import SuppressionList
+from worker.retry import RetryPolicy
+
+SECOND_DOMAIN = "mg.second-example.org"
+BOUNCES = SuppressionList.BOUNCES
+UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
+COMPLAINTS = SuppressionList.COMPLAINTS
+LISTS = ("bounces", "unsubscribes", "complaints")
+COUNTS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected")
+FIELDS = {"domain", "list", "last_run_at", "status", *COUNTS, "pending_rows", "rejected_rows", "error"}
+BASIC_AUTH = base64.b64encode(f"api:{API_KEY}".encode()).decode()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+    def lists(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """`--json`'s one line, by (domain, list)."""
+        [line] = self.out.splitlines()
+        report = json.loads(line)
+        assert set(report) == {"lists"}
+        return {(entry["domain"], entry["list"]): entry for entry in report["lists"]}
+
+    def assert_no_secret(self) -> None:
+        for stream in (self.out, self.err):
+            assert API_KEY not in stream
+            assert BASIC_AUTH not in stream
+
+
+@pytest.fixture
+def status(capsys):
+    async def status(*flags: str, env: dict[str, str]) -> Outcome:
+        capsys.readouterr()
+        code = await cli(["status", *flags], env=env)
+        out, err = capsys.readouterr()
+        return Outcome(code, out, err)
+
+    return status
+
+
+@pytest.fixture
+def env(emulator, database_url, pool) -> dict[str, str]:
+    """What a worker's environment holds, the API key included (status must not need or show it)."""
+    return {"MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+            "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
+
+
+def never_run(domain: str, kind: str, *, pending: int = 0, rejected: int = 0) -> dict[str, Any]:
+    return {"domain": domain, "list": kind, "last_run_at": None, "status": None, **dict.fromkeys(COUNTS, 0),
+            "pending_rows": pending, "rejected_rows": rejected, "error": None}
+
+
+async def arrange_runs(pool, emulator, store, make_client, sleeps) -> None:
+    """bounces: pulled, pushed one row and rejected another; unsubscribes: the pull failed, one row
+    still pending; complaints: backfilled. On a second domain, only complaints ran."""
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"bounced{i}@example.com"} for i in range(3)])
+    emulator.seed(DOMAIN, COMPLAINTS, [{"address": "complained@example.com"}])
+    emulator.declare(SECOND_DOMAIN)
+    emulator.seed(SECOND_DOMAIN, COMPLAINTS, [{"address": f"angry{i}@example.com"} for i in range(2)])
+    await insert_row(pool, BOUNCES, DOMAIN, "local.addition@example.net")
+    await insert_row(pool, BOUNCES, DOMAIN, "not-an-address")
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "optout@example.org", tags=["newsletter"])
+    emulator.fail_next(503, times=None, method="GET", list="unsubscribes")
+    client = make_client(retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
+    reconciler = Reconciler(store, client, ReconcileOptions())
+    results = await reconciler.run(uuid.uuid4(), [DOMAIN], [BOUNCES, UNSUBSCRIBES])
+    assert [r.status for r in results] == ["ok", "failed"]
+    backfiller = Backfiller(store, client, ReconcileOptions(), progress=Progress(io.StringIO()))
+    results = await backfiller.run(uuid.uuid4(), [DOMAIN, SECOND_DOMAIN], [COMPLAINTS])
+    assert [r.status for r in results] == ["ok", "ok"]
+
+
+async def last_finished(pool, domain: str, kind: str) -> datetime:
+    return await pool.fetchval(
+        "SELECT max(finished_at) FROM mailgun.sync_runs WHERE domain = $1 AND list = $2", domain, kind)
+
+
+async def test_status_before_any_run_lists_every_configured_list_as_never_run(pool, env, status):
+    await insert_row(pool, BOUNCES, DOMAIN, "waiting@example.com")
+
+    outcome = await status("--json", env=env)
+
+    assert (outcome.code, outcome.err) == (0, "")
+    assert outcome.lists() == {
+        (DOMAIN, "bounces"): never_run(DOMAIN, "bounces", pending=1),
+        (DOMAIN, "unsubscribes"): never_run(DOMAIN, "unsubscribes"),
+        (DOMAIN, "complaints"): never_run(DOMAIN, "complaints"),
+    }
+    table = (await status(env=env)).out
+    for kind in LISTS:
+        [line] = [line for line in table.splitlines() if f" {kind} " in line]
+        assert line.startswith(DOMAIN)
+        assert "never" in line
+
+
+async def test_status_with_no_domain_configured_and_no_run_says_no_runs_are_recorded(pool, env, status):
+    del env["MAILGUN_DOMAINS"]
+
+    assert (await status("--json", env=env)).lists() == {}
+    table = await status(env=env)
+    assert (table.code, table.out) == (0, "no runs recorded yet\n")
+
+
+async def test_status_json_gives_each_lists_last_run_counts_pending_and_rejected_rows_and_error(
+        pool, emulator, store, make_client, sleeps, env, status):
+    await arrange_runs(pool, emulator, store, make_client, sleeps)
+
+    outcome = await status("--json", env=env)
+
+    assert (outcome.code, outcome.err) == (0, "")
+    lists = outcome.lists()
+    assert set(lists) == {(d, k) for d in (DOMAIN, SECOND_DOMAIN) for k in LISTS}
+    assert all(set(entry) == FIELDS for entry in lists.values())
+    bounces, unsubscribes = lists[DOMAIN, "bounces"], lists[DOMAIN, "unsubscribes"]
+    assert (bounces["status"], bounces["error"]) == ("ok", None)
+    assert {c: bounces[c] for c in COUNTS} == {
+        "pulled": 3, "inserted": 3, "updated": 0, "removed": 0, "adopted": 0, "pushed": 1, "rejected": 1}
+    assert (bounces["pending_rows"], bounces["rejected_rows"]) == (0, 1)
+    assert unsubscribes["status"] == "failed"
+    assert unsubscribes["error"].startswith("pull incomplete, nothing changed:")
+    assert "503" in unsubscribes["error"]
+    assert {c: unsubscribes[c] for c in COUNTS} == dict.fromkeys(COUNTS, 0)
+    assert (unsubscribes["pending_rows"], unsubscribes["rejected_rows"]) == (1, 0)
+    complaints = lists[DOMAIN, "complaints"]
+    assert (complaints["status"], complaints["pulled"], complaints["inserted"]) == ("ok", 1, 1)
+    assert (lists[SECOND_DOMAIN, "complaints"]["status"], lists[SECOND_DOMAIN, "complaints"]["inserted"]) == (
+        "ok", 2)
+    assert lists[SECOND_DOMAIN, "bounces"] == never_run(SECOND_DOMAIN, "bounces")
+    for (domain, kind), entry in lists.items():
+        if entry["status"] is not None:
+            finished = await last_finished(pool, domain, kind)
+            assert datetime.fromisoformat(entry["last_run_at"]) == finished
+
+
+async def test_status_shows_the_latest_run_of_each_list(
+        pool, emulator, store, make_client, sleeps, env, status):
+    await arrange_runs(pool, emulator, store, make_client, sleeps)
+    emulator.faults.clear()
+    again = await Reconciler(store, make_client(), ReconcileOptions()).reconcile(
+        uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+    assert again.status == "ok"
+
+    unsubscribes = (await status("--json", env=env)).lists()[DOMAIN, "unsubscribes"]
+
+    assert (unsubscribes["status"], unsubscribes["error"], unsubscribes["pushed"]) == ("ok", None, 1)
+    assert (unsubscribes["pending_rows"], unsubscribes["rejected_rows"]) == (0, 0)
+    assert datetime.fromisoformat(unsubscribes["last_run_at"]) == await last_finished(
+        pool, DOMAIN, "unsubscribes")
+
+
+async def test_status_table_names_each_list_with_its_status_rows_and_last_error(
+        pool, emulator, store, make_client, sleeps, env, status):
+    await arrange_runs(pool, emulator, store, make_client, sleeps)
+
+    outcome = await status(env=env)
+
+    assert outcome.code == 0
+    lines = outcome.out.splitlines()
+    assert lines[0].split() == ["domain", "list", "last", "run", "(UTC)", "status", "pending", "rejected"]
+
+    def line_of(domain: str, kind: str) -> list[str]:
+        [found] = [line for line in lines if line.startswith(f"{domain} ") and f" {kind} " in line]
+        return found.split()
+
+    for domain in (DOMAIN, SECOND_DOMAIN):
+        for kind in LISTS:
+            assert line_of(domain, kind)[:2] == [domain, kind]
+    assert line_of(DOMAIN, "bounces")[-3:] == ["ok", "0", "1"]
+    assert line_of(DOMAIN, "unsubscribes")[-3:] == ["failed", "1", "0"]
+    assert line_of(SECOND_DOMAIN, "bounces")[2:] == ["never", "-", "0", "0"]
+    finished = await last_finished(pool, DOMAIN, "bounces")
+    assert line_of(DOMAIN, "bounces")[2:4] == finished.strftime("%Y-%m-%d %H:%M:%S").split()
+    # The one error, right under its list's line.
+    [error_at] = [i for i, line in enumerate(lines) if "last error:" in line]
+    assert lines[error_at - 1].split()[:2] == [DOMAIN, "unsubscribes"]
+    assert lines[error_at].strip().startswith("last error: pull incomplete, nothing changed:")
+
+
+async def test_status_never_prints_the_api_key_and_does_not_need_one(
+        pool, emulator, store, make_client, sleeps, env, status):
+    await arrange_runs(pool, emulator, store, make_client, sleeps)
+
+    for flags in ((), ("--json",)):
+        with_key = await status(*flags, env=env)
+        with_key.assert_no_secret()
+        no_mailgun = {k: v for k, v in env.items() if not k.startswith("MAILGUN_API")}
+        without_key = await status(*flags, env=no_mailgun)
+        assert (without_key.code, without_key.out) == (0, with_key.out)
+
+
+async def test_status_without_a_database_url_names_the_missing_setting(status):
+    outcome = await status("--json", env={"MAILGUN_API_KEY": API_KEY, "MAILGUN_DOMAINS": DOMAIN})
+
+    assert outcome.code == 2
+    assert outcome.out == ""
+    assert outcome.err.startswith("mailgun-sync: ")
+    assert "DATABASE_URL" in outcome.err
+    outcome.assert_no_secret()
