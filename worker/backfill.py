@@ -23,8 +23,8 @@ log = get_logger(__name__)
 class Progress:
     """A log line every `every` seconds per list; a one-line bar on a terminal."""
 
-    def __init__(self, out: TextIO = sys.stdout, *, every: float = 5.0) -> None:
-        self._out = out
+    def __init__(self, out: TextIO | None = None, *, every: float = 5.0) -> None:
+        self._out = out or sys.stdout
         self._bar = out.isatty()
         self._every = every
         self._started = time.monotonic()

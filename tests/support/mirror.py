@@ -12,8 +12,12 @@ from worker.records import SuppressionList
 MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "sync_runs", "changes")
 
 
+BACKFILL_TABLES = ("backfill_pages", "backfill_progress")
+
+
 async def empty_mirror(pool: asyncpg.Pool) -> None:
-    await pool.execute("TRUNCATE " + ", ".join(f"mailgun.{t}" for t in MIRROR_TABLES))
+    tables = (*MIRROR_TABLES, *BACKFILL_TABLES)
+    await pool.execute("TRUNCATE " + ", ".join(f"mailgun.{t}" for t in tables))
 
 
 async def insert_row(pool: asyncpg.Pool, kind: SuppressionList | str, domain: str, address: str,
