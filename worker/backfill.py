@@ -25,7 +25,7 @@ class Progress:
 
     def __init__(self, out: TextIO | None = None, *, every: float = 5.0) -> None:
         self._out = out or sys.stdout
-        self._bar = out.isatty()
+        self._bar = self._out.isatty()
         self._every = every
         self._started = time.monotonic()
         self._last_log = 0.0
