@@ -25,10 +25,12 @@ from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
     Record,
+    StagingRow,
     SuppressionList,
     batch_item,
     form_fields,
     parse_record,
+    staging_rows,
 )
 from worker.retry import Retryable, RetryPolicy, server_wait_hint
 from worker.settings import validate_api_base
@@ -44,11 +46,18 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a list: its records in the server's order, and the URL it came from."""
+    """One page of a list in the server's order: its items as received, checked and normalised
+    into staging rows, and the URL it came from."""
 
     number: int
     url: str
-    records: list[Record]
+    kind: SuppressionList
+    items: list[Any]
+    rows: list[StagingRow]
+
+    @property
+    def records(self) -> list[Record]:
+        return [parse_record(self.kind, item) for item in self.items]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,24 +173,39 @@ class MailgunClient:
             else f"{base}?{tail}"
         fetched: set[str] = set()
         number = 0
-        while True:
-            if number >= self._max_pages:
-                raise errors.PagingError(
-                    f"{domain} {kind.value}: stopped after {self._max_pages} pages without "
-                    "reaching the end of the list", url=url)
-            payload = await self._get_page(url, domain, kind)
-            items = payload.get("items")
-            if "paging" not in payload and "total_count" in payload:
-                async for page in self._offset_pages(payload, base, domain, kind):
-                    yield page
-                return
-            if items is None or items == []:
-                return
-            records = self._parse_items(items, url, domain, kind)
-            number += 1
-            yield Page(number, url, records)
-            fetched.add(url)
-            url = self._next_url(payload, url, fetched, records[-1], domain, kind, base)
+        # The next page is requested as soon as its URL is known and checked, so Mailgun's answer
+        # travels while this page is normalised and stored.
+        upcoming: asyncio.Future[dict[str, Any]] | None = asyncio.ensure_future(
+            self._get_page(url, domain, kind))
+        try:
+            while upcoming is not None:
+                payload = await upcoming
+                upcoming = None
+                if "paging" not in payload and "total_count" in payload:
+                    async for page in self._offset_pages(payload, base, domain, kind):
+                        yield page
+                    return
+                items = payload.get("items")
+                if items is None or items == []:
+                    return
+                if not isinstance(items, list):
+                    raise errors.MalformedPageError(
+                        f"{domain} {kind.value}: `items` is {type(items).__name__}, expected a list",
+                        url=url)
+                fetched.add(url)
+                next_url = self._next_url(payload, url, fetched, items[-1], domain, kind, base)
+                if number + 1 < self._max_pages:
+                    upcoming = asyncio.ensure_future(self._get_page(next_url, domain, kind))
+                number += 1
+                yield self._page(number, url, kind, items, domain)
+                url = next_url
+            raise errors.PagingError(
+                f"{domain} {kind.value}: stopped after {self._max_pages} pages without "
+                "reaching the end of the list", url=url)
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
+                await asyncio.gather(upcoming, return_exceptions=True)
 
     async def records(self, domain: str, kind: SuppressionList) -> AsyncIterator[Record]:
         async for page in self.pages(domain, kind):
@@ -197,13 +221,13 @@ class MailgunClient:
             if items is None or items == []:
                 return
             total = payload.get("total_count")
-            if not isinstance(total, int):
+            if not isinstance(total, int) or not isinstance(items, list):
                 raise errors.MalformedPageError(
-                    f"{domain} {kind.value}: `total_count` is not a number", url=url)
-            records = self._parse_items(items, url, domain, kind)
+                    f"{domain} {kind.value}: a legacy page needs a number `total_count` and a list "
+                    "of `items`", url=url)
             number += 1
-            yield Page(number, url, records)
-            skip += len(records)
+            yield self._page(number, url, kind, items, domain)
+            skip += len(items)
             if skip >= total:
                 return
             if number >= self._max_pages:
@@ -212,21 +236,18 @@ class MailgunClient:
             url = f"{base}?skip={skip}&limit={self._page_limit}"
             payload = await self._get_page(url, domain, kind)
 
-    def _parse_items(self, items: object, url: str, domain: str,
-                     kind: SuppressionList) -> list[Record]:
-        if not isinstance(items, list):
-            raise errors.MalformedPageError(
-                f"{domain} {kind.value}: `items` is {type(items).__name__}, expected a list",
-                url=url)
+    def _page(self, number: int, url: str, kind: SuppressionList, items: list[Any],
+              domain: str) -> Page:
         try:
-            return [parse_record(kind, item) for item in items]
+            return Page(number, url, kind, items, staging_rows(kind, items))
         except MalformedRecordError as exc:
             raise errors.MalformedPageError(
                 f"{domain} {kind.value}: a record on the page is malformed: {exc}", url=url) from exc
 
-    def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: Record,
+    def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: object,
                   domain: str, kind: SuppressionList, base: str) -> str:
-        """Check `paging.next` before the key is sent anywhere with it."""
+        """Check `paging.next` before the key is sent anywhere with it; `last` is the page's
+        last item, whose address the cursor must continue after."""
         paging = payload.get("paging")
         nxt = paging.get("next") if isinstance(paging, dict) else None
         where = f"{domain} {kind.value}"
@@ -247,11 +268,15 @@ class MailgunClient:
             raise errors.PagingError(
                 f"{where}: paging.next repeats a page already read; the cursor is not advancing",
                 url=url)
+        key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+        last_address = last.get(key) if isinstance(last, dict) else None
+        if not isinstance(last_address, str):
+            raise errors.MalformedPageError(f"{where}: the page's last item has no text {key!r}", url=url)
         cursor = parse_qs(parts.query, keep_blank_values=True).get("address", [None])[0]
-        if cursor is None or cursor.lower() != last.address.lower():
+        if cursor is None or cursor.lower() != last_address.lower():
             raise errors.PagingError(
                 f"{where}: paging.next continues after {cursor!r}, not after the page's last "
-                f"record {last.address!r}; records could be skipped or repeated", url=url)
+                f"record {last_address!r}; records could be skipped or repeated", url=url)
         return nxt
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList) -> dict[str, Any]:

@@ -10,10 +10,11 @@ Safety rules kept here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import structlog
@@ -46,6 +47,8 @@ class ListResult:
     pushed: int = 0
     rejected: int = 0
     error: str | None = None
+    # Seconds spent in each step (pull, diff, apply, push): logged, not part of the report.
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def succeeded(self) -> bool:
@@ -56,7 +59,17 @@ class ListResult:
                 self.rejected)
 
     def as_json(self) -> dict[str, object]:
-        return asdict(self)
+        report = asdict(self)
+        del report["timings"]
+        return report
+
+    @contextlib.contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = round(time.perf_counter() - started, 3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +136,7 @@ class Reconciler:
                  inserted=result.inserted, updated=result.updated, removed=result.removed,
                  adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
                  error=result.error, dry_run=self._options.dry_run,
-                 seconds=round(time.perf_counter() - clock, 3))
+                 seconds=round(time.perf_counter() - clock, 3), steps=result.timings)
 
     async def _pull(self, session: ListSession, result: ListResult) -> datetime:
         """Stage the whole remote list; returns when the pull started (by the database's clock)."""
@@ -134,11 +147,13 @@ class Reconciler:
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         options = self._options
         try:
-            pull_started = await self._pull(session, result)
+            with result.timed("pull"):
+                pull_started = await self._pull(session, result)
         except MailgunError as exc:
             result.status, result.error = FAILED, f"pull incomplete, nothing changed: {exc}"
             return
-        plan = await session.plan(pull_started)
+        with result.timed("diff"):
+            plan = await session.plan(pull_started)
         guarded = not options.allow_mass_delete and guard_trips(
             plan.removals, plan.synced_rows, options.max_delete_fraction)
         if guarded:
@@ -152,14 +167,16 @@ class Reconciler:
             result.removed = 0 if guarded else plan.removals
             result.pushed = plan.pushes
             return
-        applied = await session.apply(run_id, pull_started, remove=not guarded)
+        with result.timed("apply"):
+            applied = await session.apply(run_id, pull_started, remove=not guarded)
         result.inserted, result.updated = applied.inserted, applied.updated
         result.removed, result.adopted = applied.removed, applied.adopted
         await self._applied(session, guarded=guarded)
         if not options.push:
             return
         try:
-            await self._push(session, run_id, result)
+            with result.timed("push"):
+                await self._push(session, run_id, result)
         except MailgunError as exc:
             result.status = FAILED
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"

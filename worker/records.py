@@ -8,6 +8,7 @@ timestamps as `... UTC`, `... GMT` or `... +0000`, unsubscribe tags as `tags: [.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -145,6 +146,65 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
         return Record(address, _timestamp(item, "created_at"))
     return Record(address, _timestamp(item, "createdAt") or _timestamp(item, "created_at"),
                   kind=_text(item, "type") or "address", reason=_text(item, "reason"))
+
+
+# The staging form of a record: (key, address, code, error, created_at, tags). The key is the
+# address lower-cased, computed here only for ASCII addresses (where Python and PostgreSQL agree
+# on lower(); None otherwise, and PostgreSQL fills it in). created_at stays text for PostgreSQL to
+# cast: Mailgun's usual form passes through untouched, anything else is parsed and rendered as
+# ISO 8601, so a million records cost no datetime objects in Python.
+StagingRow = tuple[str | None, str, str | None, str | None, str | None, list[str] | None]
+
+_USUAL_TIMESTAMP = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-3]\d (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+    r"\d{4} [0-2]\d:[0-5]\d:[0-5]\d (?:UTC|GMT)\Z").match
+
+
+def _timestamp_text(value: object, key: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if type(value) is str:
+        return value if _USUAL_TIMESTAMP(value) else parse_timestamp(value).isoformat()
+    raise MalformedRecordError(f"field {key!r} is {type(value).__name__}, expected a date")
+
+
+def _staging_text(value: object, key: str) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    if type(value) is int or type(value) is float:
+        return str(value)
+    raise MalformedRecordError(f"field {key!r} is {type(value).__name__}, expected text")
+
+
+def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
+    """Normalise a page's items into staging rows, checking each as `parse_record` does."""
+    key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    rows: list[StagingRow] = []
+    append = rows.append
+    for item in items:
+        if type(item) is not dict:
+            raise MalformedRecordError(f"list item is {type(item).__name__}, expected an object")
+        address = item.get(key)
+        if type(address) is not str:
+            raise MalformedRecordError(f"list item has no text {key!r}")
+        lowered = address.lower() if address.isascii() else None
+        if kind is SuppressionList.BOUNCES:
+            append((lowered, address, _staging_text(item.get("code"), "code"),
+                    _staging_text(item.get("error"), "error"),
+                    _timestamp_text(item.get("created_at"), "created_at"), None))
+        elif kind is SuppressionList.UNSUBSCRIBES:
+            tags = _tags(item)
+            append((lowered, address, None, None, _timestamp_text(item.get("created_at"), "created_at"),
+                    list(tags) if tags else None))
+        elif kind is SuppressionList.COMPLAINTS:
+            append((lowered, address, None, None, _timestamp_text(item.get("created_at"), "created_at"),
+                    None))
+        else:
+            created = item.get("createdAt", item.get("created_at"))
+            append((lowered, address, _staging_text(item.get("type"), "type"),
+                    _staging_text(item.get("reason"), "reason"),
+                    _timestamp_text(created, "createdAt"), None))
+    return rows
 
 
 def batch_item(kind: SuppressionList, record: Record) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import asyncpg
 
 from worker.errors import ConfigError, DatabaseError
 from worker.mailgun import Page
-from worker.records import Record, SuppressionList
+from worker.records import Record, StagingRow, SuppressionList
 from worker.sql import queries
 
 # The data columns of each mirror table, the ones Mailgun owns. Identifiers only: they fill the
@@ -116,12 +116,38 @@ class PendingRow:
     version: str
 
 
-_COPY_COLUMNS = ["address", "code", "error", "created_at", "tags"]
+_COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags"]
 
 
-def _copy_row(record: Record) -> tuple[Any, ...]:
-    return (record.address, record.code, record.error, record.created_at,
-            list(record.tags) if record.tags else None)
+class RepeatWatch:
+    """Tells, without holding the list in memory, whether a pull may have listed an address twice.
+
+    Mailgun lists records in code-point order, so an exact repeat (an overlapping page, the legacy
+    API's one row per unsubscribe tag) is adjacent to its twin, and of two ASCII addresses equal
+    but for case, the one with an upper-case letter where they first differ comes first. So it is
+    enough to remember the previous key and the keys of addresses that are not all lower-case
+    (few). A non-ASCII address, whose key only PostgreSQL computes, makes it ask the database.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.possible = False
+        self._previous: str | None = None
+        self._cased: set[str] = set()
+
+    def see(self, rows: Sequence[StagingRow]) -> None:
+        self.count += len(rows)
+        if self.possible:
+            return
+        previous, cased = self._previous, self._cased
+        for key, address, *_ in rows:
+            if key is None or key == previous or (cased and key in cased):
+                self.possible = True
+                return
+            if key != address:
+                cased.add(key)
+            previous = key
+        self._previous = previous
 
 
 def _pending_record(kind: SuppressionList, row: asyncpg.Record) -> Record:
@@ -155,26 +181,25 @@ class ListSession:
         If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
         nothing staged.
         """
-        count = 0
+        repeats = RepeatWatch()
 
-        async def rows() -> AsyncIterator[tuple[Any, ...]]:
-            nonlocal count
+        async def rows() -> AsyncIterator[StagingRow]:
             async for page in pages:
-                count += len(page.records)
-                for record in page.records:
-                    yield _copy_row(record)
+                repeats.see(page.rows)
+                for row in page.rows:
+                    yield row
 
         async with wrap_db_errors(f"staging {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["create_staging"])
+            # One COPY for the whole pull: a COPY per page would cost a few round trips each.
             await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
-            await self._build_remote()
-        return count
+            await self._finish_staging(maybe_repeats=repeats.possible)
+        return repeats.count
 
-    async def _build_remote(self) -> None:
-        await self._db.execute(queries()["build_remote"])
-        if self.kind is SuppressionList.UNSUBSCRIBES:
-            await self._db.execute(queries()["merge_remote_tags"])
-        await self._db.execute(queries()["analyze_remote"])
+    async def _finish_staging(self, *, maybe_repeats: bool) -> None:
+        if maybe_repeats and await self._db.fetchval(queries()["staging_has_duplicates"]):
+            await self._db.execute(queries()["dedupe_staging"])
+        await self._db.execute(queries()["analyze_staging"])
 
     # ---- a resumable backfill: pages committed one by one, with their cursor ------------------
 
@@ -185,21 +210,21 @@ class ListSession:
 
     async def backfill_page(self, page: Page) -> None:
         """Commit one page and the cursor after it together: a kill loses at most this page."""
-        rows = [(self.domain, self.kind.value, *_copy_row(r)) for r in page.records]
+        rows = [(self.domain, self.kind.value, *row) for row in page.rows]
         async with wrap_db_errors(f"saving a backfill page of {self.domain} {self.kind.value}"), \
                 self._db.transaction():
             await self._db.copy_records_to_table(
                 "backfill_pages", schema_name="mailgun", records=rows,
                 columns=["domain", "list", *_COPY_COLUMNS])
             await self._db.execute(queries()["backfill_save_progress"], self.domain, self.kind.value,
-                                   page.records[-1].address, len(page.records))
+                                   page.rows[-1][1], len(page.rows))
 
     async def stage_backfill(self) -> int:
         """Stage a completed backfill's pages as if they had been pulled in one go."""
         async with wrap_db_errors(f"staging the backfill of {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["create_staging"])
             status = await self._db.execute(queries()["backfill_stage"], self.domain, self.kind.value)
-            await self._build_remote()
+            await self._finish_staging(maybe_repeats=True)
         return int(status.split()[-1])
 
     async def clear_backfill(self) -> None:
@@ -207,8 +232,12 @@ class ListSession:
             await self._db.execute(queries()["backfill_clear"], self.domain, self.kind.value)
 
     async def plan(self, pull_started: datetime) -> Plan:
+        """Diff the staged list against the mirror (one full join) and count what it would do."""
         async with wrap_db_errors(f"planning {self.domain} {self.kind.value}"):
-            row = dict(await self._db.fetchrow(self._q("plan"), self.domain, pull_started))
+            await self._db.execute(queries()["raise_work_mem"])
+            await self._db.execute(self._q("build_diff"), self.domain, pull_started)
+            await self._db.execute(queries()["analyze_diff"])
+            row = dict(await self._db.fetchrow(self._q("plan"), self.domain))
             if self.kind is SuppressionList.UNSUBSCRIBES:
                 row["pushes"] += await self._db.fetchval(queries()["tag_pushes"], self.domain)
         return Plan(**row)
@@ -237,7 +266,7 @@ class ListSession:
             if not rows:
                 return
             yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]
-            after = rows[-1]["address"].lower()
+            after = rows[-1]["address_key"]
 
     async def mark_pushed(self, run_id: uuid.UUID, rows: Sequence[PendingRow]) -> int:
         if not rows:

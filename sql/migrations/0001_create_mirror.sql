@@ -11,6 +11,7 @@ CREATE TYPE mailgun.sync_state AS ENUM ('pending', 'synced', 'rejected');
 CREATE TABLE mailgun.bounces (
     domain      text NOT NULL,
     address     text NOT NULL,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     code        text NOT NULL DEFAULT '550',
     error       text NOT NULL DEFAULT '',
     created_at  timestamptz NOT NULL DEFAULT now(),
@@ -23,6 +24,7 @@ CREATE TABLE mailgun.bounces (
 CREATE TABLE mailgun.unsubscribes (
     domain      text NOT NULL,
     address     text NOT NULL,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     tags        text[] NOT NULL DEFAULT '{*}',
     created_at  timestamptz NOT NULL DEFAULT now(),
     sync_state  mailgun.sync_state NOT NULL DEFAULT 'pending',
@@ -34,6 +36,7 @@ CREATE TABLE mailgun.unsubscribes (
 CREATE TABLE mailgun.complaints (
     domain      text NOT NULL,
     address     text NOT NULL,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     created_at  timestamptz NOT NULL DEFAULT now(),
     sync_state  mailgun.sync_state NOT NULL DEFAULT 'pending',
     sync_error  text,
@@ -42,14 +45,15 @@ CREATE TABLE mailgun.complaints (
 );
 
 -- One row per address and domain, whatever its case: Mailgun's case rules are undocumented, and
--- an address differing only by case is the same mailbox for every provider that matters.
-CREATE UNIQUE INDEX bounces_domain_address_key ON mailgun.bounces (domain, lower(address));
-CREATE UNIQUE INDEX unsubscribes_domain_address_key ON mailgun.unsubscribes (domain, lower(address));
-CREATE UNIQUE INDEX complaints_domain_address_key ON mailgun.complaints (domain, lower(address));
+-- an address differing only by case is the same mailbox for every provider that matters. The key
+-- is stored (address_key = lower(address)) so that diffing a million rows compares plain text.
+CREATE UNIQUE INDEX bounces_domain_address_key ON mailgun.bounces (domain, address_key);
+CREATE UNIQUE INDEX unsubscribes_domain_address_key ON mailgun.unsubscribes (domain, address_key);
+CREATE UNIQUE INDEX complaints_domain_address_key ON mailgun.complaints (domain, address_key);
 
-CREATE INDEX bounces_pending ON mailgun.bounces (domain, lower(address)) WHERE sync_state = 'pending';
-CREATE INDEX unsubscribes_pending ON mailgun.unsubscribes (domain, lower(address)) WHERE sync_state = 'pending';
-CREATE INDEX complaints_pending ON mailgun.complaints (domain, lower(address)) WHERE sync_state = 'pending';
+CREATE INDEX bounces_pending ON mailgun.bounces (domain, address_key) WHERE sync_state = 'pending';
+CREATE INDEX unsubscribes_pending ON mailgun.unsubscribes (domain, address_key) WHERE sync_state = 'pending';
+CREATE INDEX complaints_pending ON mailgun.complaints (domain, address_key) WHERE sync_state = 'pending';
 
 -- An application's change to a row's data makes it a local change again (pending), so a row that
 -- Mailgun or local validation refused is retried once corrected. The worker marks its own writes
@@ -61,8 +65,9 @@ BEGIN
     END IF;
     NEW.updated_at := now();
     IF NEW.sync_state = OLD.sync_state
-       AND (to_jsonb(NEW) - 'updated_at' - 'sync_state' - 'sync_error' - 'synced_at')
-           IS DISTINCT FROM (to_jsonb(OLD) - 'updated_at' - 'sync_state' - 'sync_error' - 'synced_at')
+       AND (to_jsonb(NEW) - 'address_key' - 'updated_at' - 'sync_state' - 'sync_error' - 'synced_at')
+           IS DISTINCT FROM
+           (to_jsonb(OLD) - 'address_key' - 'updated_at' - 'sync_state' - 'sync_error' - 'synced_at')
     THEN
         NEW.sync_state := 'pending';
         NEW.sync_error := NULL;
@@ -109,6 +114,7 @@ CREATE TABLE mailgun.changes (
     domain      text NOT NULL,
     list        text NOT NULL,
     address     text NOT NULL,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     action      text NOT NULL CHECK (action IN ('insert', 'update', 'remove', 'push', 'reject', 'synced')),
     detail      text,
     at          timestamptz NOT NULL DEFAULT now()

@@ -5,10 +5,11 @@
 CREATE UNLOGGED TABLE mailgun.backfill_pages (
     domain      text NOT NULL,
     list        text NOT NULL,
+    key         text,
     address     text NOT NULL,
     code        text,
     error       text,
-    created_at  timestamptz,
+    created_at  text,
     tags        text[]
 );
 CREATE INDEX backfill_pages_list ON mailgun.backfill_pages (domain, list);

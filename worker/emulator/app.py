@@ -27,6 +27,7 @@ from aiohttp import web
 from worker.emulator import messages
 from worker.emulator.faults import Fault, FaultBook
 from worker.emulator.settings import EmulatorSettings
+from worker.emulator.synthetic import synthetic_rows
 from worker.emulator.tables import BadRecordError, DomainTables, ListTable, WireRecord, build_row
 from worker.records import SuppressionList
 
@@ -129,6 +130,11 @@ class MailgunEmulator:
             for kind, records in dict(lists).items():
                 self.seed(domain, kind, records)
 
+    def generate(self, domain: str, kind: SuppressionList | str, count: int, start: int = 0) -> None:
+        """Add `count` synthetic records (see worker.emulator.synthetic) in one go."""
+        kind = SuppressionList.parse(str(kind))
+        self.tables.table(domain, kind).bulk_load(synthetic_rows(kind, count, start))
+
     def remove(self, domain: str, kind: SuppressionList | str, address: str) -> bool:
         """Delete one record, as if someone removed it in Mailgun's dashboard."""
         return self.tables.table(domain, SuppressionList.parse(str(kind))).remove(address) is not None
@@ -189,6 +195,7 @@ class MailgunEmulator:
         control = web.RouteTableDef()
         control.get(f"{CONTROL_PREFIX}/state")(self._control_state)
         control.post(f"{CONTROL_PREFIX}/seed")(self._control_seed)
+        control.post(f"{CONTROL_PREFIX}/generate")(self._control_generate)
         control.post(f"{CONTROL_PREFIX}/domains/{{domain}}")(self._control_declare)
         control.post(f"{CONTROL_PREFIX}/faults")(self._control_add_fault)
         control.delete(f"{CONTROL_PREFIX}/faults")(self._control_clear_faults)
@@ -545,6 +552,16 @@ class MailgunEmulator:
         except (orjson.JSONDecodeError, BadRecordError, ValueError, TypeError, AttributeError) as exc:
             return _message(400, f"bad seed: {exc}")
         return _message(200, "seeded")
+
+    async def _control_generate(self, request: web.Request) -> web.Response:
+        """`{"domain": D, "list": "bounces", "count": N, "start": 0}`"""
+        try:
+            spec = orjson.loads(await request.read())
+            self.declare(spec["domain"])
+            self.generate(spec["domain"], spec["list"], int(spec["count"]), int(spec.get("start", 0)))
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            return _message(400, f"bad generate request: {exc}")
+        return _message(200, "generated")
 
     async def _control_declare(self, request: web.Request) -> web.Response:
         self.declare(request.match_info["domain"])

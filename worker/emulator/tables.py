@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from itertools import islice
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -130,41 +129,38 @@ class ListTable:
         self._rows[self.key(row[key_field])] = row
         return row
 
+    def bulk_load(self, rows: Iterable[WireRecord]) -> None:
+        """Store rows already in wire form, unchecked: for large generated lists."""
+        field = "value" if self.kind is SuppressionList.ALLOWLIST else "address"
+        self._rows.update((self.key(row[field]), row) for row in rows)
+
+    def _prefix_range(self, term: str) -> tuple[int, int]:
+        """Positions [lo, hi) of the keys starting with `term`: they are contiguous when sorted."""
+        prefix = self.key(term)
+        lo = self._rows.bisect_left(prefix)
+        if not prefix or prefix[-1] == "\U0010ffff":
+            return lo, len(self._rows)
+        return lo, self._rows.bisect_left(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+    def _rows_between(self, start: int, end: int) -> list[WireRecord]:
+        rows = self._rows
+        return [rows[k] for k in rows.keys()[start:end]]
+
     def after(self, pivot: str | None, term: str, limit: int) -> list[WireRecord]:
         """The first `limit` rows after `pivot` (from the start when None) whose address has prefix `term`."""
-        prefix = self.key(term)
-        if pivot is None or self.key(pivot) < prefix:
-            keys = self._rows.irange(minimum=prefix)
-        else:
-            keys = self._rows.irange(minimum=self.key(pivot), inclusive=(False, True))
-        return [self._rows[k] for k in islice(self._matching(keys, term), limit)]
+        lo, hi = self._prefix_range(term)
+        start = lo if pivot is None else max(lo, self._rows.bisect_right(self.key(pivot)))
+        return self._rows_between(start, min(start + limit, hi))
 
     def before(self, pivot: str | None, term: str, limit: int) -> list[WireRecord]:
         """The last `limit` rows before `pivot` (up to the end when None), in ascending order."""
-        high = None if pivot is None else self.key(pivot)
-        keys = self._rows.irange(maximum=high, inclusive=(True, False), reverse=True)
-        prefix = self.key(term)
-        picked = []
-        for k in keys:
-            if k.startswith(prefix):
-                picked.append(self._rows[k])
-                if len(picked) == limit:
-                    break
-            elif k < prefix:
-                break
-        picked.reverse()
-        return picked
+        lo, hi = self._prefix_range(term)
+        end = hi if pivot is None else min(hi, self._rows.bisect_left(self.key(pivot)))
+        return self._rows_between(max(lo, end - limit), end)
 
     def slice(self, skip: int, limit: int) -> list[WireRecord]:
         """Offset paging for the legacy API."""
-        return [self._rows[k] for k in islice(self._rows.keys(), skip, skip + limit)]
-
-    def _matching(self, keys: Iterator[str], term: str) -> Iterator[str]:
-        prefix = self.key(term)
-        for k in keys:
-            if not k.startswith(prefix):
-                return
-            yield k
+        return self._rows_between(skip, skip + limit)
 
 
 class DomainTables:
