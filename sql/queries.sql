@@ -341,3 +341,46 @@ WHERE domain = $1 AND list = $2;
 -- $1 domain, $2 list
 WITH pages AS (DELETE FROM mailgun.backfill_pages WHERE domain = $1 AND list = $2)
 DELETE FROM mailgun.backfill_progress WHERE domain = $1 AND list = $2;
+
+-- name: bench_prepare_mirror
+-- $1 domain, $2 N: the benchmark's mirror against Mailgun's synthetic list of N bounces
+-- (worker/emulator/synthetic.py): every record but 1 in 100 (those Mailgun has alone), plus N/100
+-- synced rows Mailgun no longer has, plus $3 pending local additions.
+INSERT INTO mailgun.bounces (domain, address, code, error, created_at, sync_state, synced_at)
+SELECT $1, format('user%s@example.com', lpad(i::text, 8, '0')), '550', '5.1.1 mailbox unavailable',
+       '2026-03-02 10:00:00+00'::timestamptz, 'synced'::mailgun.sync_state, now() - interval '1 hour'
+FROM generate_series(0, $2 - 1) AS i WHERE i % 100 <> 0
+UNION ALL
+SELECT $1, format('user%s@example.com', lpad(i::text, 8, '0')), '550', 'gone from Mailgun',
+       '2026-03-01 10:00:00+00'::timestamptz, 'synced'::mailgun.sync_state, now() - interval '1 hour'
+FROM generate_series($2, $2 + $2 / 100 - 1) AS i
+UNION ALL
+SELECT $1, format('local%s@example.com', lpad(i::text, 8, '0')), '550', 'bounced elsewhere',
+       '2026-03-03 10:00:00+00'::timestamptz, 'pending'::mailgun.sync_state, NULL
+FROM generate_series(0, $3 - 1) AS i;
+
+-- name: bench_reset_mirror
+TRUNCATE mailgun.bounces, mailgun.changes, mailgun.sync_runs;
+
+-- name: bench_vacuum
+VACUUM ANALYZE mailgun.bounces;
+
+-- name: baseline_upsert
+-- $1 domain, $2 address, $3 code, $4 error, $5 created_at: what a hand-written sync does per record.
+INSERT INTO mailgun.bounces (domain, address, code, error, created_at, sync_state, synced_at)
+VALUES ($1, $2, $3, $4, $5::text::timestamptz, 'synced', now())
+ON CONFLICT (domain, address_key) DO UPDATE
+SET code = excluded.code, error = excluded.error, created_at = excluded.created_at,
+    sync_state = 'synced', synced_at = now();
+
+-- name: baseline_synced_addresses
+SELECT address FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'synced';
+
+-- name: baseline_delete
+DELETE FROM mailgun.bounces WHERE domain = $1 AND address = $2;
+
+-- name: baseline_pending
+SELECT address, code, error FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'pending';
+
+-- name: baseline_mark_synced
+UPDATE mailgun.bounces SET sync_state = 'synced', synced_at = now() WHERE domain = $1 AND address = $2;

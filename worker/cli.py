@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="keep the embedded database in DIR instead of a temporary directory")
 
+    bench = commands.add_parser(
+        "bench", help="measure a reconcile of N records against the hand-written baseline")
+    bench.add_argument("--records", type=int, default=100_000, metavar="N",
+                       help="bounces at the emulator (default 100000)")
+    bench.add_argument("--pending", type=int, metavar="N",
+                       help="pending local additions to push (default 1 %% of --records)")
+    bench.add_argument("--page-latency-ms", type=float, default=0.0, metavar="L",
+                       help="added to every request to the emulator, as a round trip to Mailgun")
+    bench.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                       help="also run the hand-written baseline (default: up to 200000 records)")
+    bench.add_argument("--database-url", metavar="URL",
+                       help="a server to create the benchmark's own database on (default: local or embedded)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -282,6 +296,14 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await backfill_command(args, env)
         if args.command == "status":
             return await status_command(args, env)
+        if args.command == "bench":
+            from worker.benchmark.run import render, run_benchmark
+
+            report = await run_benchmark(
+                records=args.records, pending=args.pending, page_latency_ms=args.page_latency_ms,
+                baseline=args.baseline, database_url=args.database_url)
+            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
+            return EXIT_OK
         if args.command == "demo":
             from worker.demo import run_demo
 

@@ -11,13 +11,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import asyncpg
 
 from worker.embedded import embedded_postgres
-
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+from worker.scratch import LOCAL_SERVER, run_admin, server_answers, with_database
 
 
 @dataclass(frozen=True)
@@ -27,34 +23,12 @@ class TestDatabase:
     name: str
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def _answers(url: str) -> bool:
-    try:
-        connection = await asyncpg.connect(url, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    await connection.close()
-    return True
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(url, timeout=10)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 @contextlib.contextmanager
 def _server() -> Iterator[str]:
     given = os.environ.get("TEST_DATABASE_URL")
     if given:
         yield given
-    elif asyncio.run(_answers(LOCAL_SERVER)):
+    elif asyncio.run(server_answers(LOCAL_SERVER)):
         yield LOCAL_SERVER
     else:
         with tempfile.TemporaryDirectory(prefix="mailgun-sync-pg-") as data_dir, \
@@ -66,8 +40,8 @@ def _server() -> Iterator[str]:
 def open_test_database() -> Iterator[TestDatabase]:
     with _server() as admin_url:
         name = f"mailgun_sync_test_{secrets.token_hex(4)}"
-        asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+        asyncio.run(run_admin(admin_url, f'CREATE DATABASE "{name}"'))
         try:
             yield TestDatabase(url=with_database(admin_url, name), admin_url=admin_url, name=name)
         finally:
-            asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            asyncio.run(run_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -107,6 +107,7 @@ class MailgunEmulator:
         self.faults = FaultBook()
         self.requests: collections.deque[RecordedRequest] = collections.deque(
             maxlen=request_log_size)
+        self.served: collections.Counter[str] = collections.Counter()  # API requests by method
         self._budget: dict[str, tuple[float, int]] = {}
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
@@ -157,6 +158,7 @@ class MailgunEmulator:
         self.tables.clear()
         self.faults.clear()
         self.requests.clear()
+        self.served.clear()
         self._budget.clear()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -217,6 +219,7 @@ class MailgunEmulator:
             method=request.method, path=request.rel_url.raw_path, query=dict(request.query),
             content_type=request.content_type, body=body, authorized=self._authorized(request))
         self.requests.append(recorded)
+        self.served[request.method] += 1
         if self.settings.latency_s:
             await asyncio.sleep(self.settings.latency_s)
         response = await self._answer(request, handler, recorded)
@@ -544,7 +547,8 @@ class MailgunEmulator:
         counts = {d: {k.value: len(self.tables.table(d, k)) for k in SuppressionList}
                   for d in self.tables.domains()}
         return _json(200, {"domains": counts, "settings": asdict(self.settings),
-                           "faults": [asdict(f) for f in self.faults.pending()]})
+                           "faults": [asdict(f) for f in self.faults.pending()],
+                           "served": dict(self.served)})
 
     async def _control_seed(self, request: web.Request) -> web.Response:
         try:

@@ -1,0 +1,1 @@
+"""`mailgun-sync bench`: the worker against what a user would write instead, on one workload."""
