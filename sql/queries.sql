@@ -76,6 +76,13 @@ ALTER TABLE staging_unique RENAME TO staging;
 -- name: analyze_staging
 ANALYZE staging;
 
+-- name: count_rows
+SELECT count(*) FROM {table} WHERE domain = $1;
+
+-- name: sample_addresses
+-- $1 domain, $2 percent of the table's pages: addresses to cut the list into parallel ranges.
+SELECT address FROM {table} TABLESAMPLE SYSTEM ($2) WHERE domain = $1;
+
 -- name: raise_work_mem
 -- For this session only (the pool resets it): the diff's hash join of a million rows then stays in
 -- memory instead of spilling to disk in batches, which takes about twice as long.

@@ -8,7 +8,8 @@
     │   ├── MailgunRejectedError   another 4xx: Mailgun refused the request as sent
     │   ├── MailgunUnavailableError  429, 5xx, timeouts, resets: still failing after every retry
     │   └── PagingError            a list could not be read completely and safely
-    │       └── MalformedPageError   a page that is not the JSON Mailgun documents
+    │       ├── MalformedPageError   a page that is not the JSON Mailgun documents
+    │       └── PagingOrderError     records not in the order parallel ranges rely on
     └── DatabaseError              PostgreSQL refused or could not be reached
 
 Messages name what is wrong and what to check. The API key never appears in any of them.
@@ -71,6 +72,11 @@ class PagingError(MailgunError):
 
 class MalformedPageError(PagingError):
     """A page was not the JSON Mailgun documents."""
+
+
+class PagingOrderError(PagingError):
+    """Mailgun's records did not come in the order parallel ranges rely on; read the list with one
+    pager instead."""
 
 
 class DatabaseError(SyncError):

@@ -8,6 +8,7 @@ origin; paging URLs pointing anywhere else stop the pull instead of being follow
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -159,20 +160,25 @@ class MailgunClient:
     # ---- reading --------------------------------------------------------------------------
 
     async def pages(
-        self, domain: str, kind: SuppressionList, *, after: str | None = None, term: str = ""
+        self, domain: str, kind: SuppressionList, *, after: str | None = None,
+        until: str | None = None, ordered: bool = False, term: str = "",
     ) -> AsyncIterator[Page]:
         """Every page of a list, in order, following `paging.next` as Mailgun returns it.
 
-        Ending normally means the list was read to its end (an empty, null or missing `items`).
-        Anything else raises: a PagingError for a page that cannot be trusted, a MailgunError for
-        a request that failed. `after` starts behind that address (keyset resume).
+        Ending normally means the list was read to its end (an empty, null or missing `items`), or,
+        with `until`, past that address. Anything else raises: a PagingError for a page that cannot
+        be trusted, a MailgunError for a request that failed. `after` starts behind that address
+        (keyset resume). With `until`, the range (after, until] is read. With `ordered` (implied by
+        `until`), records must come in strictly increasing code-point order, else PagingOrderError.
         """
+        ordered = ordered or until is not None
         base = self.list_url(domain, kind)
         tail = f"limit={self._page_limit}&term={quote_plus(term)}"
         url = f"{base}?page=next&address={quote_plus(after)}&{tail}" if after is not None \
             else f"{base}?{tail}"
         fetched: set[str] = set()
         number = 0
+        previous = after
         # The next page is requested as soon as its URL is known and checked, so Mailgun's answer
         # travels while this page is normalised and stored.
         upcoming: asyncio.Future[dict[str, Any]] | None = asyncio.ensure_future(
@@ -182,6 +188,10 @@ class MailgunClient:
                 payload = await upcoming
                 upcoming = None
                 if "paging" not in payload and "total_count" in payload:
+                    if ordered:
+                        raise errors.PagingOrderError(
+                            f"{domain} {kind.value}: the legacy offset form cannot be read in ranges",
+                            url=url)
                     async for page in self._offset_pages(payload, base, domain, kind):
                         yield page
                     return
@@ -193,11 +203,20 @@ class MailgunClient:
                         f"{domain} {kind.value}: `items` is {type(items).__name__}, expected a list",
                         url=url)
                 fetched.add(url)
-                next_url = self._next_url(payload, url, fetched, items[-1], domain, kind, base)
-                if number + 1 < self._max_pages:
+                next_url, last = self._next_url(payload, url, fetched, items[-1], domain, kind, base)
+                beyond = until is not None and last > until
+                if not beyond and number + 1 < self._max_pages:
                     upcoming = asyncio.ensure_future(self._get_page(next_url, domain, kind))
                 number += 1
-                yield self._page(number, url, kind, items, domain)
+                page = self._page(number, url, kind, items, domain)
+                if ordered:
+                    page = self._within(page, previous, until, domain)
+                    previous = last
+                    if beyond:
+                        if page.rows:
+                            yield page
+                        return
+                yield page
                 url = next_url
             raise errors.PagingError(
                 f"{domain} {kind.value}: stopped after {self._max_pages} pages without "
@@ -206,6 +225,56 @@ class MailgunClient:
             if upcoming is not None:
                 upcoming.cancel()
                 await asyncio.gather(upcoming, return_exceptions=True)
+
+    @staticmethod
+    def _within(page: Page, previous: str | None, until: str | None, domain: str) -> Page:
+        """The page's records up to `until` (all without one), after checking they increase
+        strictly."""
+        addresses = [row[1] for row in page.rows]
+        for address in addresses:
+            if previous is not None and not address > previous:
+                raise errors.PagingOrderError(
+                    f"{domain} {page.kind.value}: {address!r} came after {previous!r}; the records "
+                    "are not in code-point order", url=page.url)
+            previous = address
+        keep = len(addresses) if until is None else bisect.bisect_right(addresses, until)
+        if keep == len(addresses):
+            return page
+        return Page(page.number, page.url, page.kind, page.items[:keep], page.rows[:keep])
+
+    async def ranged_pages(self, domain: str, kind: SuppressionList,
+                           pivots: Sequence[str]) -> AsyncIterator[Page]:
+        """Every page of a list, read as len(pivots) + 1 keyset ranges at once, in no particular
+        order: (-inf, p1], (p1, p2], ..., (pn, +inf). Each range is its own pager with every guard
+        of `pages`; any error stops them all. Completeness rests on code-point order, which each
+        range checks (PagingOrderError otherwise)."""
+        bounds = sorted(set(pivots))
+        ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
+        queue: asyncio.Queue[Page | BaseException | None] = asyncio.Queue(maxsize=2 * len(ranges))
+
+        async def read(after: str | None, until: str | None) -> None:
+            try:
+                async for page in self.pages(domain, kind, after=after, until=until, ordered=True):
+                    await queue.put(page)
+                await queue.put(None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                await queue.put(exc)
+
+        readers = [asyncio.ensure_future(read(after, until)) for after, until in ranges]
+        try:
+            open_ranges = len(readers)
+            while open_ranges:
+                item = await queue.get()
+                if item is None:
+                    open_ranges -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
 
     async def records(self, domain: str, kind: SuppressionList) -> AsyncIterator[Record]:
         async for page in self.pages(domain, kind):
@@ -245,9 +314,9 @@ class MailgunClient:
                 f"{domain} {kind.value}: a record on the page is malformed: {exc}", url=url) from exc
 
     def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: object,
-                  domain: str, kind: SuppressionList, base: str) -> str:
-        """Check `paging.next` before the key is sent anywhere with it; `last` is the page's
-        last item, whose address the cursor must continue after."""
+                  domain: str, kind: SuppressionList, base: str) -> tuple[str, str]:
+        """Check `paging.next` before the key is sent anywhere with it; `last` is the page's last
+        item, whose address the cursor must continue after. Returns the URL and that address."""
         paging = payload.get("paging")
         nxt = paging.get("next") if isinstance(paging, dict) else None
         where = f"{domain} {kind.value}"
@@ -277,7 +346,7 @@ class MailgunClient:
             raise errors.PagingError(
                 f"{where}: paging.next continues after {cursor!r}, not after the page's last "
                 f"record {last_address!r}; records could be skipped or repeated", url=url)
-        return nxt
+        return nxt, last_address
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList) -> dict[str, Any]:
         async def attempt() -> dict[str, Any]:

@@ -129,15 +129,21 @@ class RepeatWatch:
     (few). A non-ASCII address, whose key only PostgreSQL computes, makes it ask the database.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, ranged: bool = False) -> None:
         self.count = 0
         self.possible = False
+        # Pages of parallel ranges interleave, so "previous" means nothing; but each range was
+        # checked strictly increasing, so only case twins (across ranges) can repeat a key.
+        self._ranged = ranged
         self._previous: str | None = None
         self._cased: set[str] = set()
 
     def see(self, rows: Sequence[StagingRow]) -> None:
         self.count += len(rows)
         if self.possible:
+            return
+        if self._ranged:
+            self.possible = any(key is None or key != address for key, address, *_ in rows)
             return
         previous, cased = self._previous, self._cased
         for key, address, *_ in rows:
@@ -175,13 +181,13 @@ class ListSession:
             moment: datetime = await self._db.fetchval(queries()["database_now"])
         return moment
 
-    async def stage(self, pages: AsyncIterator[Page]) -> int:
+    async def stage(self, pages: AsyncIterator[Page], *, ranged: bool = False) -> int:
         """Stream every page into the staging table in one COPY; returns the records staged.
 
         If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
         nothing staged.
         """
-        repeats = RepeatWatch()
+        repeats = RepeatWatch(ranged=ranged)
 
         async def rows() -> AsyncIterator[StagingRow]:
             async for page in pages:
@@ -200,6 +206,20 @@ class ListSession:
         if maybe_repeats and await self._db.fetchval(queries()["staging_has_duplicates"]):
             await self._db.execute(queries()["dedupe_staging"])
         await self._db.execute(queries()["analyze_staging"])
+
+    async def pivots(self, ranges: int, *, sample_rows: int = 5000) -> list[str]:
+        """Addresses that cut the mirror's part of the list into `ranges` parts of about equal
+        size, from a sample of the table; none when the list is too small to be worth it."""
+        async with wrap_db_errors(f"sampling {self.domain} {self.kind.value}"):
+            rows = await self._db.fetchval(self._q("count_rows"), self.domain)
+            if ranges < 2 or rows < ranges * 1000:
+                return []
+            percent = min(100.0, 100.0 * sample_rows / rows)
+            sample = sorted({r["address"] for r in await self._db.fetch(
+                self._q("sample_addresses"), self.domain, percent)})
+        if len(sample) < ranges:
+            return []
+        return [sample[len(sample) * i // ranges] for i in range(1, ranges)]
 
     # ---- a resumable backfill: pages committed one by one, with their cursor ------------------
 
