@@ -5,11 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.records import (
     MalformedRecordError,
     Record,
     SuppressionList,
+    address_problem,
     batch_item,
     form_fields,
     parse_record,
@@ -96,3 +100,21 @@ def test_forms_use_singular_tag_and_allowlist_address_or_domain():
         "domain": "example.org"}
     assert form_fields(SuppressionList.ALLOWLIST, Record("a@x.com", reason="vip")) == {
         "address": "a@x.com", "reason": "vip"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.from_regex(r"[a-zA-Z0-9._%+'!-]{0,70}@[a-zA-Z0-9.-]{0,30}", fullmatch=True),
+    st.text(max_size=80),
+    st.sampled_from(["a@example.com", "a..b@example.com", ".a@example.com", "a.@example.com",
+                     "user@localhost", "user@[127.0.0.1]", "x'); DROP TABLE mailgun.bounces;--@example.com",
+                     "ünïcödé@exämple.com", "a@b", "a@-example.com", "a@example..com",
+                     "a" * 65 + "@example.com", "a@" + "b" * 250 + ".com", "user@example.invalid", "user@sub.example.test"]),
+))
+def test_address_check_gives_email_validators_verdict(address):
+    try:
+        validate_email(address, check_deliverability=False, allow_smtputf8=True)
+        expected_valid = True
+    except EmailNotValidError:
+        expected_valid = False
+    assert (address_problem(address) is None) == expected_valid

@@ -58,6 +58,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="tries per Mailgun request (env MAILGUN_MAX_ATTEMPTS, default 6)")
     parser.add_argument("--backoff-max", dest="MAILGUN_BACKOFF_MAX", metavar="SECONDS",
                         help="longest wait between tries (env MAILGUN_BACKOFF_MAX, default 60)")
+    parser.add_argument("--pull-ranges", dest="SYNC_PULL_RANGES", metavar="N",
+                        help="parallel keyset ranges for a large list (env SYNC_PULL_RANGES, default 16)")
     parser.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
                         help="largest share of a list a run may remove (env SYNC_MAX_DELETE_FRACTION, 0.1)")
 
@@ -184,7 +186,8 @@ async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
     kinds = selected_lists(args)
     options = ReconcileOptions(dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete,
-                               max_delete_fraction=settings.max_delete_fraction)
+                               max_delete_fraction=settings.max_delete_fraction,
+                               pull_ranges=settings.pull_ranges)
     async with open_resources(settings) as resources:
         await require_schema(resources.pool)
         reconciler = Reconciler(resources.store, resources.mailgun, options)

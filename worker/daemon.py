@@ -67,7 +67,7 @@ class Daemon:
         self._metrics = metrics
         self._kinds = tuple(kinds)
         self._reconciler = Reconciler(resources.store, resources.mailgun, ReconcileOptions(
-            max_delete_fraction=settings.max_delete_fraction))
+            max_delete_fraction=settings.max_delete_fraction, pull_ranges=settings.pull_ranges))
         self._trigger = build_trigger(settings)
         self._scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={
             "coalesce": True, "max_instances": 1,

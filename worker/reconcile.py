@@ -78,7 +78,7 @@ class ReconcileOptions:
     allow_mass_delete: bool = False
     max_delete_fraction: float = 0.10
     push: bool = True
-    pull_ranges: int = 8
+    pull_ranges: int = 16
     push_batch_size: int = MAX_BATCH
     push_read_ahead: int = 4 * MAX_BATCH
 

@@ -8,6 +8,7 @@ timestamps as `... UTC`, `... GMT` or `... +0000`, unsubscribe tags as `tags: [.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -236,10 +237,31 @@ def form_fields(kind: SuppressionList, record: Record) -> dict[str, str]:
     return fields
 
 
-def address_problem(address: str) -> str | None:
-    """Why an address cannot be a suppression, or None. Syntax only: no DNS, one row at a time."""
+# An ASCII dot-atom local part: email-validator accepts every one of these (up to 64 characters),
+# so for such addresses only the domain needs its full check, and domains repeat a great deal.
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z").match
+
+
+def _full_check(address: str) -> str | None:
     try:
         validate_email(address, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
         return f"invalid address: {exc}"
     return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _domain_problem(domain: str) -> str | None:
+    return _full_check(f"postmaster@{domain}")
+
+
+def address_problem(address: str) -> str | None:
+    """Why an address cannot be a suppression, or None. Syntax only: no DNS, one row at a time.
+
+    The verdict is email-validator's; the usual address takes a shortcut to the same verdict
+    (about 40 microseconds an address otherwise, which a 100,000-row push would feel).
+    """
+    local, at, domain = address.rpartition("@")
+    if at and address.isascii() and len(address) <= 254 and len(local) <= 64 and _DOT_ATOM(local):
+        return _domain_problem(domain)
+    return _full_check(address)

@@ -24,7 +24,7 @@ T = TypeVar("T")
 ENVIRONMENT = (
     "MAILGUN_API_KEY", "MAILGUN_API_BASE", "MAILGUN_DOMAINS", "DATABASE_URL", "MAILGUN_MAX_ATTEMPTS",
     "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
-    "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE",
+    "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
 )
 
 
@@ -83,6 +83,7 @@ class Settings:
     backoff_max: float = 60.0
     max_delete_fraction: float = 0.10
     http_timeout: float = 30.0
+    pull_ranges: int = 16
     # The daemon's
     sync_interval: float = 900.0
     sync_cron: str | None = None
@@ -117,6 +118,8 @@ class Settings:
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
                                 lambda v: math.isfinite(v) and 0 < v <= 600,
                                 "a number of seconds from 0 to 600"),
+            pull_ranges=_parse(merged, "SYNC_PULL_RANGES", int, 16, lambda v: 1 <= v <= 64,
+                               "a whole number from 1 to 64"),
             sync_interval=_parse(merged, "SYNC_INTERVAL", float, 900.0,
                                  lambda v: math.isfinite(v) and 1 <= v <= 7 * 86400,
                                  "a number of seconds from 1 to 604800"),
