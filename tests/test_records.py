@@ -109,7 +109,8 @@ def test_forms_use_singular_tag_and_allowlist_address_or_domain():
     st.sampled_from(["a@example.com", "a..b@example.com", ".a@example.com", "a.@example.com",
                      "user@localhost", "user@[127.0.0.1]", "x'); DROP TABLE mailgun.bounces;--@example.com",
                      "ünïcödé@exämple.com", "a@b", "a@-example.com", "a@example..com",
-                     "a" * 65 + "@example.com", "a@" + "b" * 250 + ".com", "user@example.invalid", "user@sub.example.test"]),
+                     "a" * 65 + "@example.com", "a@" + "b" * 250 + ".com", "user@example.invalid",
+                     "user@sub.example.test"]),
 ))
 def test_address_check_gives_email_validators_verdict(address):
     try:
