@@ -66,11 +66,15 @@ async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
 async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
     # No statement cache: each reconcile creates its own temporary tables, which would
     # invalidate cached plans, and an unnamed statement costs one parse per query.
+    # temp_buffers can only be set before a session's first temporary table: a million staged
+    # rows then stay in memory instead of going to disk and back. JIT compiling the diff costs
+    # more (about 0.3 s) than it saves on these plans.
     async with wrap_db_errors("connecting"):
         try:
             pool = await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
-                server_settings={"application_name": "mailgun-sync"})
+                server_settings={"application_name": "mailgun-sync", "temp_buffers": "256MB",
+                                 "jit": "off"})
         except ValueError as exc:  # the driver cannot parse the URL (ClientConfigurationError, a port)
             problem = f"is not a postgresql:// URL the driver accepts: {exc}"
             raise ConfigError("DATABASE_URL", problem) from None
