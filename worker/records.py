@@ -178,10 +178,16 @@ def _staging_text(value: object, key: str) -> str | None:
 
 
 def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
-    """Normalise a page's items into staging rows, checking each as `parse_record` does."""
+    """Normalise a page's items into staging rows, checking each as `parse_record` does.
+
+    The usual values (text codes, Mailgun's timestamp form) are tested inline: this runs for
+    every record of every pull.
+    """
     key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    bounces = kind is SuppressionList.BOUNCES
     rows: list[StagingRow] = []
     append = rows.append
+    usual = _USUAL_TIMESTAMP
     for item in items:
         if type(item) is not dict:
             raise MalformedRecordError(f"list item is {type(item).__name__}, expected an object")
@@ -189,22 +195,25 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
         if type(address) is not str:
             raise MalformedRecordError(f"list item has no text {key!r}")
         lowered = address.lower() if address.isascii() else None
-        if kind is SuppressionList.BOUNCES:
-            append((lowered, address, _staging_text(item.get("code"), "code"),
-                    _staging_text(item.get("error"), "error"),
-                    _timestamp_text(item.get("created_at"), "created_at"), None))
+        created = item.get("created_at") if kind is not SuppressionList.ALLOWLIST \
+            else item.get("createdAt", item.get("created_at"))
+        if type(created) is not str or not usual(created):
+            created = _timestamp_text(created, "created_at")
+        if bounces:
+            code, error = item.get("code"), item.get("error")
+            if type(code) is not str:
+                code = _staging_text(code, "code")
+            if type(error) is not str:
+                error = _staging_text(error, "error")
+            append((lowered, address, code, error, created, None))
         elif kind is SuppressionList.UNSUBSCRIBES:
             tags = _tags(item)
-            append((lowered, address, None, None, _timestamp_text(item.get("created_at"), "created_at"),
-                    list(tags) if tags else None))
+            append((lowered, address, None, None, created, list(tags) if tags else None))
         elif kind is SuppressionList.COMPLAINTS:
-            append((lowered, address, None, None, _timestamp_text(item.get("created_at"), "created_at"),
-                    None))
+            append((lowered, address, None, None, created, None))
         else:
-            created = item.get("createdAt", item.get("created_at"))
             append((lowered, address, _staging_text(item.get("type"), "type"),
-                    _staging_text(item.get("reason"), "reason"),
-                    _timestamp_text(created, "createdAt"), None))
+                    _staging_text(item.get("reason"), "reason"), created, None))
     return rows
 
 
