@@ -90,3 +90,13 @@ async def test_a_failing_range_stops_them_all(emulator, make_client):
     emulator.fail_next(500, times=None, path_contains="bounces", page="next")
     with pytest.raises(errors.MailgunUnavailableError):
         await ranged(make_client(page_limit=3), ["anna", "bob"])
+
+
+@pytest.mark.parametrize("emulator_settings", [EmulatorSettings(rate_limit=12, rate_window_s=1.0)])
+async def test_parallel_ranges_keep_within_the_request_budget(emulator, make_client):
+    expected = seed(emulator, [f"b{i:03}@example.com" for i in range(120)])
+    pulled = await ranged(make_client(page_limit=5), ["b030", "b060", "b090"])
+    assert sorted(pulled) == expected
+    statuses = [r.status for r in emulator.requests]
+    assert len(statuses) > 2 * 12  # the pull needed more than two windows' budget
+    assert statuses.count(429) == 0

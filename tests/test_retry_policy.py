@@ -39,7 +39,9 @@ async def test_retry_after_as_an_http_date_is_honoured(emulator, client, sleeps)
 async def test_a_429_without_retry_after_waits_for_the_budget_reset(emulator, client, sleeps):
     emulator.fail_next(429, reset_in_ms=2500)
     await pull(client)
-    [wait] = sleeps.waits
+    # The retry's wait; the request budget, told the same reset time, may also hold the next
+    # request (these waits are recorded, not slept, so the clock does not move in between).
+    wait = sleeps.waits[0]
     assert 1.5 < wait <= 2.5
 
 
@@ -80,9 +82,10 @@ async def test_a_timeout_is_retried(emulator, make_client, sleeps):
 
 async def test_a_slow_body_that_outlasts_the_timeout_is_retried(emulator, make_client, sleeps):
     emulator.seed(DOMAIN, "bounces", [{"address": f"s{i}@example.com"} for i in range(40)])
-    emulator.inject(Fault(action="slow_body", delay_s=0.1))
-    assert len(await pull(make_client(timeout=0.3))) == 40
-    assert len(sleeps.waits) == 1
+    emulator.inject(Fault(action="slow_body", delay_s=0.25))  # about 4 s for the whole page
+    assert len(await pull(make_client(timeout=1.0))) == 40
+    assert sleeps.waits  # the slow attempt timed out and was tried again
+    assert len([r for r in emulator.requests if r.query.get("page") is None]) >= 2
 
 
 async def test_other_4xx_are_final_and_carry_mailguns_message(emulator, client):

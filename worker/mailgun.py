@@ -21,6 +21,7 @@ import orjson
 from yarl import URL
 
 from worker import errors
+from worker.budget import RequestBudget
 from worker.logs import get_logger
 from worker.records import (
     MAX_BATCH,
@@ -146,6 +147,7 @@ class MailgunClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._version = api_version
         self._observer = observer or _Unobserved()
+        self._budget = RequestBudget(reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
@@ -489,12 +491,14 @@ class MailgunClient:
         elif form is not None:
             data = form
         status: int | None = None
+        await self._budget.spend()
         try:
             async with self._session.request(
                 method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False, timeout=self._timeout,
             ) as response:
                 status = response.status
+                self._budget.note(response.headers)
                 body = await self._read_capped(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._observer.on_response(method, None)
