@@ -18,7 +18,8 @@ def test_bench_reports_worker_and_baseline_figures_as_json():
     worker, baseline = report["worker"], report["baseline"]
     assert worker["exit_code"] == 0
     assert worker["result"]["status"] == "ok"
-    assert (worker["result"]["inserted"], worker["result"]["removed"], worker["result"]["pushed"]) == (30, 30, 30)
+    result = worker["result"]
+    assert (result["inserted"], result["removed"], result["pushed"]) == (30, 30, 30)
     assert baseline["result"] == {"pulled": 3000, "removed": 30, "pushed": 30}
     for run in (worker, baseline):
         assert run["pages"] >= 4
