@@ -4,6 +4,7 @@ and a real PostgreSQL (the server on 127.0.0.1:5432 when one answers, else an em
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from worker.mailgun import MailgunClient
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.retry import RetryPolicy
+from worker.scratch import run_admin, with_database
 from worker.store import MirrorStore, open_pool
 
 DOMAIN = "mg.example.com"
@@ -127,3 +129,29 @@ def make_reconciler(store: MirrorStore, client: MailgunClient) -> Callable[..., 
         return Reconciler(store, client, ReconcileOptions(**options))
 
     return make
+
+
+@pytest.fixture
+def invoke(capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
+    """Run `mailgun-sync ARGV` in-process with exactly `env`; returns an Outcome."""
+    from tests.support.cli import Outcome
+    from worker.cli import cli
+
+    async def call(*argv: str, env: dict[str, str]) -> Outcome:
+        capsys.readouterr()
+        code = await cli(list(argv), env=env)
+        out, err = capsys.readouterr()
+        return Outcome(code, out, err)
+
+    return call
+
+
+@pytest.fixture
+async def empty_database_url(test_database: TestDatabase) -> AsyncIterator[str]:
+    """A database of its own on the tests' server, without the mirror's schema; dropped afterwards."""
+    name = f"mailgun_sync_empty_{secrets.token_hex(4)}"
+    await run_admin(test_database.admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(test_database.admin_url, name)
+    finally:
+        await run_admin(test_database.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -4,32 +4,15 @@ processes start migrating the same database at the same moment."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
-from tests.support.database import with_database
 from worker.migrate import migrate, pending_migrations
 from worker.sql import migrations, queries
 from worker.store import open_pool
 
 EVERY_VERSION = [m.version for m in migrations()]
 MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "sync_runs", "changes")
-
-
-@pytest.fixture
-async def fresh_database_url(test_database) -> AsyncIterator[str]:
-    """An empty database of its own on the tests' server, dropped afterwards."""
-    name = f"mailgun_sync_migrate_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(test_database.admin_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield with_database(test_database.admin_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def applied_versions(pool: asyncpg.Pool) -> list[tuple[int, str]]:
@@ -58,8 +41,8 @@ def test_the_first_migration_is_version_1_and_versions_ascend():
 
 
 async def test_migrate_from_empty_applies_every_migration_then_a_second_migrate_is_a_no_op(
-        fresh_database_url):
-    async with open_pool(fresh_database_url, max_size=1) as pool:
+        empty_database_url):
+    async with open_pool(empty_database_url, max_size=1) as pool:
         assert await pending_migrations(pool) == EVERY_VERSION
 
         assert await migrate(pool) == EVERY_VERSION
@@ -74,8 +57,8 @@ async def test_migrate_from_empty_applies_every_migration_then_a_second_migrate_
         assert await applied_versions(pool) == recorded
 
 
-async def test_migrate_leaves_existing_rows_alone_when_nothing_is_pending(fresh_database_url):
-    async with open_pool(fresh_database_url, max_size=1) as pool:
+async def test_migrate_leaves_existing_rows_alone_when_nothing_is_pending(empty_database_url):
+    async with open_pool(empty_database_url, max_size=1) as pool:
         await migrate(pool)
         await pool.execute(
             "INSERT INTO mailgun.bounces (domain, address) VALUES ('mg.example.com', 'a@example.com')")
@@ -84,12 +67,12 @@ async def test_migrate_leaves_existing_rows_alone_when_nothing_is_pending(fresh_
 
 
 async def test_two_concurrent_migrations_of_an_empty_database_both_succeed_and_apply_once(
-        fresh_database_url):
+        empty_database_url):
     """A third connection holds the migration lock until both migrations are waiting for it, so
     they really do start together."""
-    async with open_pool(fresh_database_url, max_size=1) as first, \
-            open_pool(fresh_database_url, max_size=1) as second:
-        blocker = await asyncpg.connect(fresh_database_url, timeout=10)
+    async with open_pool(empty_database_url, max_size=1) as first, \
+            open_pool(empty_database_url, max_size=1) as second:
+        blocker = await asyncpg.connect(empty_database_url, timeout=10)
         try:
             holding = blocker.transaction()
             await holding.start()

@@ -3,20 +3,17 @@ counts and error, with the rows still pending or rejected; it needs no API key a
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pytest
 
 from tests.conftest import API_KEY, DOMAIN
+from tests.support.cli import Outcome
 from tests.support.mirror import insert_row
 from worker.backfill import Backfiller, Progress
-from worker.cli import cli
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.retry import RetryPolicy
@@ -28,35 +25,13 @@ COMPLAINTS = SuppressionList.COMPLAINTS
 LISTS = ("bounces", "unsubscribes", "complaints")
 COUNTS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected")
 FIELDS = {"domain", "list", "last_run_at", "status", *COUNTS, "pending_rows", "rejected_rows", "error"}
-BASIC_AUTH = base64.b64encode(f"api:{API_KEY}".encode()).decode()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-    def lists(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """`--json`'s one line, by (domain, list)."""
-        [line] = self.out.splitlines()
-        report = json.loads(line)
-        assert set(report) == {"lists"}
-        return {(entry["domain"], entry["list"]): entry for entry in report["lists"]}
-
-    def assert_no_secret(self) -> None:
-        for stream in (self.out, self.err):
-            assert API_KEY not in stream
-            assert BASIC_AUTH not in stream
 
 
 @pytest.fixture
-def status(capsys):
+def status(invoke):
     async def status(*flags: str, env: dict[str, str]) -> Outcome:
-        capsys.readouterr()
-        code = await cli(["status", *flags], env=env)
-        out, err = capsys.readouterr()
-        return Outcome(code, out, err)
+        outcome: Outcome = await invoke("status", *flags, env=env)
+        return outcome
 
     return status
 
