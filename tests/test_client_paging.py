@@ -31,9 +31,12 @@ async def test_pull_reads_2345_records_once_each_with_keyset_paging(emulator, ma
     addresses = [r.address for r in records]
     assert addresses == sorted(f"user{i:05}+tag@example.com" for i in range(2345))
     pages = [r for r in emulator.requests if r.method == "GET"]
-    assert len(pages) == 25  # 24 pages of records, then the empty page that proves the end
+    # 24 pages of records, the empty page that ends them, and Mailgun's last page to confirm
+    # the list ended there.
+    assert len(pages) == 26
     assert pages[0].query == {"limit": "100", "term": ""}
     assert pages[1].query["page"] == "next"
+    assert pages[-1].query == {"page": "last", "limit": "100", "term": ""}
 
 
 @pytest.mark.parametrize("kind", [SuppressionList.BOUNCES, SuppressionList.COMPLAINTS])
@@ -58,6 +61,27 @@ async def test_pull_follows_an_offset_style_answer_on_v3(emulator, make_client):
 async def test_pull_ends_on_items_null_past_the_last_page(emulator, make_client):
     emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
     assert len(await pull(make_client(page_limit=4))) == 10
+
+
+async def test_a_list_that_ends_early_is_not_taken_as_complete(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
+    emulator.inject(Fault(action="items_null", page="next", skip=1))  # the third page says "nothing"
+    with pytest.raises(errors.PagingError, match="the pull is incomplete"):
+        await pull(make_client(page_limit=3))
+
+
+async def test_a_cursor_that_goes_backwards_stops_the_pull(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
+    emulator.inject(Fault(action="backwards_next"))
+    with pytest.raises(errors.PagingError, match="records could be skipped or repeated"):
+        await pull(make_client(page_limit=3))
+
+
+async def test_a_body_that_is_not_utf8_is_read_again_then_refused(emulator, client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 3))
+    emulator.inject(Fault(action="invalid_utf8", times=None))
+    with pytest.raises(errors.MalformedPageError, match="not JSON"):
+        await pull(client)
 
 
 async def test_pull_of_an_empty_list_is_one_request(emulator, client):

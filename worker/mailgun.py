@@ -199,6 +199,8 @@ class MailgunClient:
                     return
                 items = payload.get("items")
                 if items is None or items == []:
+                    if until is None and previous is not None:
+                        await self._confirm_end(base, tail, previous, domain, kind)
                     return
                 if not isinstance(items, list):
                     raise errors.MalformedPageError(
@@ -213,7 +215,8 @@ class MailgunClient:
                 page = self._page(number, url, kind, items, domain)
                 if ordered:
                     page = self._within(page, previous, until, domain)
-                    previous = last
+                previous = last
+                if ordered:
                     if beyond:
                         if page.rows:
                             yield page
@@ -227,6 +230,22 @@ class MailgunClient:
             if upcoming is not None:
                 upcoming.cancel()
                 await asyncio.gather(upcoming, return_exceptions=True)
+
+    async def _confirm_end(self, base: str, tail: str, last: str, domain: str,
+                           kind: SuppressionList) -> None:
+        """An empty page ends the list only if Mailgun's own last page ends where the pull did: a
+        page cut short or emptied by mistake must not read as the end (removals would follow)."""
+        url = f"{base}?page=last&{tail}"
+        payload = await self._get_page(url, domain, kind)
+        items = payload.get("items")
+        if not items or not isinstance(items, list):
+            return
+        final = items[-1].get("value" if kind is SuppressionList.ALLOWLIST else "address") \
+            if isinstance(items[-1], dict) else None
+        if isinstance(final, str) and final != last and final.lower() != last.lower() and final > last:
+            raise errors.PagingError(
+                f"{domain} {kind.value}: the list ended after {last!r}, but its last page holds "
+                f"{final!r}; the pull is incomplete", url=url)
 
     @staticmethod
     def _within(page: Page, previous: str | None, until: str | None, domain: str) -> Page:

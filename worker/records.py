@@ -50,6 +50,19 @@ class MalformedRecordError(ValueError):
     """A list item that is not a suppression record."""
 
 
+# RFC 5321 caps a mailbox at 254 characters; anything far beyond is not an address, and a key
+# that long would not fit PostgreSQL's index rows.
+MAX_ADDRESS = 512
+
+
+def _checked_address(address: str) -> str:
+    if len(address) > MAX_ADDRESS:
+        raise MalformedRecordError(f"an address of {len(address)} characters (at most {MAX_ADDRESS})")
+    if "\x00" in address:
+        raise MalformedRecordError(f"the address {address[:80]!r} holds a NUL character")
+    return address
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One suppression as the worker sees it, whatever list it came from.
@@ -125,7 +138,7 @@ def _tags(item: Mapping[str, Any]) -> tuple[str, ...]:
     if raw is None:
         return ()
     values = [raw] if isinstance(raw, str) else raw
-    if not isinstance(values, list) or not all(isinstance(t, str) for t in values):
+    if not isinstance(values, list) or not all(isinstance(t, str) and "\x00" not in t for t in values):
         raise MalformedRecordError("field 'tags' is not a list of text")
     return tuple(sorted(set(values)))
 
@@ -138,6 +151,7 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
     address = item.get(key)
     if not isinstance(address, str):
         raise MalformedRecordError(f"list item has no text {key!r}")
+    _checked_address(address)
     if kind is SuppressionList.BOUNCES:
         return Record(address, _timestamp(item, "created_at"),
                       code=_text(item, "code"), error=_text(item, "error"))
@@ -170,7 +184,11 @@ def _timestamp_text(value: object, key: str) -> str | None:
 
 
 def _staging_text(value: object, key: str) -> str | None:
-    if value is None or type(value) is str:
+    if type(value) is str:
+        if "\x00" in value:
+            raise MalformedRecordError(f"field {key!r} holds a NUL character")
+        return value
+    if value is None:
         return value
     if type(value) is int or type(value) is float:
         return str(value)
@@ -194,6 +212,8 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
         address = item.get(key)
         if type(address) is not str:
             raise MalformedRecordError(f"list item has no text {key!r}")
+        if len(address) > MAX_ADDRESS or "\x00" in address:
+            _checked_address(address)
         lowered = address.lower() if address.isascii() else None
         created = item.get("created_at") if kind is not SuppressionList.ALLOWLIST \
             else item.get("createdAt", item.get("created_at"))
@@ -201,9 +221,9 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
             created = _timestamp_text(created, "created_at")
         if bounces:
             code, error = item.get("code"), item.get("error")
-            if type(code) is not str:
+            if type(code) is not str or "\x00" in code:
                 code = _staging_text(code, "code")
-            if type(error) is not str:
+            if type(error) is not str or "\x00" in error:
                 error = _staging_text(error, "error")
             append((lowered, address, code, error, created, None))
         elif kind is SuppressionList.UNSUBSCRIBES:

@@ -10,7 +10,7 @@ CREATE TYPE mailgun.sync_state AS ENUM ('pending', 'synced', 'rejected');
 
 CREATE TABLE mailgun.bounces (
     domain      text NOT NULL,
-    address     text NOT NULL,
+    address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
     address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     code        text NOT NULL DEFAULT '550',
     error       text NOT NULL DEFAULT '',
@@ -23,7 +23,7 @@ CREATE TABLE mailgun.bounces (
 
 CREATE TABLE mailgun.unsubscribes (
     domain      text NOT NULL,
-    address     text NOT NULL,
+    address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
     address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     tags        text[] NOT NULL DEFAULT '{*}',
     created_at  timestamptz NOT NULL DEFAULT now(),
@@ -35,7 +35,7 @@ CREATE TABLE mailgun.unsubscribes (
 
 CREATE TABLE mailgun.complaints (
     domain      text NOT NULL,
-    address     text NOT NULL,
+    address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
     address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     created_at  timestamptz NOT NULL DEFAULT now(),
     sync_state  mailgun.sync_state NOT NULL DEFAULT 'pending',
@@ -113,7 +113,7 @@ CREATE TABLE mailgun.changes (
     run_id      uuid NOT NULL,
     domain      text NOT NULL,
     list        text NOT NULL,
-    address     text NOT NULL,
+    address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
     address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
     action      text NOT NULL CHECK (action IN ('insert', 'update', 'remove', 'push', 'reject', 'synced')),
     detail      text,

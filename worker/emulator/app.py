@@ -316,6 +316,8 @@ class MailgunEmulator:
         body = response.body if isinstance(response.body, bytes) else b""
         if fault.action == "malformed_json":
             response.body = b"<html><body>502 Bad Gateway</body></html>\n"
+        elif fault.action == "invalid_utf8":
+            response.body = body.replace(b"@", b"\xff@", 1)
         elif fault.action == "truncated_json":
             response.body = body[: max(1, len(body) // 2)]
         elif fault.action in ("reset", "slow_body"):
@@ -381,8 +383,12 @@ class MailgunEmulator:
         pivot = request.query.get("address")
         if page in ("next", "previous") and pivot is None:
             raise _bad_request(messages.missing("address"))
+        fault = request.get(_FAULT_KEY)
         if page == "":
             rows = table.after(None, term, limit)
+        elif page == "next" and fault is not None and fault.action == "overlap":
+            rows = [r for r in [table.get(pivot or "")] if r is not None]
+            rows += table.after(pivot, term, limit - len(rows))
         elif page == "next":
             rows = table.after(pivot, term, limit)
         elif page == "previous":
@@ -410,7 +416,6 @@ class MailgunEmulator:
         if not rows and page == "next" and self.settings.past_end_items == "null":
             items = None
 
-        fault = request.get(_FAULT_KEY)
         if fault is not None:
             if fault.action == "items_null":
                 items = None
@@ -418,6 +423,8 @@ class MailgunEmulator:
                 paging["next"] = paging["next"].replace(origin, fault.foreign_origin, 1)
             elif fault.action == "repeat_next":
                 paging["next"] = str(request.url)
+            elif fault.action == "backwards_next" and rows:
+                paging["next"] = f"{base}?page=next&address={quote_plus(rows[0][key])}&{tail}"
             elif fault.action == "oversized":
                 body = orjson.dumps({"items": items, "paging": paging})
                 return web.Response(

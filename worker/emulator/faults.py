@@ -18,6 +18,9 @@ Action = Literal[
     "items_null",      # a list page with `items: null`
     "foreign_next",    # a list page whose paging.next points at another origin
     "repeat_next",     # a list page whose paging.next is the URL just requested, forever
+    "backwards_next",  # a list page whose paging.next continues after its first record, not its last
+    "overlap",         # a next page that starts with the record its cursor names (inclusive cursor)
+    "invalid_utf8",    # a 200 whose body is not UTF-8
     "oversized",       # a list page padded to `size_bytes`, far beyond what was asked
 ]
 ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
