@@ -216,11 +216,10 @@ class MailgunClient:
                 if ordered:
                     page = self._within(page, previous, until, domain)
                 previous = last
-                if ordered:
-                    if beyond:
-                        if page.rows:
-                            yield page
-                        return
+                if beyond:
+                    if page.rows:
+                        yield page
+                    return
                 yield page
                 url = next_url
             raise errors.PagingError(
