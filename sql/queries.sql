@@ -391,3 +391,13 @@ SELECT address, code, error FROM mailgun.bounces WHERE domain = $1 AND sync_stat
 
 -- name: baseline_mark_synced
 UPDATE mailgun.bounces SET sync_state = 'synced', synced_at = now() WHERE domain = $1 AND address = $2;
+
+-- name: server_version
+SHOW server_version;
+
+-- name: create_database
+-- {database}: a name the caller generated ([a-z0-9_]); throwaway databases for benchmarks and tests.
+CREATE DATABASE "{database}";
+
+-- name: drop_database
+DROP DATABASE IF EXISTS "{database}" WITH (FORCE);

@@ -20,7 +20,7 @@ from worker.mailgun import MailgunClient
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.retry import RetryPolicy
-from worker.scratch import run_admin, with_database
+from worker.scratch import database_statement, run_admin, with_database
 from worker.store import MirrorStore, open_pool
 
 DOMAIN = "mg.example.com"
@@ -150,8 +150,8 @@ def invoke(capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
 async def empty_database_url(test_database: TestDatabase) -> AsyncIterator[str]:
     """A database of its own on the tests' server, without the mirror's schema; dropped afterwards."""
     name = f"mailgun_sync_empty_{secrets.token_hex(4)}"
-    await run_admin(test_database.admin_url, f'CREATE DATABASE "{name}"')
+    await run_admin(test_database.admin_url, database_statement("create_database", name))
     try:
         yield with_database(test_database.admin_url, name)
     finally:
-        await run_admin(test_database.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await run_admin(test_database.admin_url, database_statement("drop_database", name))

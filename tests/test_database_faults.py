@@ -13,8 +13,8 @@ from tests.conftest import DOMAIN
 from tests.support.mirror import rows
 from worker.emulator import Fault
 from worker.migrate import migrate
+from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
-from worker.reconcile import Reconciler, ReconcileOptions
 from worker.sql import queries
 from worker.store import MirrorStore, open_pool
 
@@ -48,7 +48,9 @@ async def converges(pool, emulator, make_reconciler) -> None:
 async def kill_during(pool, emulator, make_reconciler, method: str) -> None:
     emulator.inject(Fault(action="delay", delay_s=0.5, times=1, method=method))
     running = asyncio.create_task(make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES))
+    deadline = asyncio.get_running_loop().time() + 10
     while not [r for r in emulator.requests if r.method == method]:
+        assert asyncio.get_running_loop().time() < deadline, f"no {method} reached Mailgun"
         await asyncio.sleep(0.01)
     assert await terminate_lock_holders(pool) == 1
     result = await running

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import tempfile
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from worker.embedded import embedded_postgres
+from worker.sql import queries
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -29,6 +31,13 @@ async def server_answers(url: str) -> bool:
         return False
     await connection.close()
     return True
+
+
+def database_statement(name: str, database: str) -> str:
+    """`create_database` or `drop_database` for a generated name (never user input)."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", database):
+        raise ValueError(f"not a generated database name: {database!r}")
+    return queries()[name].replace("{database}", database)
 
 
 async def run_admin(url: str, statement: str) -> None:
@@ -50,8 +59,8 @@ async def scratch_database(prefix: str, server: str | None = None) -> AsyncItera
                 data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{prefix}-pg-"))
                 server = stack.enter_context(embedded_postgres(Path(data_dir)))
         name = f"{prefix}_{secrets.token_hex(4)}"
-        await run_admin(server, f'CREATE DATABASE "{name}"')
+        await run_admin(server, database_statement("create_database", name))
         try:
             yield with_database(server, name)
         finally:
-            await run_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await run_admin(server, database_statement("drop_database", name))

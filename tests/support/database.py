@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.embedded import embedded_postgres
-from worker.scratch import LOCAL_SERVER, run_admin, server_answers, with_database
+from worker.scratch import LOCAL_SERVER, database_statement, run_admin, server_answers, with_database
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ def _server() -> Iterator[str]:
 def open_test_database() -> Iterator[TestDatabase]:
     with _server() as admin_url:
         name = f"mailgun_sync_test_{secrets.token_hex(4)}"
-        asyncio.run(run_admin(admin_url, f'CREATE DATABASE "{name}"'))
+        asyncio.run(run_admin(admin_url, database_statement("create_database", name)))
         try:
             yield TestDatabase(url=with_database(admin_url, name), admin_url=admin_url, name=name)
         finally:
-            asyncio.run(run_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            asyncio.run(run_admin(admin_url, database_statement("drop_database", name)))

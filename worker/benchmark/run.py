@@ -165,7 +165,7 @@ async def run_benchmark(*, records: int, pending: int | None = None, page_latenc
     async with scratch_database("mailgun_sync_bench", database_url) as url, \
             open_pool(url, max_size=2) as pool, Emulator(records, page_latency_ms) as emulator:
         await migrate(pool)
-        server_version = await pool.fetchval("SHOW server_version")
+        server_version = await pool.fetchval(queries()["server_version"])
         await _prepare_mirror(pool, records, pending)
         worker = await _run_worker(emulator, url, records)
         baseline_run = None
