@@ -314,7 +314,9 @@ class MailgunEmulator:
     async def _fault_after(self, request: web.Request, response: web.Response,
                            fault: Fault) -> web.StreamResponse:
         body = response.body if isinstance(response.body, bytes) else b""
-        if fault.action == "malformed_json":
+        if fault.action == "delay_after":
+            await asyncio.sleep(fault.delay_s)
+        elif fault.action == "malformed_json":
             response.body = b"<html><body>502 Bad Gateway</body></html>\n"
         elif fault.action == "invalid_utf8":
             response.body = body.replace(b"@", b"\xff@", 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -10,6 +11,7 @@ from typing import Any, Literal
 Action = Literal[
     "status",          # answer `status` with {"message": ...}; optional Retry-After / X-Request-Reset
     "delay",           # hold the request `delay_s` seconds, then answer normally
+    "delay_after",     # handle the request (an add is stored), then hold the answer `delay_s` seconds
     "drop",            # close the connection without answering
     "reset",           # send the headers and half the body, then close the connection
     "slow_body",       # send the body in small pieces, `delay_s` apart
@@ -47,6 +49,7 @@ class Fault:
     delay_s: float = 0.0
     size_bytes: int = 64 * 1024 * 1024
     foreign_origin: str = "https://api.mailgun.example.invalid"
+    probability: float = 1.0         # each matching request is hit with this chance (soak tests)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fault:
@@ -96,6 +99,8 @@ class FaultBook:
         with self._lock:
             for rule in self._rules:
                 if not rule.matches(method, path, domain, kind, page, body):
+                    continue
+                if rule.probability < 1.0 and random.random() >= rule.probability:
                     continue
                 if rule.skip > 0:
                     rule.skip -= 1
