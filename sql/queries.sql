@@ -401,3 +401,16 @@ CREATE DATABASE "{database}";
 
 -- name: drop_database
 DROP DATABASE IF EXISTS "{database}" WITH (FORCE);
+
+-- name: soak_local_addition
+-- $1 domain, $2 a counter: one more pending local addition.
+INSERT INTO mailgun.bounces (domain, address) VALUES ($1, format('soak-local%s@example.com', lpad($2::int::text, 6, '0')));
+
+-- name: soak_mirror
+SELECT address FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'synced';
+
+-- name: soak_pending
+SELECT count(*) FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'pending';
+
+-- name: soak_runs_by_status
+SELECT status, count(*) AS n FROM mailgun.sync_runs GROUP BY status;

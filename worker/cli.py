@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a server to create the benchmark's own database on (default: local or embedded)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
+    soak = commands.add_parser(
+        "soak", help="the daemon against the emulator with failing requests: convergence and drift")
+    soak.add_argument("--seconds", type=float, default=600.0, help="how long (default 600)")
+    soak.add_argument("--failure-rate", type=float, default=0.05, help="share of requests failing")
+    soak.add_argument("--records", type=int, default=20_000, help="bounces at the emulator")
+    soak.add_argument("--database-url", metavar="URL",
+                      help="a server to create the soak's own database on (default: local or embedded)")
+    soak.add_argument("--json", action="store_true", help="print one JSON object")
+
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -307,6 +316,13 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                 baseline=args.baseline, database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
             return EXIT_OK
+        if args.command == "soak":
+            from worker.benchmark import soak as soaking
+
+            report = await soaking.run_soak(seconds=args.seconds, failure_rate=args.failure_rate,
+                                            records=args.records, database_url=args.database_url)
+            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else soaking.render(report))
+            return EXIT_OK if report["converged"] else EXIT_FAILED
         if args.command == "demo":
             from worker.demo import run_demo
 

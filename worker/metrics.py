@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -35,6 +37,9 @@ class Metrics:
         self.http_requests = Counter(
             "mailgun_sync_http_requests", "Requests sent to Mailgun, by method and answer.",
             ["method", "status"], registry=self.registry)
+        self.tasks = Gauge(
+            "mailgun_sync_asyncio_tasks", "asyncio tasks alive when the metrics were read.",
+            registry=self.registry)
         self.http_retries = Counter(
             "mailgun_sync_http_retries", "Mailgun requests tried again, by the answer that caused it.",
             ["status"], registry=self.registry)
@@ -60,4 +65,6 @@ class Metrics:
         self.http_retries.labels(status=str(status) if status else "error").inc()
 
     def exposition(self) -> bytes:
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to count
+            self.tasks.set(len(asyncio.all_tasks()))
         return generate_latest(self.registry)

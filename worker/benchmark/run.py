@@ -112,6 +112,19 @@ class Emulator:
         served: dict[str, int] = (await self.state())["served"]
         return served.get("GET", 0)
 
+    async def fault(self, fault: dict[str, Any]) -> None:
+        await self._call("POST", "faults", fault)
+
+    async def clear_faults(self) -> None:
+        await self._call("DELETE", "faults")
+
+    async def seed(self, data: dict[str, Any]) -> None:
+        await self._call("POST", "seed", data)
+
+    async def addresses(self) -> list[str]:
+        records = await self._call("GET", f"records/{DOMAIN}/bounces")
+        return [r["address"] for r in records]
+
     async def regenerate(self) -> None:
         await self._call("POST", "reset")
         await self._call("POST", "generate", {"domain": DOMAIN, "list": "bounces", "count": self._records})
