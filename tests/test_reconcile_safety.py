@@ -160,3 +160,25 @@ async def test_a_run_killed_mid_push_converges_on_the_next_run(pool, emulator, d
     resent = {item["address"] for r in list(emulator.requests)[cut:] if r.method == "POST"
               for item in r.json()}
     assert resent == set(local) - remote_after_kill
+
+
+async def test_two_workers_with_different_settings_push_nothing_twice(pool, emulator, make_client,
+                                                                      make_reconciler):
+    local = addresses("local", 1500)
+    await pool.executemany("INSERT INTO mailgun.bounces (domain, address) VALUES ($1, $2)",
+                           [(DOMAIN, a) for a in local])
+    await seed_synced(pool, emulator, 3000)
+    emulator.inject(Fault(action="delay", delay_s=0.02, times=None))
+    eager = make_reconciler(client=make_client(page_limit=100, push_concurrency=8), pull_ranges=4,
+                            max_delete_fraction=0.5)
+    cautious = make_reconciler(client=make_client(page_limit=1000, push_concurrency=1), pull_ranges=1,
+                               max_delete_fraction=0.0, push_batch_size=100)
+
+    results = await asyncio.gather(*(worker.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+                                     for worker in (eager, cautious, eager, cautious)))
+
+    assert {r.status for r in results} <= {"ok", "skipped"}
+    assert sum(r.pushed for r in results) == 1500
+    counts = collections.Counter(posted_addresses(emulator))
+    assert set(counts) == set(local)
+    assert max(counts.values()) == 1
