@@ -54,18 +54,18 @@ DROP TABLE IF EXISTS pg_temp.staging, pg_temp.staging_unique, pg_temp.diff;
 
 -- name: staging_has_duplicates
 -- Only asked when the worker could not rule repeats out itself (non-ASCII addresses, a backfill).
-SELECT EXISTS (SELECT 1 FROM staging GROUP BY coalesce(key, lower(address)) HAVING count(*) > 1);
+SELECT EXISTS (SELECT 1 FROM staging GROUP BY coalesce(key, lower(address COLLATE "C")) HAVING count(*) > 1);
 
 -- name: dedupe_staging
 -- One row per address, every key filled in: the latest record wins; repeated unsubscribes (the
 -- legacy API lists one row per tag) join their tags.
 CREATE TEMP TABLE staging_unique AS
 SELECT DISTINCT ON (k) k AS key, address, code, error, created_at, tags
-FROM (SELECT coalesce(key, lower(address)) AS k, * FROM staging) AS s
+FROM (SELECT coalesce(key, lower(address COLLATE "C")) AS k, * FROM staging) AS s
 ORDER BY k, created_at::timestamptz DESC NULLS LAST;
 UPDATE staging_unique u SET tags = merged.tags
 FROM (
-    SELECT coalesce(key, lower(address)) AS key, array_agg(DISTINCT tag ORDER BY tag) AS tags
+    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag ORDER BY tag) AS tags
     FROM staging CROSS JOIN LATERAL unnest(tags) AS tag
     GROUP BY 1 HAVING count(*) > 1
 ) AS merged
@@ -110,7 +110,7 @@ SELECT DISTINCT ON (key) * FROM (
            END AS action,
            r.address, r.code, r.error, r.created_at, r.tags
     FROM (
-        SELECT coalesce(key, lower(address)) AS key, address, coalesce(code, '550') AS code,
+        SELECT coalesce(key, lower(address COLLATE "C")) AS key, address, coalesce(code, '550') AS code,
                coalesce(error, '') AS error, coalesce(created_at::timestamptz, now()) AS created_at,
                coalesce(tags, '{*}') AS tags
         FROM staging
@@ -144,14 +144,16 @@ SELECT count(*) FROM diff r JOIN mailgun.unsubscribes m ON m.domain = $1 AND m.a
 WHERE r.action = 'adopt' AND m.sync_state = 'pending' AND NOT r.tags @> m.tags;
 
 -- name: adopt
--- $1 domain, $2 run id. Pending or rejected rows Mailgun already has become synced, with its data
--- and its spelling of the address (so anything pushed later names the record Mailgun has).
+-- $1 domain, $2 run id, $3 when the pull started. Pending or rejected rows Mailgun already has
+-- become synced, with its data and its spelling of the address (so anything pushed later names
+-- the record Mailgun has). A row changed since the pull started is judged by the next run: the
+-- pull cannot vouch for it (a backfill's pages may be hours old).
 WITH adopted AS (
     UPDATE {table} m
     SET address = r.address, {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = now()
     FROM diff r
     WHERE r.action = 'adopt' AND m.domain = $1 AND m.address_key = r.key
-      AND m.sync_state IN ('pending', 'rejected')
+      AND m.sync_state IN ('pending', 'rejected') AND m.updated_at < $3
     RETURNING m.address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
@@ -161,19 +163,23 @@ WITH adopted AS (
 SELECT count(*) FROM logged;
 
 -- name: adopt@unsubscribes
--- As `adopt`, but tags are a set: the row takes the union, and stays pending (to be pushed) when
--- it holds tags Mailgun does not have yet.
+-- As `adopt`, but tags are a set: a pending row takes the union, and stays pending (to be pushed)
+-- when it holds tags Mailgun does not have yet; a rejected row takes Mailgun's tags (it is not
+-- sent again until the application changes it).
 WITH adopted AS (
     UPDATE {table} m
     SET address = r.address,
-        tags = (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t),
+        tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
+                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
-        sync_state = CASE WHEN r.tags @> m.tags THEN 'synced' ELSE 'pending' END::mailgun.sync_state,
+        sync_state = CASE WHEN m.sync_state = 'rejected' OR r.tags @> m.tags THEN 'synced'
+                          ELSE 'pending' END::mailgun.sync_state,
         sync_error = NULL,
-        synced_at = CASE WHEN r.tags @> m.tags THEN now() ELSE m.synced_at END
+        synced_at = CASE WHEN m.sync_state = 'rejected' OR r.tags @> m.tags THEN now()
+                         ELSE m.synced_at END
     FROM diff r
     WHERE r.action = 'adopt' AND m.domain = $1 AND m.address_key = r.key
-      AND m.sync_state IN ('pending', 'rejected')
+      AND m.sync_state IN ('pending', 'rejected') AND m.updated_at < $3
     RETURNING m.address, m.sync_state
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
@@ -231,11 +237,13 @@ WITH removed AS (
 SELECT count(*) FROM logged;
 
 -- name: select_pending
--- $1 domain, $2 the last address_key already read ('' to start), $3 how many. `version` lets the
--- worker mark a row synced only if nobody changed it while it was being pushed.
+-- $1 domain, $2 the last address_key already read ('' to start), $3 how many, $4 when the pull
+-- started. Only rows the pull has judged: one added since may be a record Mailgun has, and waits
+-- for the next run to find out. `version` lets the worker mark a row synced only if nobody
+-- changed it while it was being pushed.
 SELECT address, address_key, {cols}, xmin::text AS version
 FROM {table}
-WHERE domain = $1 AND sync_state = 'pending' AND address_key > $2
+WHERE domain = $1 AND sync_state = 'pending' AND address_key > $2 AND updated_at < $4
 ORDER BY address_key
 LIMIT $3;
 
@@ -247,7 +255,7 @@ WITH pushed AS (
     SET sync_state = 'synced', sync_error = NULL, synced_at = now(),
         created_at = date_trunc('second', m.created_at)
     FROM unnest($3::text[], $4::text[]) AS p(address, version)
-    WHERE m.domain = $1 AND m.address_key = lower(p.address) AND m.address = p.address
+    WHERE m.domain = $1 AND m.address_key = lower(p.address COLLATE "C") AND m.address = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
     RETURNING m.address
 ), logged AS (
@@ -262,7 +270,7 @@ SELECT count(*) FROM logged;
 WITH refused AS (
     UPDATE {table} m SET sync_state = 'rejected', sync_error = p.reason
     FROM unnest($3::text[], $4::text[], $5::text[]) AS p(address, version, reason)
-    WHERE m.domain = $1 AND m.address_key = lower(p.address) AND m.address = p.address
+    WHERE m.domain = $1 AND m.address_key = lower(p.address COLLATE "C") AND m.address = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
     RETURNING m.address, p.reason
 ), logged AS (

@@ -84,9 +84,23 @@ async def test_a_body_that_is_not_utf8_is_read_again_then_refused(emulator, clie
         await pull(client)
 
 
-async def test_pull_of_an_empty_list_is_one_request(emulator, client):
+async def test_an_empty_list_is_confirmed_by_mailguns_last_page(emulator, client):
     assert await pull(client) == []
-    assert len(emulator.requests) == 1
+    assert [r.query.get("page", "") for r in emulator.requests] == ["", "last"]
+
+
+async def test_an_empty_first_page_of_a_list_that_is_not_empty_is_not_the_end(emulator, client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 5))
+    emulator.inject(Fault(action="items_null", page=""))
+    with pytest.raises(errors.PagingError, match="the pull is incomplete"):
+        await pull(client)
+
+
+async def test_a_legacy_list_that_ends_before_its_total_count_is_not_the_end(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
+    emulator.inject(Fault(action="items_null", path_contains="/v2/", skip=1))
+    with pytest.raises(errors.PagingError, match="ended after 3 of its 10 records"):
+        await pull(make_client(page_limit=3, api_version="v2"))
 
 
 async def test_seed_document_samples_parse(emulator, client):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+import itertools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -60,6 +61,14 @@ class Page:
     @property
     def records(self) -> list[Record]:
         return [parse_record(self.kind, item) for item in self.items]
+
+
+@dataclass(slots=True)
+class RangeTrace:
+    """Where one keyset range started and where it stopped, to check ranges meet end to end."""
+
+    first: str | None = None    # the first record Mailgun gave the range (None: none at all)
+    beyond: str | None = None   # the first record it saw past its upper bound (None: list ended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +173,8 @@ class MailgunClient:
     async def pages(
         self, domain: str, kind: SuppressionList, *, after: str | None = None,
         until: str | None = None, ordered: bool = False, term: str = "",
-    ) -> AsyncIterator[Page]:
+        trace: RangeTrace | None = None,
+    ) -> AsyncGenerator[Page, None]:
         """Every page of a list, in order, following `paging.next` as Mailgun returns it.
 
         Ending normally means the list was read to its end (an empty, null or missing `items`), or,
@@ -180,7 +190,8 @@ class MailgunClient:
             else f"{base}?{tail}"
         fetched: set[str] = set()
         number = 0
-        previous = after
+        previous = after  # the bound the next record must exceed, for the order check
+        last_read: str | None = None
         # The next page is requested as soon as its URL is known and checked, so Mailgun's answer
         # travels while this page is normalised and stored.
         upcoming: asyncio.Future[dict[str, Any]] | None = asyncio.ensure_future(
@@ -199,8 +210,7 @@ class MailgunClient:
                     return
                 items = payload.get("items")
                 if items is None or items == []:
-                    if until is None and previous is not None:
-                        await self._confirm_end(base, tail, previous, domain, kind)
+                    await self._confirm_end(base, tail, last_read, after, domain, kind)
                     return
                 if not isinstance(items, list):
                     raise errors.MalformedPageError(
@@ -213,9 +223,13 @@ class MailgunClient:
                     upcoming = asyncio.ensure_future(self._get_page(next_url, domain, kind))
                 number += 1
                 page = self._page(number, url, kind, items, domain)
+                if trace is not None and number == 1:
+                    trace.first = page.rows[0][1]
                 if ordered:
-                    page = self._within(page, previous, until, domain)
-                previous = last
+                    page, past = self._within(page, previous, until, domain)
+                    if trace is not None and past is not None:
+                        trace.beyond = past
+                previous = last_read = last
                 if beyond:
                     if page.rows:
                         yield page
@@ -230,26 +244,44 @@ class MailgunClient:
                 upcoming.cancel()
                 await asyncio.gather(upcoming, return_exceptions=True)
 
-    async def _confirm_end(self, base: str, tail: str, last: str, domain: str,
-                           kind: SuppressionList) -> None:
-        """An empty page ends the list only if Mailgun's own last page ends where the pull did: a
-        page cut short or emptied by mistake must not read as the end (removals would follow)."""
+    async def _confirm_end(self, base: str, tail: str, last: str | None, after: str | None,
+                           domain: str, kind: SuppressionList) -> None:
+        """An empty page ends the list only if Mailgun's own last page agrees: a page cut short or
+        emptied by mistake must not read as the end, or removals would follow.
+
+        A complete pull ends on Mailgun's very last record, or beyond it if the tail changed
+        meanwhile; "beyond" must hold both in code-point and in case-blind order, the two orders
+        Mailgun may keep. A pager that read nothing after `after` is right only if nothing lies
+        beyond `after`.
+        """
         url = f"{base}?page=last&{tail}"
         payload = await self._get_page(url, domain, kind)
         items = payload.get("items")
-        if not items or not isinstance(items, list):
-            return
-        final = items[-1].get("value" if kind is SuppressionList.ALLOWLIST else "address") \
-            if isinstance(items[-1], dict) else None
-        if isinstance(final, str) and final != last and final.lower() != last.lower() and final > last:
+        final = None
+        if isinstance(items, list) and items and isinstance(items[-1], dict):
+            final = items[-1].get("value" if kind is SuppressionList.ALLOWLIST else "address")
+        if final is None:
+            if last is None and after is None:
+                return  # an empty list, by both accounts
+            if items:
+                raise errors.MalformedPageError(f"{domain} {kind.value}: the last page is unreadable",
+                                                url=url)
+        bound = last if last is not None else after
+        if bound is None:
+            complete = final is None
+        else:
+            complete = final is None or (isinstance(final, str) and final <= bound
+                                         and final.lower() <= bound.lower())
+        if not complete:
             raise errors.PagingError(
-                f"{domain} {kind.value}: the list ended after {last!r}, but its last page holds "
-                f"{final!r}; the pull is incomplete", url=url)
+                f"{domain} {kind.value}: the list ended after {last or after or 'nothing'!r}, but "
+                f"its last page ends with {final!r}; the pull is incomplete", url=url)
 
     @staticmethod
-    def _within(page: Page, previous: str | None, until: str | None, domain: str) -> Page:
+    def _within(page: Page, previous: str | None, until: str | None,
+                domain: str) -> tuple[Page, str | None]:
         """The page's records up to `until` (all without one), after checking they increase
-        strictly."""
+        strictly; and the first record past `until`, if any."""
         addresses = [row[1] for row in page.rows]
         for address in addresses:
             if previous is not None and not address > previous:
@@ -259,42 +291,69 @@ class MailgunClient:
             previous = address
         keep = len(addresses) if until is None else bisect.bisect_right(addresses, until)
         if keep == len(addresses):
-            return page
-        return Page(page.number, page.url, page.kind, page.items[:keep], page.rows[:keep])
+            return page, None
+        return (Page(page.number, page.url, page.kind, page.items[:keep], page.rows[:keep]),
+                addresses[keep])
 
     async def ranged_pages(self, domain: str, kind: SuppressionList,
-                           pivots: Sequence[str]) -> AsyncIterator[Page]:
+                           pivots: Sequence[str]) -> AsyncGenerator[Page, None]:
         """Every page of a list, read as len(pivots) + 1 keyset ranges at once, in no particular
         order: (-inf, p1], (p1, p2], ..., (pn, +inf). Each range is its own pager with every guard
         of `pages`; any error stops them all. Completeness rests on code-point order, which each
         range checks (PagingOrderError otherwise)."""
         bounds = sorted(set(pivots))
         ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
-        queue: asyncio.Queue[Page | BaseException | None] = asyncio.Queue(maxsize=2 * len(ranges))
+        traces = [RangeTrace() for _ in ranges]
+        queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=2 * len(ranges))
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        async def read(after: str | None, until: str | None) -> None:
+        async def read(after: str | None, until: str | None, trace: RangeTrace) -> None:
             try:
-                async for page in self.pages(domain, kind, after=after, until=until, ordered=True):
+                async for page in self.pages(domain, kind, after=after, until=until, ordered=True,
+                                             trace=trace):
                     await queue.put(page)
                 await queue.put(None)
-            except BaseException as exc:  # handed to the consumer, which raises it
-                await queue.put(exc)
+            except Exception as exc:  # raised by the consumer; a full queue must not block it
+                if not failed.done():
+                    failed.set_exception(exc)
 
-        readers = [asyncio.ensure_future(read(after, until)) for after, until in ranges]
+        readers = [asyncio.ensure_future(read(after, until, trace))
+                   for (after, until), trace in zip(ranges, traces, strict=True)]
         try:
             open_ranges = len(readers)
             while open_ranges:
-                item = await queue.get()
+                getting = asyncio.ensure_future(queue.get())
+                waiting: list[asyncio.Future[Any]] = [getting, failed]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if failed.done():
+                    getting.cancel()
+                    failed.result()
+                item = await getting
                 if item is None:
                     open_ranges -= 1
-                elif isinstance(item, BaseException):
-                    raise item
                 else:
                     yield item
+            self._check_ranges_meet(traces, domain, kind)
         finally:
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+            if failed.done() and not failed.cancelled():
+                failed.exception()  # retrieved, so it is not reported as never retrieved
+
+    @staticmethod
+    def _check_ranges_meet(traces: Sequence[RangeTrace], domain: str, kind: SuppressionList) -> None:
+        """Each range must hand over to the next exactly where Mailgun's order continues: the
+        first record past a range's bound is the first record of the next range. Otherwise the
+        order is not code-point order around a pivot (or the list changed right there), records
+        may have fallen between, and the caller reads the list with one pager instead."""
+        for current, following in itertools.pairwise(traces):
+            # A range that reached the end of the list (confirmed by Mailgun's last page) hands
+            # over nothing; records the next range read may have been deleted meanwhile.
+            if current.beyond is not None and current.beyond != following.first:
+                raise errors.PagingOrderError(
+                    f"{domain} {kind.value}: a range stopped at {current.beyond!r} but the next began "
+                    f"at {following.first!r}; the records are not in code-point order")
 
     async def records(self, domain: str, kind: SuppressionList) -> AsyncIterator[Record]:
         async for page in self.pages(domain, kind):
@@ -307,9 +366,13 @@ class MailgunClient:
         payload, url, skip, number = first, f"{base}?limit={self._page_limit}", 0, 0
         while True:
             items = payload.get("items")
-            if items is None or items == []:
-                return
             total = payload.get("total_count")
+            if items is None or items == []:
+                if isinstance(total, int) and skip < total:
+                    raise errors.PagingError(
+                        f"{domain} {kind.value}: the list ended after {skip} of its {total} records; "
+                        "the pull is incomplete", url=url)
+                return
             if not isinstance(total, int) or not isinstance(items, list):
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: a legacy page needs a number `total_count` and a list "
@@ -362,7 +425,7 @@ class MailgunClient:
         if not isinstance(last_address, str):
             raise errors.MalformedPageError(f"{where}: the page's last item has no text {key!r}", url=url)
         cursor = parse_qs(parts.query, keep_blank_values=True).get("address", [None])[0]
-        if cursor is None or cursor.lower() != last_address.lower():
+        if cursor != last_address:
             raise errors.PagingError(
                 f"{where}: paging.next continues after {cursor!r}, not after the page's last "
                 f"record {last_address!r}; records could be skipped or repeated", url=url)
@@ -412,7 +475,7 @@ class MailgunClient:
     # ---- writing --------------------------------------------------------------------------
 
     async def push(self, domain: str, kind: SuppressionList, records: Iterable[Record],
-                   *, batch_size: int = MAX_BATCH) -> AsyncIterator[PushOutcome]:
+                   *, batch_size: int = MAX_BATCH) -> AsyncGenerator[PushOutcome, None]:
         """Send records in batches (one each for the allowlist), a bounded number at a time,
         yielding each batch's outcome as soon as Mailgun answered it."""
         size = min(batch_size, MAX_BATCH) if kind.accepts_batches else 1

@@ -191,7 +191,7 @@ class Reconciler:
             return
         try:
             with result.timed("push"):
-                await self._push(session, run_id, result)
+                await self._push(session, run_id, result, pull_started)
         except MailgunError as exc:
             result.status = FAILED
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
@@ -199,22 +199,25 @@ class Reconciler:
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:
         """Called once a complete pull has been applied to the mirror."""
 
-    async def _push(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
-        """Push pending rows; each is marked only from its own batch's answer."""
-        async for rows in session.pending(self._options.push_read_ahead):
+    async def _push(self, session: ListSession, run_id: uuid.UUID, result: ListResult,
+                    pull_started: datetime) -> None:
+        """Push pending rows the pull has judged; each is marked only from its own batch's answer."""
+        async for rows in session.pending(self._options.push_read_ahead, pull_started):
             invalid = [(row, problem) for row in rows
                        if (problem := address_problem(row.record.address)) is not None]
             result.rejected += await session.mark_rejected(run_id, invalid)
             refused = {id(row) for row, _ in invalid}
             valid = [row for row in rows if id(row) not in refused]
             by_address = {row.record.address: row for row in valid}
-            async for outcome in self._mailgun.push(
-                    session.domain, session.kind, [row.record for row in valid],
-                    batch_size=self._options.push_batch_size):
-                confirmed: list[PendingRow] = [by_address[r.address] for r in outcome.accepted]
-                result.pushed += await session.mark_pushed(run_id, confirmed)
-                result.rejected += await session.mark_rejected(
-                    run_id, [(by_address[r.record.address], r.reason) for r in outcome.rejected])
+            outcomes = self._mailgun.push(session.domain, session.kind, [row.record for row in valid],
+                                          batch_size=self._options.push_batch_size)
+            # Closed at once if marking fails, so no batch is left running in the background.
+            async with contextlib.aclosing(outcomes):
+                async for outcome in outcomes:
+                    confirmed: list[PendingRow] = [by_address[r.address] for r in outcome.accepted]
+                    result.pushed += await session.mark_pushed(run_id, confirmed)
+                    result.rejected += await session.mark_rejected(
+                        run_id, [(by_address[r.record.address], r.reason) for r in outcome.rejected])
 
     async def _record(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
                       started: datetime, finished: datetime) -> None:

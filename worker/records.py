@@ -164,10 +164,10 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
 
 
 # The staging form of a record: (key, address, code, error, created_at, tags). The key is the
-# address lower-cased, computed here only for ASCII addresses (where Python and PostgreSQL agree
-# on lower(); None otherwise, and PostgreSQL fills it in). created_at stays text for PostgreSQL to
-# cast: Mailgun's usual form passes through untouched, anything else is parsed and rendered as
-# ISO 8601, so a million records cost no datetime objects in Python.
+# address with its ASCII letters lower-cased, as the mirror's address_key (lower() under COLLATE
+# "C"); computed here for ASCII addresses, None otherwise (PostgreSQL fills it in). created_at
+# stays text for PostgreSQL to cast: Mailgun's usual form passes through untouched, anything else
+# is parsed and rendered as ISO 8601, so a million records cost no datetime objects in Python.
 StagingRow = tuple[str | None, str, str | None, str | None, str | None, list[str] | None]
 
 _USUAL_TIMESTAMP = re.compile(

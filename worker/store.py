@@ -11,7 +11,7 @@ import contextlib
 import functools
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,7 +75,7 @@ async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[a
                 database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
                 server_settings={"application_name": "mailgun-sync", "temp_buffers": "256MB",
                                  "jit": "off"})
-        except ValueError as exc:  # the driver cannot parse the URL (ClientConfigurationError, a port)
+        except (ValueError, OverflowError) as exc:  # the driver cannot parse the URL (say, its port)
             problem = f"is not a postgresql:// URL the driver accepts: {exc}"
             raise ConfigError("DATABASE_URL", problem) from None
     try:
@@ -185,7 +185,7 @@ class ListSession:
             moment: datetime = await self._db.fetchval(queries()["database_now"])
         return moment
 
-    async def stage(self, pages: AsyncIterator[Page], *, ranged: bool = False) -> int:
+    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False) -> int:
         """Stream every page into the staging table in one COPY; returns the records staged.
 
         If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
@@ -199,7 +199,8 @@ class ListSession:
                 for row in page.rows:
                     yield row
 
-        async with wrap_db_errors(f"staging {self.domain} {self.kind.value}"):
+        # Closed at once if the COPY fails, so no page request is left running in the background.
+        async with contextlib.aclosing(pages), wrap_db_errors(f"staging {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["create_staging"])
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
             await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
@@ -272,7 +273,7 @@ class ListSession:
         async with wrap_db_errors(f"applying the pull of {self.domain} {self.kind.value}"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
-            adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id)
+            adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id, pull_started)
             updated = await self._db.fetchval(self._q("update_changed"), self.domain, run_id, pull_started)
             inserted = await self._db.fetchval(self._q("insert_remote_only"), self.domain, run_id)
             removed = 0
@@ -281,12 +282,13 @@ class ListSession:
                     self._q("remove_vanished"), self.domain, run_id, pull_started)
         return Applied(inserted=inserted, updated=updated, removed=removed, adopted=adopted)
 
-    async def pending(self, batch_size: int) -> AsyncIterator[list[PendingRow]]:
-        """Pending rows in address order, a batch at a time, read fresh for each batch."""
+    async def pending(self, batch_size: int, pull_started: datetime) -> AsyncIterator[list[PendingRow]]:
+        """Pending rows older than the pull, in key order, a batch at a time, read fresh each time."""
         after = ""
         while True:
             async with wrap_db_errors(f"reading pending {self.domain} {self.kind.value}"):
-                rows = await self._db.fetch(self._q("select_pending"), self.domain, after, batch_size)
+                rows = await self._db.fetch(self._q("select_pending"), self.domain, after, batch_size,
+                                            pull_started)
             if not rows:
                 return
             yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]

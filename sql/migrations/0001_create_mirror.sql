@@ -11,7 +11,7 @@ CREATE TYPE mailgun.sync_state AS ENUM ('pending', 'synced', 'rejected');
 CREATE TABLE mailgun.bounces (
     domain      text NOT NULL,
     address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
-    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address COLLATE "C")) STORED,
     code        text NOT NULL DEFAULT '550',
     error       text NOT NULL DEFAULT '',
     created_at  timestamptz NOT NULL DEFAULT now(),
@@ -24,7 +24,7 @@ CREATE TABLE mailgun.bounces (
 CREATE TABLE mailgun.unsubscribes (
     domain      text NOT NULL,
     address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
-    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address COLLATE "C")) STORED,
     tags        text[] NOT NULL DEFAULT '{*}',
     created_at  timestamptz NOT NULL DEFAULT now(),
     sync_state  mailgun.sync_state NOT NULL DEFAULT 'pending',
@@ -36,7 +36,7 @@ CREATE TABLE mailgun.unsubscribes (
 CREATE TABLE mailgun.complaints (
     domain      text NOT NULL,
     address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
-    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address COLLATE "C")) STORED,
     created_at  timestamptz NOT NULL DEFAULT now(),
     sync_state  mailgun.sync_state NOT NULL DEFAULT 'pending',
     sync_error  text,
@@ -46,7 +46,9 @@ CREATE TABLE mailgun.complaints (
 
 -- One row per address and domain, whatever its case: Mailgun's case rules are undocumented, and
 -- an address differing only by case is the same mailbox for every provider that matters. The key
--- is stored (address_key = lower(address)) so that diffing a million rows compares plain text.
+-- is stored so that diffing a million rows compares plain text. It folds ASCII letters only
+-- (COLLATE "C"), so it is the same in every database whatever its collation (a Turkish one folds
+-- "I" to a dotless "ı") and the worker can compute it too.
 CREATE UNIQUE INDEX bounces_domain_address_key ON mailgun.bounces (domain, address_key);
 CREATE UNIQUE INDEX unsubscribes_domain_address_key ON mailgun.unsubscribes (domain, address_key);
 CREATE UNIQUE INDEX complaints_domain_address_key ON mailgun.complaints (domain, address_key);
@@ -114,7 +116,7 @@ CREATE TABLE mailgun.changes (
     domain      text NOT NULL,
     list        text NOT NULL,
     address     text NOT NULL CHECK (length(address) BETWEEN 1 AND 512),
-    address_key text NOT NULL GENERATED ALWAYS AS (lower(address)) STORED,
+    address_key text NOT NULL GENERATED ALWAYS AS (lower(address COLLATE "C")) STORED,
     action      text NOT NULL CHECK (action IN ('insert', 'update', 'remove', 'push', 'reject', 'synced')),
     detail      text,
     at          timestamptz NOT NULL DEFAULT now()

@@ -445,6 +445,9 @@ class MailgunEmulator:
         items = list(islice(rows, skip, skip + limit))
         total = sum(1 for _ in _legacy_rows(table)) if table.kind is SuppressionList.UNSUBSCRIBES \
             else len(table)
+        fault = request.get(_FAULT_KEY)
+        if fault is not None and fault.action == "items_null":
+            return _json(200, {"total_count": total, "items": None})
         return _json(200, {"total_count": total, "items": items})
 
     async def _add(self, request: web.Request) -> web.Response:
