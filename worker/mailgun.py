@@ -304,7 +304,9 @@ class MailgunClient:
         bounds = sorted(set(pivots))
         ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
         traces = [RangeTrace() for _ in ranges]
-        queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=2 * len(ranges))
+        # A short queue: storing is fast, and every page waiting here is memory (readers blocked
+        # on a full queue hold one page each as well).
+        queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=4)
         failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def read(after: str | None, until: str | None, trace: RangeTrace) -> None:
