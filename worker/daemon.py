@@ -101,13 +101,17 @@ class Daemon:
         try:
             clock = time.perf_counter()
             result = await self._reconciler.reconcile(uuid.uuid4(), domain, kind)
-            self._metrics.observe_run(result, time.perf_counter() - clock)
+            seconds = time.perf_counter() - clock
             if result.status in (FAILED, GUARDED):
                 self._failures[key] = self._failures.get(key, 0) + 1
             elif result.status == OK:
                 self._failures[key] = 0
-            pending, _ = await self._resources.store.count_states(domain, kind)
-            self._metrics.observe_pending(domain, kind.value, pending)
+            # The pending count first, so a scrape never shows a run without it.
+            try:
+                pending, _ = await self._resources.store.count_states(domain, kind)
+                self._metrics.observe_pending(domain, kind.value, pending)
+            finally:
+                self._metrics.observe_run(result, seconds)
         except SyncError as exc:
             self._failures[key] = self._failures.get(key, 0) + 1
             log.error("scheduled_run_failed", domain=domain, list=kind.value, error=str(exc))
