@@ -13,7 +13,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from tests.conftest import API_KEY, DOMAIN
-from tests.support.mirror import insert_row, rows
+from tests.support.mirror import rows
 from worker.daemon import Daemon, build_http_app, build_trigger
 from worker.emulator import Fault
 from worker.errors import ConfigError
@@ -150,37 +150,36 @@ def daemon_env(emulator, database_url, **extra) -> dict[str, str]:
             "SYNC_JITTER": "0", **extra}
 
 
-async def start_daemon(env) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "daemon", "--list", "bounces", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+async def sigterm_mid_push(emulator, pool, database_url, *, rows_pending: int, push_delay: float,
+                           grace: str) -> int:
+    """Start a daemon with `rows_pending` local additions, each push held `push_delay` seconds,
+    send SIGTERM once a push is under way, and return its exit code."""
+    await pool.executemany("INSERT INTO mailgun.bounces (domain, address) VALUES ($1, $2)",
+                           [(DOMAIN, f"drain{i:04}@example.com") for i in range(rows_pending)])
+    emulator.inject(Fault(action="delay", delay_s=push_delay, times=None, method="POST"))
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "daemon", "--list", "bounces",
+        env=daemon_env(emulator, database_url, SHUTDOWN_GRACE=grace),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    await wait_for(lambda: _posted(emulator))
+    worker.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(worker.wait(), 30)
 
 
 async def test_sigterm_lets_the_run_in_progress_finish_then_exits_0(emulator, pool, database_url):
-    for i in range(1500):
-        await insert_row(pool, BOUNCES, DOMAIN, f"drain{i:04}@example.com")
-    emulator.inject(Fault(action="delay", delay_s=1.0, times=None, method="POST"))
-    worker = await start_daemon(daemon_env(emulator, database_url, SHUTDOWN_GRACE="20"))
-    await wait_for(lambda: _posted(emulator))
-    worker.send_signal(signal.SIGTERM)
-    code = await asyncio.wait_for(worker.wait(), 20)
+    code = await sigterm_mid_push(emulator, pool, database_url, rows_pending=1500, push_delay=1.0,
+                                  grace="20")
 
     assert code == 0
     mirror = await rows(pool, BOUNCES)
     assert {r["sync_state"] for r in mirror.values()} == {"synced"}
     assert len(emulator.records(DOMAIN, BOUNCES)) == 1500
-    status = await pool.fetchval("SELECT status FROM mailgun.sync_runs")
-    assert status == "ok"
+    assert await pool.fetchval("SELECT status FROM mailgun.sync_runs") == "ok"
 
 
 async def test_sigterm_past_the_grace_cancels_cleanly_and_keeps_rows_pending(emulator, pool, database_url):
-    for i in range(10):
-        await insert_row(pool, BOUNCES, DOMAIN, f"late{i}@example.com")
-    emulator.inject(Fault(action="delay", delay_s=30, times=None, method="POST"))
-    worker = await start_daemon(daemon_env(emulator, database_url, SHUTDOWN_GRACE="0.5"))
-    await wait_for(lambda: _posted(emulator))
-    worker.send_signal(signal.SIGTERM)
-    code = await asyncio.wait_for(worker.wait(), 10)
+    code = await sigterm_mid_push(emulator, pool, database_url, rows_pending=10, push_delay=30,
+                                  grace="0.5")
 
     assert code == 0
     mirror = await rows(pool, BOUNCES)
