@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from worker.errors import ConfigError
+
 
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
@@ -16,7 +18,12 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         # pgserver asks platformdirs for a runtime directory, which warns where XDG_RUNTIME_DIR
         # is unset (containers, CI); the directory is not used for anything here.
         warnings.simplefilter("ignore", UserWarning)
-        import pgserver  # imported late: it is only needed where no server is given
+        try:
+            import pgserver  # imported late: it is only needed where no server is given
+        except ImportError:
+            raise ConfigError(
+                "embedded PostgreSQL",
+                "not installed; install mailgun-sync[embedded] or give a database URL") from None
 
         server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     try:
