@@ -100,7 +100,12 @@ INSERT INTO diff
 SELECT DISTINCT ON (key) * FROM (
     SELECT coalesce(r.key, m.key) AS key,
            CASE
-               WHEN m.key IS NULL THEN 'insert'
+               WHEN m.key IS NULL THEN
+                   -- A record the application removed locally, whose deletion at Mailgun is still
+                   -- queued, is not brought back.
+                   CASE WHEN NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = $1
+                                         AND x.list = '{list}' AND x.address_key = r.key)
+                        THEN 'insert' END
                WHEN r.key IS NULL THEN
                    CASE WHEN m.sync_state = 'synced' AND m.synced_at < $2 THEN 'remove'
                         WHEN m.sync_state = 'pending' THEN 'push' END
@@ -282,10 +287,11 @@ SELECT count(*) FROM logged;
 
 -- name: record_run
 -- $1 run id, $2 domain, $3 list, $4 status, $5 dry run,
--- $6..$12 pulled, inserted, updated, removed, adopted, pushed, rejected, $13 error, $14 started, $15 finished
+-- $6..$13 pulled, inserted, updated, removed, adopted, pushed, rejected, deleted,
+-- $14 error, $15 started, $16 finished
 INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated, removed,
-                               adopted, pushed, rejected, error, started_at, finished_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15);
+                               adopted, pushed, rejected, deleted, error, started_at, finished_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16);
 
 -- name: database_now
 SELECT clock_timestamp();
@@ -326,7 +332,7 @@ FROM {table} WHERE domain = $1;
 -- name: latest_runs
 -- The last recorded run of every (domain, list).
 SELECT DISTINCT ON (domain, list) domain, list, status, pulled, inserted, updated, removed, adopted,
-       pushed, rejected, error, started_at, finished_at
+       pushed, rejected, deleted, error, started_at, finished_at
 FROM mailgun.sync_runs
 ORDER BY domain, list, finished_at DESC;
 
@@ -422,3 +428,20 @@ SELECT count(*) FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'pending
 
 -- name: soak_runs_by_status
 SELECT status, count(*) AS n FROM mailgun.sync_runs GROUP BY status;
+
+-- name: queued_removals
+-- $1 domain, $2 list: deletions at Mailgun the application asked for, oldest first.
+SELECT id, address FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
+
+-- name: count_synced
+SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
+
+-- name: removal_done
+-- $1 removal id, $2 run id, $3 domain, $4 list: Mailgun confirmed it (2xx) or no longer had it (404).
+WITH done AS (DELETE FROM mailgun.removals WHERE id = $1 RETURNING address)
+INSERT INTO mailgun.changes (run_id, domain, list, address, action)
+SELECT $2, $3, $4, address, 'delete' FROM done;
+
+-- name: removal_failed
+-- $1 removal id, $2 why
+UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;

@@ -26,4 +26,4 @@ def test_bench_reports_worker_and_baseline_figures_as_json():
         assert run["cpu_s"] > 0
         assert run["peak_rss_mb"] > 0
     assert report["speedup"] > 0
-    assert set(worker["steps"]) == {"pull", "diff", "apply", "push"}
+    assert {"pull", "diff", "apply", "push"} <= set(worker["steps"])

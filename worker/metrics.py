@@ -12,7 +12,7 @@ from worker.reconcile import ListResult
 
 # Run durations range from a second (a small list) to many minutes (millions of records).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-RECORD_ACTIONS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected")
+RECORD_ACTIONS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
 
 
 class Metrics:

@@ -46,6 +46,7 @@ class ListResult:
     adopted: int = 0
     pushed: int = 0
     rejected: int = 0
+    deleted: int = 0
     error: str | None = None
     # Seconds spent in each step (pull, diff, apply, push): logged, not part of the report.
     timings: dict[str, float] = field(default_factory=dict, repr=False)
@@ -56,7 +57,7 @@ class ListResult:
 
     def counts(self) -> tuple[int, ...]:
         return (self.pulled, self.inserted, self.updated, self.removed, self.adopted, self.pushed,
-                self.rejected)
+                self.rejected, self.deleted)
 
     def as_json(self) -> dict[str, object]:
         report = asdict(self)
@@ -162,6 +163,13 @@ class Reconciler:
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         options = self._options
         try:
+            with result.timed("delete"):
+                await self._send_removals(session, run_id, result)
+        except MailgunError as exc:
+            result.status = FAILED
+            result.error = f"deletions stopped, the rest stay queued; nothing else done: {exc}"
+            return
+        try:
             with result.timed("pull"):
                 pull_started = await self._pull(session, result)
         except MailgunError as exc:
@@ -171,7 +179,7 @@ class Reconciler:
             plan = await session.plan(pull_started)
         guarded = not options.allow_mass_delete and guard_trips(
             plan.removals, plan.synced_rows, options.max_delete_fraction)
-        if guarded:
+        if guarded and result.status != GUARDED:
             result.status = GUARDED
             result.error = (
                 f"would remove {plan.removals} of {plan.synced_rows} synced rows, more than "
@@ -195,6 +203,34 @@ class Reconciler:
         except MailgunError as exc:
             result.status = FAILED
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
+
+    async def _send_removals(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
+        """Delete at Mailgun what the application removed locally, before the pull, so the pull
+        sees Mailgun without them. The deletion guard covers these too."""
+        queued = await session.queued_removals()
+        if not queued:
+            return
+        options = self._options
+        synced = await session.count_synced()
+        if not options.allow_mass_delete and guard_trips(len(queued), synced + len(queued),
+                                                         options.max_delete_fraction):
+            result.status = GUARDED
+            result.error = (
+                f"would delete {len(queued)} of {synced + len(queued)} records at Mailgun, more than "
+                f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; deleted nothing "
+                "(--allow-mass-delete lets it through)")
+            return
+        if options.dry_run:
+            result.deleted = len(queued)
+            return
+        for removal, address in queued:
+            try:
+                await self._mailgun.delete(session.domain, session.kind, address)
+            except MailgunError as exc:
+                await session.removal_failed(removal, str(exc))
+                raise
+            await session.removal_done(removal, run_id)
+            result.deleted += 1
 
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:
         """Called once a complete pull has been applied to the mirror."""

@@ -8,7 +8,7 @@ from typing import Any
 from worker.reconcile import ListResult
 from worker.store import MIRRORED_LISTS, MirrorStore
 
-COLUMNS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected")
+COLUMNS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
 
 
 def render_table(results: Sequence[ListResult]) -> str:

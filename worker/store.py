@@ -226,6 +226,27 @@ class ListSession:
             return []
         return [sample[len(sample) * i // ranges] for i in range(1, ranges)]
 
+    # ---- local removals, sent to Mailgun ------------------------------------------------
+
+    async def queued_removals(self) -> list[tuple[int, str]]:
+        async with wrap_db_errors(f"reading removals of {self.domain} {self.kind.value}"):
+            found = await self._db.fetch(queries()["queued_removals"], self.domain, self.kind.value)
+        return [(r["id"], r["address"]) for r in found]
+
+    async def count_synced(self) -> int:
+        async with wrap_db_errors(f"counting {self.domain} {self.kind.value}"):
+            synced: int = await self._db.fetchval(self._q("count_synced"), self.domain)
+        return synced
+
+    async def removal_done(self, removal: int, run_id: uuid.UUID) -> None:
+        async with wrap_db_errors(f"clearing a removal of {self.domain} {self.kind.value}"):
+            await self._db.execute(queries()["removal_done"], removal, run_id, self.domain,
+                                   self.kind.value)
+
+    async def removal_failed(self, removal: int, why: str) -> None:
+        async with wrap_db_errors(f"noting a failed removal of {self.domain} {self.kind.value}"):
+            await self._db.execute(queries()["removal_failed"], removal, why)
+
     # ---- a resumable backfill: pages committed one by one, with their cursor ------------------
 
     async def backfill_progress(self) -> BackfillProgress | None:

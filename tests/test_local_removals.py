@@ -1,0 +1,123 @@
+"""Local removals: an application DELETEs a suppression from the mirror, and the next run deletes
+it at Mailgun, under the same guard as removals the other way."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from tests.conftest import DOMAIN
+from tests.support.mirror import changes, insert_row, rows
+from worker.records import SuppressionList
+
+BOUNCES = SuppressionList.BOUNCES
+AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+
+
+async def both_have(pool, emulator, addresses) -> None:
+    emulator.seed(DOMAIN, BOUNCES, [{"address": a, "created_at": "Mon, 02 Mar 2026 10:00:00 UTC"}
+                                    for a in addresses])
+    for address in addresses:
+        await insert_row(pool, BOUNCES, DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO,
+                         created_at=datetime(2026, 3, 2, 10, tzinfo=UTC))
+
+
+def deletes(emulator) -> list[str]:
+    return [r.path.rsplit("/", 1)[-1] for r in emulator.requests if r.method == "DELETE"]
+
+
+async def run(make_reconciler, **options):
+    return await make_reconciler(**options).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+
+async def test_a_synced_row_deleted_locally_is_deleted_at_mailgun(pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["keep@example.com", "drop+tag@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'drop+tag@example.com'")
+
+    result = await run(make_reconciler)
+
+    assert (result.status, result.deleted, result.inserted) == ("ok", 1, 0)
+    assert deletes(emulator) == ["drop%2Btag%40example.com"]
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["keep@example.com"]
+    assert list(await rows(pool, BOUNCES)) == ["keep@example.com"]
+    assert ("bounces", "drop+tag@example.com", "delete") in await changes(pool)
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+
+
+async def test_deleting_a_pending_row_just_cancels_its_push(pool, emulator, make_reconciler):
+    await insert_row(pool, BOUNCES, DOMAIN, "never-sent@example.com")
+    await pool.execute("DELETE FROM mailgun.bounces")
+    result = await run(make_reconciler)
+    assert (result.deleted, result.pushed) == (0, 0)
+    assert emulator.requests and not [r for r in emulator.requests if r.method != "GET"]
+
+
+async def test_a_removal_mailgun_no_longer_has_is_done(pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["gone@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces")
+    emulator.remove(DOMAIN, BOUNCES, "gone@example.com")
+    result = await run(make_reconciler)
+    assert (result.status, result.deleted) == ("ok", 1)
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+
+
+async def test_a_removal_mailgun_refuses_stays_queued_with_the_reason(pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["stuck@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces")
+    emulator.fail_next(503, times=None, method="DELETE")
+
+    failed = await run(make_reconciler)
+
+    assert failed.status == "failed"
+    assert "deletions stopped" in str(failed.error)
+    assert "HTTP 503" in await pool.fetchval("SELECT last_error FROM mailgun.removals")
+    assert await rows(pool, BOUNCES) == {}  # not brought back by a pull while the removal is queued
+    emulator.faults.clear()
+    done = await run(make_reconciler)
+    assert (done.status, done.deleted) == ("ok", 1)
+    assert emulator.records(DOMAIN, BOUNCES) == []
+
+
+async def test_mass_local_deletion_is_guarded(pool, emulator, make_reconciler):
+    addresses = [f"m{i:03}@example.com" for i in range(100)]
+    await both_have(pool, emulator, addresses)
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address < 'm020'")
+
+    guarded = await run(make_reconciler)
+
+    assert (guarded.status, guarded.deleted, guarded.inserted) == ("guarded", 0, 0)
+    assert "would delete 20 of 100 records at Mailgun" in str(guarded.error)
+    assert deletes(emulator) == []
+    allowed = await run(make_reconciler, allow_mass_delete=True)
+    assert (allowed.status, allowed.deleted) == ("ok", 20)
+    assert len(emulator.records(DOMAIN, BOUNCES)) == 80
+
+
+async def test_removed_then_added_again_before_the_run_is_kept(pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["back@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces")
+    await insert_row(pool, BOUNCES, DOMAIN, "Back@Example.com")
+    result = await run(make_reconciler)
+    assert (result.deleted, result.adopted) == (0, 1)
+    assert deletes(emulator) == []
+    assert (await rows(pool, BOUNCES))["back@example.com"]["sync_state"] == "synced"
+
+
+async def test_removed_locally_and_changed_at_mailgun_meanwhile_the_removal_wins(
+        pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["both@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces")
+    emulator.seed(DOMAIN, BOUNCES, [{"address": "both@example.com", "code": "554"}])
+    result = await run(make_reconciler)
+    assert (result.status, result.deleted) == ("ok", 1)
+    assert emulator.records(DOMAIN, BOUNCES) == []
+    assert await rows(pool, BOUNCES) == {}
+
+
+async def test_a_dry_run_counts_local_removals_and_sends_none(pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["dry@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces")
+    result = await run(make_reconciler, dry_run=True)
+    assert result.deleted == 1
+    assert deletes(emulator) == []
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 1
