@@ -8,7 +8,6 @@ asyncio tasks from its own /metrics.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from worker.benchmark.run import DOMAIN, Emulator, _env, _prepare_mirror
+from worker.benchmark.run import DOMAIN, Emulator, _env, _free_port, _prepare_mirror
 from worker.migrate import migrate
 from worker.scratch import scratch_database
 from worker.sql import queries
@@ -40,13 +39,6 @@ async def _tasks(port: int) -> int | None:
     except aiohttp.ClientError:
         return None
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def run_soak(*, seconds: float, failure_rate: float = 0.05, records: int = 20_000,

@@ -17,7 +17,6 @@ import io
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from itertools import islice
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus
 
@@ -441,10 +440,12 @@ class MailgunEmulator:
             skip = max(0, int(raw_skip))
         except ValueError:
             raise _bad_request(messages.invalid_format("skip", raw_skip)) from None
-        rows = _legacy_rows(table)
-        items = list(islice(rows, skip, skip + limit))
-        total = sum(1 for _ in _legacy_rows(table)) if table.kind is SuppressionList.UNSUBSCRIBES \
-            else len(table)
+        if table.kind is SuppressionList.UNSUBSCRIBES:
+            # One row per tag: the offsets count those rows, so the list is expanded once.
+            expanded = list(_legacy_rows(table.kind, table.iter_rows()))
+            items, total = expanded[skip:skip + limit], len(expanded)
+        else:
+            items, total = list(_legacy_rows(table.kind, table.slice(skip, limit))), len(table)
         fault = request.get(_FAULT_KEY)
         if fault is not None and fault.action == "items_null":
             return _json(200, {"total_count": total, "items": None})
@@ -634,19 +635,19 @@ def _bad_request(text: str) -> _Refusal:
     return _Refusal(400, text)
 
 
-def _legacy_rows(table: ListTable) -> Iterator[WireRecord]:
+def _legacy_rows(kind: SuppressionList, rows: Iterable[WireRecord]) -> Iterator[WireRecord]:
     """Records as the v2 API listed them: numeric codes as numbers, one unsubscribe row per tag
     (with an `id`), complaints with a `count`."""
-    for row in table.iter_rows():
-        if table.kind is SuppressionList.BOUNCES:
+    for row in rows:
+        if kind is SuppressionList.BOUNCES:
             code = row["code"]
             yield {**row, "code": int(code) if code.isdigit() else code}
-        elif table.kind is SuppressionList.UNSUBSCRIBES:
+        elif kind is SuppressionList.UNSUBSCRIBES:
             for tag in row["tags"]:
                 ident = hashlib.sha1(f"{row['address']}\0{tag}".encode()).hexdigest()[:24]
                 yield {"created_at": row["created_at"], "tag": tag, "id": ident,
                        "address": row["address"]}
-        elif table.kind is SuppressionList.COMPLAINTS:
+        elif kind is SuppressionList.COMPLAINTS:
             yield {"count": 1, **row}
         else:
             yield row
