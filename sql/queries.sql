@@ -3,7 +3,8 @@
 -- `-- name: NAME` starts a query; `NAME@LIST` replaces NAME for that list only. Placeholders in
 -- braces are identifiers from a fixed table in worker/store.py, never values:
 --   {table} the mirror table, {list} the list's name, {cols} its data columns,
---   {r_cols}/{m_cols} the same columns of `r` (remote) and `m` (mirror), {set_cols} `col = r.col, ...`.
+--   {r_cols}/{m_cols} the same columns of `r` (remote) and `m` (mirror), {set_cols} `col = r.col, ...`,
+--   {address}/{address_key} the mirror's address column and its key (the allowlist's `value`).
 -- Values are always $n parameters. Every query about one list takes $1 = domain.
 
 -- name: create_migrations_table
@@ -81,7 +82,7 @@ SELECT count(*) FROM {table} WHERE domain = $1;
 
 -- name: sample_addresses
 -- $1 domain, $2 percent of the table's pages: addresses to cut the list into parallel ranges.
-SELECT address FROM {table} TABLESAMPLE SYSTEM ($2) WHERE domain = $1;
+SELECT {address} AS address FROM {table} TABLESAMPLE SYSTEM ($2) WHERE domain = $1;
 
 -- name: raise_work_mem
 -- For this session only (the pool resets it): the diff's hash join of a million rows then stays in
@@ -104,7 +105,8 @@ SELECT DISTINCT ON (key) * FROM (
                    -- A record the application removed locally, whose deletion at Mailgun is still
                    -- queued, is not brought back.
                    CASE WHEN NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = $1
-                                         AND x.list = '{list}' AND x.address_key = r.key)
+                                         AND x.list = '{list}' AND x.address_key = r.key
+                                         AND x.tag = '')
                         THEN 'insert' END
                WHEN r.key IS NULL THEN
                    CASE WHEN m.sync_state = 'synced' AND m.synced_at < $2 THEN 'remove'
@@ -121,7 +123,7 @@ SELECT DISTINCT ON (key) * FROM (
         FROM staging
     ) AS r
     FULL JOIN (
-        SELECT address_key AS key, address, {cols}, sync_state, synced_at
+        SELECT {address_key} AS key, {address} AS address, {cols}, sync_state, synced_at
         FROM {table} WHERE domain = $1
     ) AS m ON m.key = r.key
 ) AS joined
@@ -155,11 +157,11 @@ WHERE r.action = 'adopt' AND m.sync_state = 'pending' AND NOT r.tags @> m.tags;
 -- pull cannot vouch for it (a backfill's pages may be hours old).
 WITH adopted AS (
     UPDATE {table} m
-    SET address = r.address, {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = now()
+    SET {address} = r.address, {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = now()
     FROM diff r
-    WHERE r.action = 'adopt' AND m.domain = $1 AND m.address_key = r.key
+    WHERE r.action = 'adopt' AND m.domain = $1 AND m.{address_key} = r.key
       AND m.sync_state IN ('pending', 'rejected') AND m.updated_at < $3
-    RETURNING m.address
+    RETURNING m.{address} AS address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
     SELECT $2, $1, '{list}', address, 'synced' FROM adopted
@@ -197,11 +199,11 @@ SELECT count(*) FROM logged;
 -- $1 domain, $2 run id, $3 when the pull started. Remote wins for synced rows, address spelling
 -- included. The conditions are checked again: an application may have written meanwhile.
 WITH changed AS (
-    UPDATE {table} m SET address = r.address, {set_cols}, synced_at = now()
+    UPDATE {table} m SET {address} = r.address, {set_cols}, synced_at = now()
     FROM diff r
-    WHERE r.action = 'update' AND m.domain = $1 AND m.address_key = r.key
+    WHERE r.action = 'update' AND m.domain = $1 AND m.{address_key} = r.key
       AND m.sync_state = 'synced' AND m.synced_at < $3
-    RETURNING m.address
+    RETURNING m.{address} AS address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
     SELECT $2, $1, '{list}', address, 'update' FROM changed
@@ -213,12 +215,12 @@ SELECT count(*) FROM logged;
 -- $1 domain, $2 run id. A row an application inserts meanwhile wins the conflict and is adopted
 -- by the next run.
 WITH inserted AS (
-    INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
+    INSERT INTO {table} (domain, {address}, {cols}, sync_state, synced_at)
     SELECT $1, r.address, {r_cols}, 'synced', now()
     FROM diff r
     WHERE r.action = 'insert'
-    ON CONFLICT (domain, address_key) DO NOTHING
-    RETURNING address
+    ON CONFLICT (domain, {address_key}) DO NOTHING
+    RETURNING {address} AS address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
     SELECT $2, $1, '{list}', address, 'insert' FROM inserted
@@ -231,9 +233,9 @@ SELECT count(*) FROM logged;
 WITH removed AS (
     DELETE FROM {table} m
     USING diff r
-    WHERE r.action = 'remove' AND m.domain = $1 AND m.address_key = r.key
+    WHERE r.action = 'remove' AND m.domain = $1 AND m.{address_key} = r.key
       AND m.sync_state = 'synced' AND m.synced_at < $3
-    RETURNING m.address
+    RETURNING m.{address} AS address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
     SELECT $2, $1, '{list}', address, 'remove' FROM removed
@@ -246,10 +248,10 @@ SELECT count(*) FROM logged;
 -- started. Only rows the pull has judged: one added since may be a record Mailgun has, and waits
 -- for the next run to find out. `version` lets the worker mark a row synced only if nobody
 -- changed it while it was being pushed.
-SELECT address, address_key, {cols}, xmin::text AS version
+SELECT {address} AS address, {address_key} AS address_key, {cols}, xmin::text AS version
 FROM {table}
-WHERE domain = $1 AND sync_state = 'pending' AND address_key > $2 AND updated_at < $4
-ORDER BY address_key
+WHERE domain = $1 AND sync_state = 'pending' AND {address_key} > $2 AND updated_at < $4
+ORDER BY {address_key}
 LIMIT $3;
 
 -- name: mark_pushed
@@ -260,9 +262,9 @@ WITH pushed AS (
     SET sync_state = 'synced', sync_error = NULL, synced_at = now(),
         created_at = date_trunc('second', m.created_at)
     FROM unnest($3::text[], $4::text[]) AS p(address, version)
-    WHERE m.domain = $1 AND m.address_key = lower(p.address COLLATE "C") AND m.address = p.address
+    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
-    RETURNING m.address
+    RETURNING m.{address} AS address
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
     SELECT $2, $1, '{list}', address, 'push' FROM pushed
@@ -275,9 +277,9 @@ SELECT count(*) FROM logged;
 WITH refused AS (
     UPDATE {table} m SET sync_state = 'rejected', sync_error = p.reason
     FROM unnest($3::text[], $4::text[], $5::text[]) AS p(address, version, reason)
-    WHERE m.domain = $1 AND m.address_key = lower(p.address COLLATE "C") AND m.address = p.address
+    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
-    RETURNING m.address, p.reason
+    RETURNING m.{address} AS address, p.reason
 ), logged AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail)
     SELECT $2, $1, '{list}', address, 'reject', reason FROM refused
@@ -430,17 +432,18 @@ SELECT count(*) FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'pending
 SELECT status, count(*) AS n FROM mailgun.sync_runs GROUP BY status;
 
 -- name: queued_removals
--- $1 domain, $2 list: deletions at Mailgun the application asked for, oldest first.
-SELECT id, address FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
+-- $1 domain, $2 list: deletions at Mailgun the application asked for, oldest first; `tag` is ''
+-- for a whole record, else the one unsubscribe tag to drop.
+SELECT id, address, tag FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
 
 -- name: count_synced
 SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
 
 -- name: removal_done
 -- $1 removal id, $2 run id, $3 domain, $4 list: Mailgun confirmed it (2xx) or no longer had it (404).
-WITH done AS (DELETE FROM mailgun.removals WHERE id = $1 RETURNING address)
-INSERT INTO mailgun.changes (run_id, domain, list, address, action)
-SELECT $2, $3, $4, address, 'delete' FROM done;
+WITH done AS (DELETE FROM mailgun.removals WHERE id = $1 RETURNING address, tag)
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail)
+SELECT $2, $3, $4, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM done;
 
 -- name: removal_failed
 -- $1 removal id, $2 why

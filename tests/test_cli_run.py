@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
-from worker.records import SYNCED_LISTS
+from worker.records import SYNCED_LISTS, SuppressionList
 from worker.sql import migrations
 
 SECOND_DOMAIN = "mg.second-example.org"
@@ -67,7 +67,7 @@ async def test_json_reports_every_list_of_every_configured_domain_and_exits_0(in
     assert (outcome.result(SECOND_DOMAIN, "complaints")["pulled"],
             outcome.result(SECOND_DOMAIN, "complaints")["inserted"]) == (1, 1)
     assert [r["address"] for r in emulator.records(DOMAIN, "unsubscribes")] == ["local@example.com"]
-    assert len(await sync_runs(pool)) == 6
+    assert len(await sync_runs(pool)) == 2 * len(LISTS)
 
 
 async def test_repeated_domain_flags_replace_the_configured_domains(invoke, env, emulator, pool):
@@ -136,12 +136,12 @@ async def test_a_failing_list_exits_1_and_its_error_is_in_the_report(invoke, env
     report = outcome.report()
     assert report["ok"] is False
     assert [(r["list"], r["status"]) for r in report["results"]] == [
-        ("bounces", "ok"), ("unsubscribes", "ok"), ("complaints", "failed")]
+        ("bounces", "ok"), ("unsubscribes", "ok"), ("complaints", "failed"), ("allowlist", "ok")]
     error = outcome.result(DOMAIN, "complaints")["error"]
     assert "pull incomplete, nothing changed" in error
     assert "503" in error
-    assert await sync_runs(pool) == [(DOMAIN, "bounces", "ok"), (DOMAIN, "complaints", "failed"),
-                                     (DOMAIN, "unsubscribes", "ok")]
+    assert await sync_runs(pool) == [(DOMAIN, "allowlist", "ok"), (DOMAIN, "bounces", "ok"),
+                                     (DOMAIN, "complaints", "failed"), (DOMAIN, "unsubscribes", "ok")]
     outcome.assert_no_secret(DB_PASSWORD)
 
 
@@ -274,7 +274,7 @@ async def test_a_refused_key_fails_every_list_without_showing_the_key(invoke, en
 
     assert outcome.code == 1
     report = outcome.report()
-    assert [r["status"] for r in report["results"]] == ["failed"] * 3
+    assert [r["status"] for r in report["results"]] == ["failed"] * len(LISTS)
     assert all("401" in r["error"] for r in report["results"])
     outcome.assert_no_secret(DB_PASSWORD)
     assert "key-the-right-one" not in outcome.out + outcome.err
@@ -296,7 +296,7 @@ async def test_a_table_report_of_a_refused_key_does_not_show_the_key(invoke, env
     emulator.api_key = "key-the-right-one"
     outcome = await invoke("run", env=env)
     assert outcome.code == 1
-    assert outcome.out.count("error: ") == 3
+    assert outcome.out.count("error: ") == len(LISTS)
     outcome.assert_no_secret(DB_PASSWORD)
 
 
@@ -386,3 +386,10 @@ async def test_dry_run_reports_what_would_change_and_changes_neither_side(invoke
     assert await sync_runs(pool) == []
     assert {kind: emulator.records(DOMAIN, kind) for kind in LISTS} == remote_before
     assert {r.method for r in emulator.requests} == {"GET"}
+
+
+async def test_the_cli_takes_allowlist_as_a_list_name(invoke, env, emulator):
+    emulator.seed(DOMAIN, SuppressionList.ALLOWLIST, [{"value": "vip@example.com"}])
+    outcome = await invoke("run", "--json", "--list", "allowlist", env=env)
+    assert outcome.code == 0, outcome.err
+    assert [(r["list"], r["inserted"]) for r in outcome.report()["results"]] == [("allowlist", 1)]

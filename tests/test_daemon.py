@@ -77,7 +77,7 @@ async def test_every_list_is_reconciled_on_schedule_again_and_again(daemon, emul
 
     async def every_list_ran_twice() -> bool:
         counts = await pool.fetch("SELECT list, count(*) AS n FROM mailgun.sync_runs GROUP BY list")
-        return len(counts) == 3 and all(r["n"] >= 2 for r in counts)
+        return len(counts) == len(SYNCED_LISTS) and all(r["n"] >= 2 for r in counts)
 
     await wait_for(every_list_ran_twice)
     assert "sched@example.com" in await rows(pool, BOUNCES)

@@ -121,3 +121,85 @@ async def test_a_dry_run_counts_local_removals_and_sends_none(pool, emulator, ma
     assert result.deleted == 1
     assert deletes(emulator) == []
     assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 1
+
+
+UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
+
+
+async def unsubscribed(pool, emulator, address: str, tags: list[str]) -> None:
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": address, "tags": tags,
+                                          "created_at": "Mon, 02 Mar 2026 10:00:00 UTC"}])
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO,
+                     tags=tags, created_at=datetime(2026, 3, 2, 10, tzinfo=UTC))
+
+
+async def run_unsubscribes(make_reconciler):
+    return await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+
+
+async def test_a_tag_dropped_locally_is_dropped_at_mailgun_and_the_rest_kept(
+        pool, emulator, make_reconciler):
+    await unsubscribed(pool, emulator, "reader@example.com", ["news", "promo"])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert (result.status, result.deleted, result.pushed) == ("ok", 1, 0)
+    [delete] = [r for r in emulator.requests if r.method == "DELETE"]
+    assert delete.path == f"/v3/{DOMAIN}/unsubscribes/reader%40example.com"
+    assert delete.query == {"tag": "promo"}
+    assert [r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)] == [["news"]]
+    row = (await rows(pool, UNSUBSCRIBES))["reader@example.com"]
+    assert (row["tags"], row["sync_state"]) == (["news"], "synced")
+    assert await pool.fetchval("SELECT detail FROM mailgun.changes WHERE action = 'delete'") == "tag promo"
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+
+
+async def test_a_tag_dropped_and_put_back_before_the_run_is_not_dropped(pool, emulator, make_reconciler):
+    await unsubscribed(pool, emulator, "reader@example.com", ["news", "promo"])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news,promo}'")
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert (result.status, result.deleted) == ("ok", 0)
+    assert [r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)] == [["news", "promo"]]
+    assert (await rows(pool, UNSUBSCRIBES))["reader@example.com"]["sync_state"] == "synced"
+
+
+async def test_dropping_a_tag_and_adding_another_sends_both(pool, emulator, make_reconciler):
+    await unsubscribed(pool, emulator, "reader@example.com", ["news", "promo"])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news,weekly}'")
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert (result.status, result.deleted, result.pushed) == ("ok", 1, 1)
+    assert [r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)] == [["news", "weekly"]]
+    row = (await rows(pool, UNSUBSCRIBES))["reader@example.com"]
+    assert (row["tags"], row["sync_state"]) == (["news", "weekly"], "synced")
+    assert (await run_unsubscribes(make_reconciler)).counts() == (1, 0, 0, 0, 0, 0, 0, 0)
+
+
+async def test_deleting_the_row_after_dropping_a_tag_deletes_the_record(pool, emulator, make_reconciler):
+    await unsubscribed(pool, emulator, "reader@example.com", ["news", "promo"])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")
+    await pool.execute("DELETE FROM mailgun.unsubscribes")
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert result.status == "ok"
+    assert emulator.records(DOMAIN, UNSUBSCRIBES) == []
+    assert await rows(pool, UNSUBSCRIBES) == {}
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+
+
+async def test_a_synced_row_changed_locally_then_deleted_is_still_deleted_at_mailgun(
+        pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["edited@example.com"])
+    await pool.execute("UPDATE mailgun.bounces SET error = 'edited by the application'")
+    await pool.execute("DELETE FROM mailgun.bounces")
+
+    result = await run(make_reconciler)
+
+    assert (result.status, result.deleted, result.inserted) == ("ok", 1, 0)
+    assert emulator.records(DOMAIN, BOUNCES) == []

@@ -13,6 +13,9 @@ from tests.conftest import API_KEY, DOMAIN
 from worker.emulator import Fault
 from worker.records import SYNCED_LISTS
 
+# The lists Mailgun takes in batches; the allowlist (one form post per entry) is reconciled too,
+# but empty here.
+BATCHED = [kind for kind in SYNCED_LISTS if kind.accepts_batches]
 OTHER_DOMAIN = "mg.example.org"
 DOMAINS = (DOMAIN, OTHER_DOMAIN)
 
@@ -20,7 +23,7 @@ DOMAINS = (DOMAIN, OTHER_DOMAIN)
 async def test_three_daemons_and_a_run_share_the_lists_safely(emulator, pool, database_url):
     emulator.declare(OTHER_DOMAIN)
     for domain in DOMAINS:
-        for kind in SYNCED_LISTS:
+        for kind in BATCHED:
             emulator.seed(domain, kind, [{"address": f"remote{i}@{kind.value}.example.com"}
                                          for i in range(200)])
             await pool.executemany(
@@ -48,7 +51,7 @@ async def test_three_daemons_and_a_run_share_the_lists_safely(emulator, pool, da
 
     # Every list is in step on both sides.
     for domain in DOMAINS:
-        for kind in SYNCED_LISTS:
+        for kind in BATCHED:
             remote = {r["address"] for r in emulator.records(domain, kind)}
             mirror = await pool.fetch(
                 f"SELECT address, sync_state FROM mailgun.{kind.value} WHERE domain = $1", domain)
@@ -58,7 +61,7 @@ async def test_three_daemons_and_a_run_share_the_lists_safely(emulator, pool, da
     # Runs of one list never overlapped in time.
     runs = await pool.fetch("SELECT domain, list, started_at, finished_at FROM mailgun.sync_runs "
                             "ORDER BY domain, list, started_at")
-    assert len(runs) >= 6
+    assert len(runs) >= 2 * len(SYNCED_LISTS)
     previous: dict[tuple[str, str], object] = {}
     for run in runs:
         key = (run["domain"], run["list"])

@@ -65,9 +65,10 @@ def test_sql_placeholders_are_fixed_identifiers_never_values():
     for name, text in queries().items():
         unquoted = re.sub(r"'[^']*'", "''", text)  # array literals such as '{*}' are values
         for placeholder in re.findall(r"\{(\w+)\}", unquoted):
-            assert placeholder in {"table", "list", "cols", "r_cols", "m_cols", "set_cols", "database"}, name
+            assert placeholder in {"table", "list", "cols", "r_cols", "m_cols", "set_cols", "address",
+                                   "address_key", "database"}, name
     for kind, columns in DATA_COLUMNS.items():
-        assert all(re.fullmatch(r"[a-z_]+", c) for c in columns)
+        assert all(re.fullmatch(r"[a-z_]+", c) for pair in columns for c in pair)
         assert not re.search(r"\{\w+\}", re.sub(r"'[^']*'", "''", list_query("build_diff", kind)))
 
 

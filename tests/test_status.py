@@ -22,7 +22,7 @@ SECOND_DOMAIN = "mg.second-example.org"
 BOUNCES = SuppressionList.BOUNCES
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
 COMPLAINTS = SuppressionList.COMPLAINTS
-LISTS = ("bounces", "unsubscribes", "complaints")
+LISTS = ("bounces", "unsubscribes", "complaints", "allowlist")
 COUNTS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
 FIELDS = {"domain", "list", "last_run_at", "status", *COUNTS, "pending_rows", "rejected_rows", "error"}
 
@@ -83,6 +83,7 @@ async def test_status_before_any_run_lists_every_configured_list_as_never_run(po
         (DOMAIN, "bounces"): never_run(DOMAIN, "bounces", pending=1),
         (DOMAIN, "unsubscribes"): never_run(DOMAIN, "unsubscribes"),
         (DOMAIN, "complaints"): never_run(DOMAIN, "complaints"),
+        (DOMAIN, "allowlist"): never_run(DOMAIN, "allowlist"),
     }
     table = (await status(env=env)).out
     for kind in LISTS:

@@ -69,7 +69,7 @@ def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
                         help="a sending domain (repeatable; default: MAILGUN_DOMAINS)")
     parser.add_argument("--list", action="append", dest="lists", metavar="L",
                         choices=[k.value for k in SYNCED_LISTS],
-                        help="bounces, unsubscribes or complaints (repeatable; default: all three)")
+                        help="bounces, unsubscribes, complaints, allowlist (repeatable; default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:

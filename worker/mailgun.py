@@ -162,7 +162,7 @@ class MailgunClient:
         return f"MailgunClient(api_base={self._base!r})"
 
     def list_url(self, domain: str, kind: SuppressionList) -> str:
-        return f"{self._base}/{self._version}/{quote(domain, safe='')}/{kind.value}"
+        return f"{self._base}/{self._version}/{quote(domain, safe='')}/{kind.path}"
 
     def address_url(self, domain: str, kind: SuppressionList, address: str) -> str:
         # Mailgun decodes path addresses query-style: a raw `+` would arrive as a space.

@@ -22,7 +22,7 @@ import structlog
 from worker.errors import DatabaseError, MailgunError, PagingOrderError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
-from worker.records import MAX_BATCH, SuppressionList, address_problem
+from worker.records import MAX_BATCH, SuppressionList, record_problem
 from worker.store import ListSession, MirrorStore, PendingRow
 
 log = get_logger(__name__)
@@ -223,13 +223,13 @@ class Reconciler:
         if options.dry_run:
             result.deleted = len(queued)
             return
-        for removal, address in queued:
+        for removal in queued:
             try:
-                await self._mailgun.delete(session.domain, session.kind, address)
+                await self._mailgun.delete(session.domain, session.kind, removal.address, tag=removal.tag)
             except MailgunError as exc:
-                await session.removal_failed(removal, str(exc))
+                await session.removal_failed(removal.id, str(exc))
                 raise
-            await session.removal_done(removal, run_id)
+            await session.removal_done(removal.id, run_id)
             result.deleted += 1
 
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:
@@ -240,7 +240,7 @@ class Reconciler:
         """Push pending rows the pull has judged; each is marked only from its own batch's answer."""
         async for rows in session.pending(self._options.push_read_ahead, pull_started):
             invalid = [(row, problem) for row in rows
-                       if (problem := address_problem(row.record.address)) is not None]
+                       if (problem := record_problem(session.kind, row.record)) is not None]
             result.rejected += await session.mark_rejected(run_id, invalid)
             refused = {id(row) for row, _ in invalid}
             valid = [row for row in rows if id(row) not in refused]

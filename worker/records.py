@@ -25,7 +25,12 @@ class SuppressionList(enum.StrEnum):
     BOUNCES = "bounces"
     UNSUBSCRIBES = "unsubscribes"
     COMPLAINTS = "complaints"
-    ALLOWLIST = "whitelists"
+    ALLOWLIST = "allowlist"
+
+    @property
+    def path(self) -> str:
+        """The list's segment in Mailgun's URLs: the allowlist is still `whitelists` there."""
+        return "whitelists" if self is SuppressionList.ALLOWLIST else self.value
 
     @property
     def accepts_batches(self) -> bool:
@@ -33,14 +38,24 @@ class SuppressionList(enum.StrEnum):
         return self is not SuppressionList.ALLOWLIST
 
     @classmethod
+    def from_path(cls, segment: str) -> SuppressionList:
+        """The list a URL segment names; ValueError for anything Mailgun does not serve."""
+        for kind in cls:
+            if kind.path == segment:
+                return kind
+        raise ValueError(f"{segment!r} is not a suppression list")
+
+    @classmethod
     def parse(cls, name: str) -> SuppressionList:
-        """Accept the path segment or the friendlier `allowlist`."""
-        if name == "allowlist":
-            return cls.ALLOWLIST
-        return cls(name)
+        """The list's name, or its URL segment (`whitelists`)."""
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.from_path(name)
 
 
-SYNCED_LISTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES, SuppressionList.COMPLAINTS)
+# Every list the worker mirrors, in the order it reconciles them.
+SYNCED_LISTS = tuple(SuppressionList)
 
 # The largest JSON array Mailgun accepts in one add-many request.
 MAX_BATCH = 1000
@@ -232,7 +247,7 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
         elif kind is SuppressionList.COMPLAINTS:
             append((lowered, address, None, None, created, None))
         else:
-            append((lowered, address, _staging_text(item.get("type"), "type"),
+            append((lowered, address, _staging_text(item.get("type"), "type") or "address",
                     _staging_text(item.get("reason"), "reason"), created, None))
     return rows
 
@@ -282,6 +297,14 @@ def _full_check(address: str) -> str | None:
 @functools.lru_cache(maxsize=65536)
 def _domain_problem(domain: str) -> str | None:
     return _full_check(f"postmaster@{domain}")
+
+
+def record_problem(kind: SuppressionList, record: Record) -> str | None:
+    """Why a local addition cannot be sent, or None: an allowlist entry may name a whole domain."""
+    if kind is SuppressionList.ALLOWLIST and record.kind == "domain":
+        problem = _domain_problem(record.address)
+        return problem and problem.replace("invalid address", "invalid domain", 1)
+    return address_problem(record.address)
 
 
 def address_problem(address: str) -> str | None:

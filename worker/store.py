@@ -23,30 +23,38 @@ from worker.mailgun import Page
 from worker.records import Record, StagingRow, SuppressionList
 from worker.sql import queries
 
-# The data columns of each mirror table, the ones Mailgun owns. Identifiers only: they fill the
-# {cols}-style placeholders of sql/queries.sql.
-DATA_COLUMNS: dict[SuppressionList, tuple[str, ...]] = {
-    SuppressionList.BOUNCES: ("code", "error", "created_at"),
-    SuppressionList.UNSUBSCRIBES: ("tags", "created_at"),
-    SuppressionList.COMPLAINTS: ("created_at",),
+# The data columns of each mirror table, the ones Mailgun owns, each with the staging column it is
+# read from (the allowlist's `type` and `reason` arrive in staging's `code` and `error`).
+# Identifiers only: they fill the {cols}-style placeholders of sql/queries.sql.
+DATA_COLUMNS: dict[SuppressionList, tuple[tuple[str, str], ...]] = {
+    SuppressionList.BOUNCES: (("code", "code"), ("error", "error"), ("created_at", "created_at")),
+    SuppressionList.UNSUBSCRIBES: (("tags", "tags"), ("created_at", "created_at")),
+    SuppressionList.COMPLAINTS: (("created_at", "created_at"),),
+    SuppressionList.ALLOWLIST: (("type", "code"), ("reason", "error"), ("created_at", "created_at")),
 }
 MIRRORED_LISTS = tuple(DATA_COLUMNS)
 
-_PLACEHOLDER = re.compile(r"\{(table|list|cols|r_cols|m_cols|set_cols)\}")
+# The column holding the address (the allowlist's entry, which may be a domain), and its key.
+_ADDRESS_COLUMN = {SuppressionList.ALLOWLIST: "value"}
+
+_PLACEHOLDER = re.compile(r"\{(table|list|cols|r_cols|m_cols|set_cols|address|address_key)\}")
 
 
 @functools.cache
 def list_query(name: str, kind: SuppressionList) -> str:
     """The named query for one list: its `NAME@list` variant if any, placeholders filled."""
     text = queries().get(f"{name}@{kind.value}") or queries()[name]
-    cols = DATA_COLUMNS[kind]
+    pairs = DATA_COLUMNS[kind]
+    address = _ADDRESS_COLUMN.get(kind, "address")
     values = {
         "table": f"mailgun.{kind.value}",
         "list": kind.value,
-        "cols": ", ".join(cols),
-        "r_cols": ", ".join(f"r.{c}" for c in cols),
-        "m_cols": ", ".join(f"m.{c}" for c in cols),
-        "set_cols": ", ".join(f"{c} = r.{c}" for c in cols),
+        "cols": ", ".join(c for c, _ in pairs),
+        "r_cols": ", ".join(f"r.{s}" for _, s in pairs),
+        "m_cols": ", ".join(f"m.{c}" for c, _ in pairs),
+        "set_cols": ", ".join(f"{c} = r.{s}" for c, s in pairs),
+        "address": address,
+        "address_key": f"{address}_key",
     }
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
@@ -120,6 +128,15 @@ class PendingRow:
     version: str
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedRemoval:
+    """A deletion at Mailgun an application asked for: a whole record, or one unsubscribe tag."""
+
+    id: int
+    address: str
+    tag: str | None
+
+
 _COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags"]
 
 
@@ -165,6 +182,8 @@ def _pending_record(kind: SuppressionList, row: asyncpg.Record) -> Record:
         return Record(row["address"], row["created_at"], code=row["code"], error=row["error"])
     if kind is SuppressionList.UNSUBSCRIBES:
         return Record(row["address"], row["created_at"], tags=tuple(row["tags"]))
+    if kind is SuppressionList.ALLOWLIST:
+        return Record(row["address"], row["created_at"], kind=row["type"], reason=row["reason"])
     return Record(row["address"], row["created_at"])
 
 
@@ -228,10 +247,10 @@ class ListSession:
 
     # ---- local removals, sent to Mailgun ------------------------------------------------
 
-    async def queued_removals(self) -> list[tuple[int, str]]:
+    async def queued_removals(self) -> list[QueuedRemoval]:
         async with wrap_db_errors(f"reading removals of {self.domain} {self.kind.value}"):
             found = await self._db.fetch(queries()["queued_removals"], self.domain, self.kind.value)
-        return [(r["id"], r["address"]) for r in found]
+        return [QueuedRemoval(r["id"], r["address"], r["tag"] or None) for r in found]
 
     async def count_synced(self) -> int:
         async with wrap_db_errors(f"counting {self.domain} {self.kind.value}"):

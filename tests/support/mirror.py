@@ -9,10 +9,14 @@ import asyncpg
 
 from worker.records import SuppressionList
 
-MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "sync_runs", "changes")
+MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "allowlist", "sync_runs", "changes")
 
 
 BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals")
+
+
+def _address_column(kind: SuppressionList) -> str:
+    return "value" if kind is SuppressionList.ALLOWLIST else "address"
 
 
 async def empty_mirror(pool: asyncpg.Pool) -> None:
@@ -25,21 +29,23 @@ async def insert_row(pool: asyncpg.Pool, kind: SuppressionList | str, domain: st
                      **data: Any) -> None:
     """Insert a row in a chosen state; `state="pending"` with no other options is exactly what an
     application's plain INSERT gives."""
-    columns = {"domain": domain, "address": address, **data}
+    kind = SuppressionList.parse(str(kind))
+    columns = {"domain": domain, _address_column(kind): address, **data}
     if state != "pending" or synced_at is not None:
         columns.update(sync_state=state, synced_at=synced_at)
     names = ", ".join(columns)
     params = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
     await pool.execute(
-        f"INSERT INTO mailgun.{SuppressionList.parse(str(kind)).value} ({names}) VALUES ({params})",
+        f"INSERT INTO mailgun.{kind.value} ({names}) VALUES ({params})",
         *columns.values())
 
 
 async def rows(pool: asyncpg.Pool, kind: SuppressionList | str) -> dict[str, dict[str, Any]]:
     """The mirror table as {address: row}."""
-    table = SuppressionList.parse(str(kind)).value
-    found = await pool.fetch(f"SELECT * FROM mailgun.{table} ORDER BY lower(address)")
-    return {r["address"]: dict(r) for r in found}
+    kind = SuppressionList.parse(str(kind))
+    column = _address_column(kind)
+    found = await pool.fetch(f"SELECT * FROM mailgun.{kind.value} ORDER BY lower({column})")
+    return {r[column]: dict(r) for r in found}
 
 
 async def snapshot(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:

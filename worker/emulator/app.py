@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import quote, quote_plus, unquote_plus
+from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus
 
 import orjson
 from aiohttp import web
@@ -50,6 +50,10 @@ class RecordedRequest:
 
     def json(self) -> Any:
         return orjson.loads(self.body)
+
+    def form(self) -> dict[str, str]:
+        """The fields of a url-encoded form body (a single add)."""
+        return dict(parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True))
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -341,7 +345,7 @@ class MailgunEmulator:
 
     def _kind(self, request: web.Request) -> SuppressionList:
         try:
-            return SuppressionList(request.match_info["list"])
+            return SuppressionList.from_path(request.match_info["list"])
         except ValueError:
             raise _Refusal(404, "Not Found") from None
 
@@ -401,7 +405,7 @@ class MailgunEmulator:
 
         key = "value" if table.kind is SuppressionList.ALLOWLIST else "address"
         origin = f"{request.scheme}://{request.host}"
-        base = f"{origin}/v3/{quote(request.match_info['domain'], safe='')}/{table.kind.value}"
+        base = f"{origin}/v3/{quote(request.match_info['domain'], safe='')}/{table.kind.path}"
         tail = f"limit={limit}&term={quote_plus(term)}"
         first = f"{base}?{tail}"
         if rows:
