@@ -14,7 +14,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import rows
-from worker.daemon import Daemon, build_http_app, build_trigger
+from worker.daemon import Daemon, build_http_app, build_trigger, fixed_plans
+from worker.domains import DomainPlan
 from worker.emulator import Fault
 from worker.errors import ConfigError
 from worker.lifespan import Resources
@@ -39,7 +40,7 @@ def metrics() -> Metrics:
 @pytest.fixture
 async def daemon(emulator, pool, store, client, metrics) -> AsyncIterator[Daemon]:
     running = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
-                     metrics, SYNCED_LISTS)
+                     metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base)]))
     yield running
     await running.drain(grace=5)
 
@@ -73,7 +74,7 @@ def test_a_malformed_cron_names_sync_cron(emulator, cron):
 
 async def test_every_list_is_reconciled_on_schedule_again_and_again(daemon, emulator, pool):
     emulator.seed(DOMAIN, BOUNCES, [{"address": "sched@example.com"}])
-    daemon.start()
+    await daemon.start()
 
     async def every_list_ran_twice() -> bool:
         counts = await pool.fetch("SELECT list, count(*) AS n FROM mailgun.sync_runs GROUP BY list")
@@ -91,7 +92,7 @@ async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics,
     assert 'mailgun_sync_runs_total{domain="mg.example.com"' not in before
 
     emulator.seed(DOMAIN, BOUNCES, [{"address": f"m{i}@example.com"} for i in range(7)])
-    daemon.start()
+    await daemon.start()
 
     async def metrics_show_a_run() -> bool:
         text = await (await http.get("/metrics")).text()
@@ -112,10 +113,10 @@ async def test_readiness_fails_once_a_list_keeps_failing_and_names_it(
 
     client = make_client(retry=RetryPolicy(max_attempts=1), observer=metrics)
     daemon = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
-                    metrics, [BOUNCES])
+                    metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
     http = await aiohttp_client(build_http_app(daemon, metrics))
     emulator.fail_next(503, times=None, list="bounces")
-    daemon.start()
+    await daemon.start()
     try:
         async def unready() -> bool:
             return (await http.get("/readyz")).status == 503

@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ import orjson
 from worker import __version__
 from worker.backfill import Backfiller, Progress
 from worker.daemon import build_trigger, serve
+from worker.domains import DomainPlan, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError, SyncError
-from worker.lifespan import open_resources
+from worker.lifespan import Resources, open_resources
 from worker.logs import configure_logging, get_logger
+from worker.mailgun import MailgunClient
 from worker.metrics import Metrics
 from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
@@ -66,7 +69,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", action="append", dest="domains", metavar="D",
-                        help="a sending domain (repeatable; default: MAILGUN_DOMAINS)")
+                        help="a sending domain (repeatable; default: MAILGUN_DOMAINS and SYNC_CONFIG)")
+    parser.add_argument("--config", dest="SYNC_CONFIG", metavar="FILE",
+                        help="TOML file of domains with their region, lists and schedule (env SYNC_CONFIG)")
     parser.add_argument("--list", action="append", dest="lists", metavar="L",
                         choices=[k.value for k in SYNCED_LISTS],
                         help="bounces, unsubscribes, complaints, allowlist (repeatable; default: all)")
@@ -173,15 +178,36 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    # --domain narrows to those domains (validated as MAILGUN_DOMAINS is).
     domains = ",".join(args.domains) if args.domains else None
     settings = Settings.from_env(env, **_overrides(args), MAILGUN_DOMAINS=domains)
-    if not settings.domains:
-        raise ConfigError("MAILGUN_DOMAINS", "no domain to sync: set MAILGUN_DOMAINS or pass --domain")
+    if not settings.domains and not settings.config_file:
+        raise ConfigError("MAILGUN_DOMAINS", "no domain to sync: set MAILGUN_DOMAINS or SYNC_CONFIG, "
+                                             "or pass --domain")
+    if settings.config_file:  # a malformed file fails before anything opens
+        read_sync_config(settings.config_file, default_api_base=settings.api_base)
     return settings
 
 
-def selected_lists(args: argparse.Namespace) -> list[SuppressionList]:
-    return [SuppressionList(name) for name in args.lists] if args.lists else list(SYNCED_LISTS)
+def selected_lists(args: argparse.Namespace) -> list[SuppressionList] | None:
+    """The lists --list narrows every domain to; None: each domain's own."""
+    return [SuppressionList(name) for name in args.lists] if args.lists else None
+
+
+async def domain_plans(args: argparse.Namespace, settings: Settings,
+                       resources: Resources) -> list[DomainPlan]:
+    return await plan_domains(settings, resources.mailgun_for, only=args.domains or (),
+                              lists=selected_lists(args))
+
+
+async def reconcile_plans(plans: Sequence[DomainPlan], resources: Resources,
+                          make: Callable[[MailgunClient], Reconciler]) -> list[ListResult]:
+    """One run over every domain, each through its own region's client."""
+    run_id = uuid.uuid4()
+    results: list[ListResult] = []
+    for plan in plans:
+        results += await make(resources.mailgun_for(plan.api_base)).run(run_id, [plan.name], plan.lists)
+    return results
 
 
 async def require_schema(pool: asyncpg.Pool) -> None:
@@ -193,14 +219,14 @@ async def require_schema(pool: asyncpg.Pool) -> None:
 
 async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
-    kinds = selected_lists(args)
     options = ReconcileOptions(dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete,
                                max_delete_fraction=settings.max_delete_fraction,
                                pull_ranges=settings.pull_ranges)
     async with open_resources(settings) as resources:
         await require_schema(resources.pool)
-        reconciler = Reconciler(resources.store, resources.mailgun, options)
-        results = await reconciler.run(uuid.uuid4(), settings.domains, kinds)
+        plans = await domain_plans(args, settings, resources)
+        results = await reconcile_plans(
+            plans, resources, lambda client: Reconciler(resources.store, client, options))
     print_results(results, as_json=args.json)
     return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
 
@@ -219,7 +245,7 @@ async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     metrics = Metrics()
     async with open_resources(settings, observer=metrics) as resources:
         await require_schema(resources.pool)
-        await serve(settings, resources, metrics, selected_lists(args))
+        await serve(settings, resources, metrics, partial(domain_plans, args, settings, resources))
     return EXIT_OK
 
 
@@ -229,9 +255,10 @@ async def backfill_command(args: argparse.Namespace, env: Mapping[str, str]) -> 
                                max_delete_fraction=settings.max_delete_fraction)
     async with open_resources(settings) as resources:
         await require_schema(resources.pool)
-        backfiller = Backfiller(resources.store, resources.mailgun, options, push=args.push,
-                                progress=Progress(sys.stdout))
-        results = await backfiller.run(uuid.uuid4(), settings.domains, selected_lists(args))
+        plans = await domain_plans(args, settings, resources)
+        progress = Progress(sys.stdout)
+        results = await reconcile_plans(plans, resources, lambda client: Backfiller(
+            resources.store, client, options, push=args.push, progress=progress))
     print_results(results, as_json=False)
     return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
 

@@ -16,7 +16,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +26,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from worker.domains import DomainPlan
 from worker.errors import ConfigError, DatabaseError, SyncError
 from worker.lifespan import Resources
 from worker.logs import get_logger
@@ -40,15 +41,17 @@ _CRON_WEEKDAYS = {"0": "sun", "7": "sun", "1": "mon", "2": "tue", "3": "wed", "4
                   "6": "sat"}
 
 
-def build_trigger(settings: Settings) -> BaseTrigger:
-    """`SYNC_CRON` (standard crontab, Sunday = 0) if set, else every `SYNC_INTERVAL` seconds."""
-    if settings.sync_cron is None:
-        return IntervalTrigger(seconds=settings.sync_interval, jitter=settings.sync_jitter or None,
-                               timezone=UTC)
-    fields = settings.sync_cron.split()
+def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTrigger:
+    """The domain's own schedule if it has one, else `SYNC_CRON` (standard crontab, Sunday = 0)
+    if set, else every `SYNC_INTERVAL` seconds."""
+    interval, cron, setting = settings.sync_interval, settings.sync_cron, "SYNC_CRON"
+    if plan is not None and (plan.interval is not None or plan.cron is not None):
+        interval, cron, setting = plan.interval or interval, plan.cron, f"SYNC_CONFIG ({plan.name})"
+    if cron is None:
+        return IntervalTrigger(seconds=interval, jitter=settings.sync_jitter or None, timezone=UTC)
+    fields = cron.split()
     if len(fields) != 5:
-        raise ConfigError("SYNC_CRON",
-                          f"{settings.sync_cron!r} needs 5 fields: minute hour day month weekday")
+        raise ConfigError(setting, f"{cron!r} needs 5 fields: minute hour day month weekday")
     minute, hour, day, month, weekday = fields
     # APScheduler 3 numbers weekdays from Monday; crontab from Sunday. Names mean the same in both.
     weekday = re.sub(r"\d", lambda m: _CRON_WEEKDAYS[m.group()], weekday)
@@ -56,19 +59,31 @@ def build_trigger(settings: Settings) -> BaseTrigger:
         return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
                            jitter=settings.sync_jitter or None, timezone=UTC)
     except ValueError as exc:
-        raise ConfigError("SYNC_CRON", f"{settings.sync_cron!r}: {exc}") from None
+        raise ConfigError(setting, f"{cron!r}: {exc}") from None
+
+
+# The domains to sync, asked again every DISCOVERY_REFRESH seconds: domains discovered in the
+# account or added to SYNC_CONFIG since are picked up without a restart.
+Planner = Callable[[], Awaitable[Sequence[DomainPlan]]]
+DISCOVERY_REFRESH = 3600.0
+
+
+def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
+    async def planner() -> Sequence[DomainPlan]:
+        return plans
+    return planner
 
 
 class Daemon:
     def __init__(self, settings: Settings, resources: Resources, metrics: Metrics,
-                 kinds: Sequence[SuppressionList]) -> None:
+                 planner: Planner) -> None:
         self._settings = settings
         self._resources = resources
         self._metrics = metrics
-        self._kinds = tuple(kinds)
-        self._reconciler = Reconciler(resources.store, resources.mailgun, ReconcileOptions(
-            max_delete_fraction=settings.max_delete_fraction, pull_ranges=settings.pull_ranges))
-        self._trigger = build_trigger(settings)
+        self._planner = planner
+        self._options = ReconcileOptions(max_delete_fraction=settings.max_delete_fraction,
+                                         pull_ranges=settings.pull_ranges)
+        self._reconcilers: dict[str, Reconciler] = {}
         self._scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={
             "coalesce": True, "max_instances": 1,
             "misfire_grace_time": max(1, int(settings.sync_interval))})
@@ -76,31 +91,61 @@ class Daemon:
         self._failures: dict[tuple[str, str], int] = {}
         self._stopping = False
 
-    def start(self) -> None:
-        """Schedule every (domain, list); first runs are spread over the jitter window so that
-        replicas started together do not all reach for the same list at once."""
+    async def start(self) -> None:
+        """Schedule every (domain, list) and start. First runs are spread over the jitter window
+        so that replicas started together do not all reach for the same list at once."""
+        self._schedule(await self._planner())
+        self._scheduler.add_job(self._refresh, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
+                                id="refresh-domains", name="refresh the domains to sync")
+        self._scheduler.start()
+        log.info("daemon_started", domains=sorted(self._domains()),
+                 default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
+
+    def _domains(self) -> set[str]:
+        return {job.id.rsplit("/", 1)[0] for job in self._scheduler.get_jobs() if "/" in job.id}
+
+    def _schedule(self, plans: Sequence[DomainPlan]) -> None:
+        """Add the jobs of every (domain, list) not scheduled yet; drop those no longer planned."""
         now = datetime.now(UTC)
-        for domain in self._settings.domains:
-            for kind in self._kinds:
+        wanted = {f"{plan.name}/{kind.value}" for plan in plans for kind in plan.lists}
+        for job in self._scheduler.get_jobs():
+            if "/" in job.id and job.id not in wanted:
+                job.remove()
+                log.info("list_unscheduled", job=job.id)
+        for plan in plans:
+            trigger = build_trigger(self._settings, plan)
+            for kind in plan.lists:
+                job_id = f"{plan.name}/{kind.value}"
+                if self._scheduler.get_job(job_id) is not None:
+                    continue
                 first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
                 self._scheduler.add_job(
-                    self._sync, self._trigger, args=(domain, kind), id=f"{domain}/{kind.value}",
-                    name=f"reconcile {domain} {kind.value}", next_run_time=first)
-        self._scheduler.start()
-        log.info("daemon_started", domains=list(self._settings.domains),
-                 lists=[k.value for k in self._kinds],
-                 schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
+                    self._sync, trigger, args=(plan, kind), id=job_id,
+                    name=f"reconcile {plan.name} {kind.value}", next_run_time=first)
 
-    async def _sync(self, domain: str, kind: SuppressionList) -> None:
+    async def _refresh(self) -> None:
+        try:
+            self._schedule(await self._planner())
+        except SyncError as exc:  # keep syncing what is scheduled; try again next time
+            log.error("domains_not_refreshed", error=str(exc))
+
+    def _reconciler(self, plan: DomainPlan) -> Reconciler:
+        if plan.api_base not in self._reconcilers:
+            self._reconcilers[plan.api_base] = Reconciler(
+                self._resources.store, self._resources.mailgun_for(plan.api_base), self._options)
+        return self._reconcilers[plan.api_base]
+
+    async def _sync(self, plan: DomainPlan, kind: SuppressionList) -> None:
         if self._stopping:
             return
+        domain = plan.name
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
         key = (domain, kind.value)
         try:
             clock = time.perf_counter()
-            result = await self._reconciler.reconcile(uuid.uuid4(), domain, kind)
+            result = await self._reconciler(plan).reconcile(uuid.uuid4(), domain, kind)
             seconds = time.perf_counter() - clock
             if result.status in (FAILED, GUARDED):
                 self._failures[key] = self._failures.get(key, 0) + 1
@@ -176,11 +221,11 @@ def build_http_app(daemon: Daemon, metrics: Metrics) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, resources: Resources, metrics: Metrics,
-                kinds: Sequence[SuppressionList], *, stop: asyncio.Event | None = None) -> None:
+async def serve(settings: Settings, resources: Resources, metrics: Metrics, planner: Planner, *,
+                stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
     stop = stop or asyncio.Event()
-    daemon = Daemon(settings, resources, metrics, kinds)
+    daemon = Daemon(settings, resources, metrics, planner)
     runner = web.AppRunner(build_http_app(daemon, metrics), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -188,7 +233,7 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        daemon.start()
+        await daemon.start()
         await stop.wait()
         log.info("stop_requested")
         await daemon.drain(settings.shutdown_grace)

@@ -30,6 +30,7 @@ class ConfigError(SyncError):
 
     def __init__(self, setting: str, problem: str) -> None:
         self.setting = setting
+        self.problem = problem
         super().__init__(f"{setting}: {problem}")
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,7 +21,15 @@ from worker.store import MirrorStore, open_pool
 class Resources:
     pool: asyncpg.Pool
     store: MirrorStore
-    mailgun: MailgunClient
+    mailgun: MailgunClient  # the client of MAILGUN_API_BASE, the default region
+    # One client per other region (API origin) a domain lives in, made on first use; they share
+    # the process's HTTP session.
+    regional: Callable[[str], MailgunClient] | None = None
+
+    def mailgun_for(self, api_base: str) -> MailgunClient:
+        if self.regional is None or api_base == self.mailgun.api_base:
+            return self.mailgun
+        return self.regional(api_base)
 
 
 @contextlib.asynccontextmanager
@@ -32,8 +41,13 @@ async def open_resources(settings: Settings, *,
     async with contextlib.AsyncExitStack() as stack:
         pool = await stack.enter_async_context(open_pool(settings.database_url))
         session = await stack.enter_async_context(aiohttp.ClientSession())
-        mailgun = MailgunClient(
-            session, api_base=settings.api_base, api_key=settings.api_key,
-            retry=RetryPolicy(max_attempts=settings.max_attempts, backoff_max=settings.backoff_max),
-            timeout=settings.http_timeout, observer=observer)
-        yield Resources(pool=pool, store=MirrorStore(pool), mailgun=mailgun)
+
+        @functools.cache
+        def client_for(api_base: str) -> MailgunClient:
+            return MailgunClient(
+                session, api_base=api_base, api_key=settings.api_key,
+                retry=RetryPolicy(max_attempts=settings.max_attempts, backoff_max=settings.backoff_max),
+                timeout=settings.http_timeout, observer=observer)
+
+        yield Resources(pool=pool, store=MirrorStore(pool), mailgun=client_for(settings.api_base),
+                        regional=client_for)

@@ -36,7 +36,7 @@ from worker.records import (
     staging_rows,
 )
 from worker.retry import Retryable, RetryPolicy, server_wait_hint
-from worker.settings import validate_api_base
+from worker.settings import region_of, validate_api_base
 
 log = get_logger(__name__)
 
@@ -45,6 +45,21 @@ T = TypeVar("T")
 DEFAULT_PAGE_LIMIT = 1000
 DEFAULT_MAX_PAGES = 1_000_000
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# `GET /v3/domains` pages by offset; 1000 is the largest page Mailgun documents for it.
+DOMAIN_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AccountDomain:
+    """A sending domain of the account, as `GET /v3/domains` lists it."""
+
+    name: str
+    state: str
+    disabled: bool
+
+
+def _where(domain: str, kind: SuppressionList | None) -> str:
+    return f"{domain} {kind.value}" if kind is not None else "the account's domains"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +175,10 @@ class MailgunClient:
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
+
+    @property
+    def api_base(self) -> str:
+        return self._base
 
     def list_url(self, domain: str, kind: SuppressionList) -> str:
         return f"{self._base}/{self._version}/{quote(domain, safe='')}/{kind.path}"
@@ -433,7 +452,31 @@ class MailgunClient:
                 f"record {last_address!r}; records could be skipped or repeated", url=url)
         return nxt, last_address
 
-    async def _get_page(self, url: str, domain: str, kind: SuppressionList) -> dict[str, Any]:
+    async def account_domains(self) -> list[AccountDomain]:
+        """Every domain of the account in this client's region (`GET /v3/domains`, offset paging:
+        `skip` and `limit`, with `total_count`). Reads to the end or raises."""
+        found: list[AccountDomain] = []
+        for _ in range(self._max_pages):
+            url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={len(found)}"
+            payload = await self._get_page(url, "", None)
+            items, total = payload.get("items"), payload.get("total_count")
+            if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
+                raise errors.MalformedPageError(
+                    "the account's domains: a page needs a list `items` and a number `total_count`",
+                    url=url)
+            for item in items:
+                name = item.get("name") if isinstance(item, dict) else None
+                if not isinstance(name, str) or not name:
+                    raise errors.MalformedPageError(
+                        f"the account's domains: an item without a text `name`: {str(item)[:200]}", url=url)
+                state = str(item.get("state") or "")
+                disabled = item.get("is_disabled") is True or state == "disabled"
+                found.append(AccountDomain(name, state, disabled))
+            if not items or len(found) >= total:
+                return found
+        raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
+
+    async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:
         async def attempt() -> dict[str, Any]:
             reply = await self._send("GET", url)
             if reply.status != 200:
@@ -551,15 +594,15 @@ class MailgunClient:
     # ---- transport ------------------------------------------------------------------------
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], method: str, url: str,
-                        domain: str, kind: SuppressionList) -> T:
+                        domain: str, kind: SuppressionList | None) -> T:
         try:
             async for try_ in self._retry.retrying(self._observer.on_retry, method=method, domain=domain,
-                                                   list=kind.value):
+                                                   list=kind.value if kind else "domains"):
                 with try_:
                     return await attempt()
         except Retryable as exc:
             raise errors.MailgunUnavailableError(
-                f"{domain} {kind.value}: {method} still failing after {self._retry.max_attempts} "
+                f"{_where(domain, kind)}: {method} still failing after {self._retry.max_attempts} "
                 f"attempts: {exc.reason}", status=exc.status, url=url) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -607,19 +650,25 @@ class MailgunClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _error(self, reply: _Reply, domain: str, kind: SuppressionList) -> errors.MailgunError:
-        """A typed error for a final (non-retryable) answer."""
+    def _error(self, reply: _Reply, domain: str, kind: SuppressionList | None) -> errors.MailgunError:
+        """A typed error for a final (non-retryable) answer. A domain asked of the wrong region
+        gets a 401 or a 404 from Mailgun, so both name the region asked."""
         message = reply.message()
-        where = f"{domain} {kind.value}"
+        where = _where(domain, kind)
+        named = region_of(self._base)
+        region = self._base if named == self._base else f"the {named} region ({self._base})"
         if reply.status == 401:
             return errors.MailgunAuthError(
-                f"{where}: Mailgun refused the API key (401 {message}). Check MAILGUN_API_KEY, and "
-                f"that MAILGUN_API_BASE ({self._base}) is the region the domain lives in "
-                "(US https://api.mailgun.net, EU https://api.eu.mailgun.net)",
+                f"{where}: Mailgun refused the API key (401 {message}) at {region}. Check "
+                "MAILGUN_API_KEY, and that the domain lives in this region (US https://api.mailgun.net, "
+                "EU https://api.eu.mailgun.net: MAILGUN_API_BASE, or `region` in SYNC_CONFIG)",
                 status=401, mailgun_message=message, url=reply.url)
         if reply.status == 404:
+            hint = (f"{region} does not know the domain: check its name, and that it lives in this "
+                    "region (`region` in SYNC_CONFIG, or MAILGUN_API_BASE)"
+                    if "domain not found" in message.lower() else "check the domain name and region")
             return errors.MailgunNotFoundError(
-                f"{where}: Mailgun answered 404 ({message}). Check the domain name and region",
+                f"{where}: Mailgun answered 404 ({message}); {hint}",
                 status=404, mailgun_message=message, url=reply.url)
         if 300 <= reply.status < 400:
             return errors.MailgunRejectedError(

@@ -25,7 +25,20 @@ ENVIRONMENT = (
     "MAILGUN_API_KEY", "MAILGUN_API_BASE", "MAILGUN_DOMAINS", "DATABASE_URL", "MAILGUN_MAX_ATTEMPTS",
     "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
+    "SYNC_CONFIG",
 )
+
+
+# Mailgun's regions and their API origins; a domain's suppressions live in its region only.
+REGIONS = {"us": US_API_BASE, "eu": EU_API_BASE}
+
+
+def region_of(api_base: str) -> str:
+    """`US`, `EU`, or the origin itself (an emulator, a proxy)."""
+    for name, origin in REGIONS.items():
+        if api_base.rstrip("/") == origin:
+            return name.upper()
+    return api_base
 
 
 def is_loopback(host: str) -> bool:
@@ -78,6 +91,8 @@ class Settings:
     api_key: str = field(repr=False)
     api_base: str = US_API_BASE
     domains: tuple[str, ...] = ()
+    # A TOML file of domains with their regions, lists and schedules (worker/domains.py).
+    config_file: str | None = None
     database_url: str | None = field(default=None, repr=False)
     max_attempts: int = 6
     backoff_max: float = 60.0
@@ -107,6 +122,7 @@ class Settings:
             api_key=api_key,
             api_base=validate_api_base(merged.get("MAILGUN_API_BASE") or US_API_BASE),
             domains=domains,
+            config_file=(merged.get("SYNC_CONFIG") or "").strip() or None,
             database_url=merged.get("DATABASE_URL") or None,
             max_attempts=_parse(merged, "MAILGUN_MAX_ATTEMPTS", int, 6,
                                 lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),

@@ -105,6 +105,7 @@ class MailgunEmulator:
         self.api_key = api_key
         self.settings = settings or EmulatorSettings()
         self.tables = DomainTables(case_sensitive=self.settings.case_sensitive)
+        self.disabled_domains: set[str] = set()
         for domain in domains:
             self.tables.declare(domain)
         self.faults = FaultBook()
@@ -118,8 +119,13 @@ class MailgunEmulator:
 
     # ---- Python API -------------------------------------------------------------------------
 
-    def declare(self, domain: str) -> None:
+    def declare(self, domain: str, *, disabled: bool = False) -> None:
+        """Create a domain (`GET /v3/domains` lists it; `disabled` as Mailgun shows a disabled one)."""
         self.tables.declare(domain)
+        if disabled:
+            self.disabled_domains.add(domain)
+        else:
+            self.disabled_domains.discard(domain)
 
     def seed(self, domain: str, kind: SuppressionList | str, records: Iterable[dict[str, Any]]) -> None:
         """Store records given in Mailgun's wire form (as a list endpoint returns them)."""
@@ -159,6 +165,7 @@ class MailgunEmulator:
     def reset(self) -> None:
         """Forget every record, domain, fault, logged request and spent budget."""
         self.tables.clear()
+        self.disabled_domains.clear()
         self.faults.clear()
         self.requests.clear()
         self.served.clear()
@@ -192,6 +199,7 @@ class MailgunEmulator:
     def _build_app(self) -> web.Application:
         app = web.Application(
             middlewares=[self._pipeline], client_max_size=self.settings.max_request_bytes)
+        app.router.add_get("/v3/domains", self._domains_route)
         for version in ("v3", "v2"):
             app.router.add_route("*", f"/{version}/{{domain}}/{{list}}", self._list_route)
             app.router.add_post(f"/{version}/{{domain}}/{{list}}/import", self._import)
@@ -249,7 +257,7 @@ class MailgunEmulator:
                 budget["Retry-After"] = str(max(1, int(reset_ms / 1000 - time.time()) + 1))
             return _message(429, messages.RATE_LIMITED, budget)
         domain = match.get("domain", "")
-        if not self.tables.has(domain):
+        if "domain" in match and not self.tables.has(domain):
             if not self.settings.auto_create_domains:
                 return _message(404, messages.domain_not_found(domain), budget)
             self.tables.declare(domain)
@@ -515,6 +523,20 @@ class MailgunEmulator:
         except BadRecordError as exc:
             return str(exc)
         return None
+
+    async def _domains_route(self, request: web.Request) -> web.Response:
+        """The account's domains, by offset (`skip`, `limit` up to 1000) with `total_count`."""
+        try:
+            skip = int(request.query.get("skip", "0"))
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return _message(400, "Invalid parameter: skip and limit must be integers")
+        if skip < 0 or limit < 1:
+            return _message(400, "Invalid parameter: skip and limit must be positive")
+        names = self.tables.domains()
+        items = [messages.domain_item(name, disabled=name in self.disabled_domains)
+                 for name in names[skip:skip + min(limit, 1000)]]
+        return _json(200, {"total_count": len(names), "items": items})
 
     def _path_address(self, request: web.Request) -> str:
         """The address path segment, decoded as Mailgun does: query-style, so `+` is a space."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from worker.records import SuppressionList
 
 NOT_FOUND = {
@@ -46,6 +48,17 @@ INTERNAL = "Internal Server Error"
 
 def domain_not_found(domain: str) -> str:
     return f"Domain not found: {domain}"
+
+
+def domain_item(name: str, *, disabled: bool = False) -> dict[str, object]:
+    """One item of `GET /v3/domains`, with the fields Mailgun documents for it."""
+    return {
+        "created_at": "Tue, 03 Mar 2026 10:00:00 GMT", "id": hashlib.sha1(name.encode()).hexdigest()[:24],
+        "is_disabled": disabled, "name": name, "require_tls": False, "skip_verification": False,
+        "smtp_login": f"postmaster@{name}", "spam_action": "disabled",
+        "state": "disabled" if disabled else "active", "type": "custom", "web_prefix": "email",
+        "web_scheme": "https", "wildcard": False,
+    }
 
 
 def missing(parameter: str) -> str:
