@@ -95,8 +95,9 @@ class Daemon:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
         so that replicas started together do not all reach for the same list at once."""
         self._schedule(await self._planner())
-        self._scheduler.add_job(self._refresh, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
-                                id="refresh-domains", name="refresh the domains to sync")
+        self._scheduler.add_job(
+            self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
+            id="refresh-domains", name="refresh the domains to sync")
         self._scheduler.start()
         log.info("daemon_started", domains=sorted(self._domains()),
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
@@ -123,7 +124,8 @@ class Daemon:
                     self._sync, trigger, args=(plan, kind), id=job_id,
                     name=f"reconcile {plan.name} {kind.value}", next_run_time=first)
 
-    async def _refresh(self) -> None:
+    async def refresh_domains(self) -> None:
+        """Plan again: schedule new domains and lists, unschedule the ones gone."""
         try:
             self._schedule(await self._planner())
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
