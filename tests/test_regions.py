@@ -260,3 +260,12 @@ async def wait_until(condition, seconds: float = 10.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("timed out waiting")
+
+
+def test_the_readmes_example_configuration_is_valid():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = parse_sync_config(example, source="README.md", default_api_base=US_API_BASE)
+    assert [(d.name, d.api_base) for d in config.domains] == [
+        ("mg.example.com", US_API_BASE), ("mg.example.eu", EU_API_BASE)]
+    assert config.discover is not None and config.discover.api_bases == (US_API_BASE, EU_API_BASE)
