@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from worker.cli import build_parser
-from worker.settings import ENVIRONMENT
+from worker.domains import parse_sync_config
+from worker.settings import ENVIRONMENT, EU_API_BASE, US_API_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -90,9 +91,9 @@ def test_every_setting_in_the_manifests_is_one_the_worker_reads():
             names |= {e["name"] for e in container.get("env", [])}
             for source in container.get("envFrom", []):
                 assert source["configMapRef"]["name"] == "mailgun-sync"
-    overlay = yaml.safe_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
-    for generator in overlay.get("configMapGenerator", []):
-        names |= {literal.split("=", 1)[0] for literal in generator.get("literals", [])}
+    for kustomization in (K8S / "overlays").glob("*/kustomization.yaml"):
+        for generator in yaml.safe_load(kustomization.read_text()).get("configMapGenerator", []):
+            names |= {literal.split("=", 1)[0] for literal in generator.get("literals", [])}
     assert names - set(ENVIRONMENT) == set()
 
 
@@ -115,3 +116,15 @@ def test_the_daemon_gets_longer_to_stop_than_its_shutdown_grace():
 def test_the_cronjob_never_overlaps_itself():
     cronjob = next(doc for _, doc in documents() if doc["kind"] == "CronJob")
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_the_regions_overlay_mounts_a_valid_sync_config_where_sync_config_points():
+    overlay = K8S / "overlays" / "regions"
+    config = parse_sync_config((overlay / "sync.toml").read_text(), source="sync.toml",
+                               default_api_base=US_API_BASE)
+    assert {d.api_base for d in config.domains} == {US_API_BASE, EU_API_BASE}
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    literals = [lit for g in kustomization["configMapGenerator"] for lit in g.get("literals", [])]
+    patches = "".join(p["patch"] for p in kustomization["patches"])
+    assert "SYNC_CONFIG=/etc/mailgun-sync/sync.toml" in literals
+    assert patches.count("mountPath: /etc/mailgun-sync") == 2
