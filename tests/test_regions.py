@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.conftest import API_KEY
@@ -269,3 +270,18 @@ def test_the_readmes_example_configuration_is_valid():
     assert [(d.name, d.api_base) for d in config.domains] == [
         ("mg.example.com", US_API_BASE), ("mg.example.eu", EU_API_BASE)]
     assert config.discover is not None and config.discover.api_bases == (US_API_BASE, EU_API_BASE)
+
+
+async def test_status_lists_the_domains_of_the_configuration_file(invoke, env, us):
+    write_config(env, f"""
+        [[domains]]
+        name = "{US_DOMAIN}"
+        [[domains]]
+        name = "{EU_DOMAIN}"
+        region = "eu"
+    """)
+    outcome = await invoke("status", "--json", env=env)
+    assert outcome.code == 0, outcome.err
+    listed = {(row["domain"], row["list"]) for row in orjson.loads(outcome.out)["lists"]}
+    assert listed == {(d, k.value) for d in (US_DOMAIN, EU_DOMAIN) for k in SYNCED_LISTS}
+    assert not us.requests

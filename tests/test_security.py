@@ -42,7 +42,7 @@ async def test_the_key_appears_in_no_log_error_table_status_or_metric(
     assert result.status == "failed"
     tables = [str(tuple(r)) for t in ("sync_runs", "changes", "bounces")
               for r in await pool.fetch(f"SELECT * FROM mailgun.{t}")]
-    status = str(await list_status(store, DOMAIN))
+    status = str(await list_status(store, [DOMAIN]))
     for text in (str(result.error), str(logs), metrics.exposition().decode(), status, *tables):
         assert API_KEY not in text
         assert BASIC_AUTH not in text

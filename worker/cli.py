@@ -36,7 +36,7 @@ from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import list_status, render_status, render_table
-from worker.settings import Settings
+from worker.settings import US_API_BASE, Settings
 from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
@@ -263,13 +263,23 @@ async def backfill_command(args: argparse.Namespace, env: Mapping[str, str]) -> 
     return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
 
 
+def configured_domains(env: Mapping[str, str]) -> list[str]:
+    """The domains named in MAILGUN_DOMAINS and SYNC_CONFIG (discovery would ask Mailgun, which
+    `status` does not)."""
+    named = [d.strip() for d in env.get("MAILGUN_DOMAINS", "").split(",") if d.strip()]
+    if env.get("SYNC_CONFIG"):
+        config = read_sync_config(env["SYNC_CONFIG"], default_api_base=US_API_BASE)
+        named += [plan.name for plan in config.domains]
+    return named
+
+
 async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     url = args.DATABASE_URL or env.get("DATABASE_URL")
     if not url:
         raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
     async with open_pool(url, max_size=2) as pool:
         await require_schema(pool)
-        report = await list_status(MirrorStore(pool), env.get("MAILGUN_DOMAINS", ""))
+        report = await list_status(MirrorStore(pool), configured_domains(env))
     sys.stdout.write(orjson.dumps({"lists": report}).decode() + "\n" if args.json
                      else render_status(report))
     return EXIT_OK

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from worker.reconcile import ListResult
@@ -27,10 +27,11 @@ def render_table(results: Sequence[ListResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def list_status(store: MirrorStore, configured_domains: str = "") -> list[dict[str, Any]]:
-    """Per (domain, list): the last recorded run, and the rows waiting for or refused by Mailgun."""
+async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Per (domain, list): the last recorded run, and the rows waiting for or refused by Mailgun,
+    for every configured domain and every domain with a recorded run."""
     runs = {(r["domain"], r["list"]): r for r in await store.latest_runs()}
-    domains = {d.strip() for d in configured_domains.split(",") if d.strip()} | {d for d, _ in runs}
+    domains = set(configured_domains) | {d for d, _ in runs}
     report = []
     for domain in sorted(domains):
         for kind in MIRRORED_LISTS:
