@@ -434,7 +434,7 @@ SELECT status, count(*) AS n FROM mailgun.sync_runs GROUP BY status;
 -- name: queued_removals
 -- $1 domain, $2 list: deletions at Mailgun the application asked for, oldest first; `tag` is ''
 -- for a whole record, else the one unsubscribe tag to drop.
-SELECT id, address, tag FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
+SELECT id, address, address_key, tag FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
 
 -- name: count_synced
 SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
@@ -444,6 +444,10 @@ SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
 WITH done AS (DELETE FROM mailgun.removals WHERE id = $1 RETURNING address, tag)
 INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail)
 SELECT $2, $3, $4, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM done;
+
+-- name: removals_superseded
+-- $1 removal ids: tag removals of records deleted whole; nothing was sent for them.
+DELETE FROM mailgun.removals WHERE id = ANY ($1::bigint[]);
 
 -- name: removal_failed
 -- $1 removal id, $2 why

@@ -21,7 +21,10 @@ from worker.store import MirrorStore, open_pool
 BOUNCES = SuppressionList.BOUNCES
 N, PENDING = 300, 20
 
-LOCK_HOLDERS = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+# Only this test's database: other databases on the server (another test run) are left alone.
+LOCK_HOLDERS = ("SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND l.pid <> pg_backend_pid() "
+                "AND d.datname = current_database()")
 
 
 async def arrange(pool, emulator) -> None:

@@ -203,3 +203,43 @@ async def test_a_synced_row_changed_locally_then_deleted_is_still_deleted_at_mai
 
     assert (result.status, result.deleted, result.inserted) == ("ok", 1, 0)
     assert emulator.records(DOMAIN, BOUNCES) == []
+
+
+async def test_many_dropped_tags_are_not_mass_deletions_and_are_never_undone(pool, emulator, make_reconciler):
+    addresses = [f"reader{i:02d}@example.com" for i in range(20)]
+    for address in addresses:
+        await unsubscribed(pool, emulator, address, ["a", "b"])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{a}' WHERE address < 'reader15'")
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert (result.status, result.deleted) == ("ok", 15)
+    mirror = await rows(pool, UNSUBSCRIBES)
+    assert sorted(tuple(r["tags"]) for r in mirror.values()) == [("a",)] * 15 + [("a", "b")] * 5
+    assert {r["sync_state"] for r in mirror.values()} == {"synced"}
+
+
+async def test_an_unsubscribe_deleted_and_added_again_with_fewer_tags_loses_the_others_at_mailgun(
+        pool, emulator, make_reconciler):
+    await unsubscribed(pool, emulator, "reader@example.com", ["news", "promo"])
+    await pool.execute("DELETE FROM mailgun.unsubscribes")
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "reader@example.com", tags=["news"])
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert (result.status, result.deleted) == ("ok", 1)
+    assert [r.query for r in emulator.requests if r.method == "DELETE"] == [{"tag": "promo"}]
+    assert [r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)] == [["news"]]
+    row = (await rows(pool, UNSUBSCRIBES))["reader@example.com"]
+    assert (row["tags"], row["sync_state"]) == (["news"], "synced")
+
+
+async def test_a_deleted_unsubscribe_is_deleted_whole_in_one_request(pool, emulator, make_reconciler):
+    await unsubscribed(pool, emulator, "reader@example.com", ["news", "promo"])
+    await pool.execute("DELETE FROM mailgun.unsubscribes")
+
+    result = await run_unsubscribes(make_reconciler)
+
+    assert (result.status, result.deleted) == ("ok", 1)
+    assert [r.query for r in emulator.requests if r.method == "DELETE"] == [{}]
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0

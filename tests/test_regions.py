@@ -161,14 +161,14 @@ async def test_a_domain_named_in_the_file_keeps_its_settings_when_also_discovere
     settings = Settings(api_key=API_KEY, api_base=str(us.base_url), config_file=str(config))
     client = make_client(api_base=us.base_url)
 
-    plans = await plan_domains(settings, lambda base: client)
+    plans = (await plan_domains(settings, lambda base: client)).domains
 
     assert plans == [
         DomainPlan(US_DOMAIN, str(us.base_url), (COMPLAINTS,), None, "0 * * * *"),
         DomainPlan("mg.found.example.com", str(us.base_url), SYNCED_LISTS),
     ]
-    assert await plan_domains(settings, lambda base: client, only=["mg.other.example.com"],
-                              lists=[BOUNCES]) == [
+    assert (await plan_domains(settings, lambda base: client, only=["mg.other.example.com"],
+                               lists=[BOUNCES])).domains == [
         DomainPlan("mg.other.example.com", str(us.base_url), (BOUNCES,))]
 
 
@@ -285,3 +285,86 @@ async def test_status_lists_the_domains_of_the_configuration_file(invoke, env, u
     listed = {(row["domain"], row["list"]) for row in orjson.loads(outcome.out)["lists"]}
     assert listed == {(d, k.value) for d in (US_DOMAIN, EU_DOMAIN) for k in SYNCED_LISTS}
     assert not us.requests
+
+
+async def test_a_region_that_cannot_be_listed_fails_the_run_but_the_named_domains_sync(
+        invoke, env, us, eu, pool):
+    us.seed(US_DOMAIN, BOUNCES, [{"address": "us-bounce@example.com"}])
+    eu.fail_next(503, times=None)
+    write_config(env, f"""
+        lists = ["bounces"]
+        [[domains]]
+        name = "{US_DOMAIN}"
+        [discover]
+        regions = ["{eu.base_url}"]
+    """)
+
+    outcome = await invoke("run", "--json", "--max-attempts", "1", env=env)
+
+    assert outcome.code == 1
+    report = outcome.report()
+    assert [(r["domain"], r["status"]) for r in report["results"]] == [(US_DOMAIN, "ok")]
+    [failure] = report["discovery_errors"]
+    assert str(eu.base_url) in failure and "503" in failure
+    assert list(await rows(pool, BOUNCES)) == ["us-bounce@example.com"]
+
+
+async def test_a_discovered_domain_named_with_domain_keeps_its_region(invoke, env, us, eu, pool):
+    eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
+    write_config(env, f"""
+        [discover]
+        regions = ["{us.base_url}", "{eu.base_url}"]
+    """)
+    outcome = await invoke("run", "--json", "--domain", EU_DOMAIN, "--list", "bounces", env=env)
+    assert outcome.code == 0, outcome.err
+    assert requested_domains(us) == set()
+    assert list(await rows(pool, BOUNCES)) == ["eu-bounce@example.com"]
+
+
+async def test_a_bad_weekday_in_a_domains_cron_exits_2_before_anything_runs(invoke, env, us):
+    write_config(env, f'[[domains]]\nname = "{US_DOMAIN}"\ncron = "0 0 * * 8"\n')
+    outcome = await invoke("run", env=env)
+    assert outcome.code == 2
+    assert f"SYNC_CONFIG ({US_DOMAIN})" in outcome.err
+    assert not us.requests
+
+
+async def test_a_refresh_moves_a_domain_to_its_new_region_and_forgets_dropped_failing_lists(
+        us, eu, pool, store, make_client):
+    from worker.daemon import Daemon
+    from worker.lifespan import Resources
+    from worker.metrics import Metrics
+    from worker.retry import RetryPolicy
+
+    eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
+    planned = [DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))]  # the wrong region
+
+    async def planner() -> list[DomainPlan]:
+        return list(planned)
+
+    clients = {str(r.base_url): make_client(api_base=r.base_url, retry=RetryPolicy(max_attempts=1))
+               for r in (us, eu)}
+    resources = Resources(pool=pool, store=store, mailgun=clients[str(us.base_url)],
+                          regional=clients.__getitem__)
+    settings = Settings(api_key=API_KEY, api_base=str(us.base_url), sync_interval=1, sync_jitter=0,
+                        failures_before_unready=1)
+    daemon = Daemon(settings, resources, Metrics(), planner)
+    await daemon.start()
+    try:
+        async def unready() -> bool:
+            return await daemon.readiness() is not None
+
+        await wait_until(unready)
+        planned[0] = DomainPlan(EU_DOMAIN, str(eu.base_url), (BOUNCES,))
+        await daemon.refresh_domains()
+        await wait_until(lambda: ran(pool, EU_DOMAIN))
+        assert list(await rows(pool, BOUNCES)) == ["eu-bounce@example.com"]
+
+        planned[0] = DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))
+        await daemon.refresh_domains()
+        await wait_until(unready)
+        planned.clear()
+        await daemon.refresh_domains()
+        assert await daemon.readiness() is None
+    finally:
+        await daemon.drain(grace=5)

@@ -15,7 +15,6 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import orjson
 from worker import __version__
 from worker.backfill import Backfiller, Progress
 from worker.daemon import build_trigger, serve
-from worker.domains import DomainPlan, plan_domains, read_sync_config
+from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError, SyncError
 from worker.lifespan import Resources, open_resources
@@ -184,8 +183,13 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     if not settings.domains and not settings.config_file:
         raise ConfigError("MAILGUN_DOMAINS", "no domain to sync: set MAILGUN_DOMAINS or SYNC_CONFIG, "
                                              "or pass --domain")
-    if settings.config_file:  # a malformed file fails before anything opens
-        read_sync_config(settings.config_file, default_api_base=settings.api_base)
+    if settings.config_file:  # a malformed file or schedule fails before anything opens
+        config = read_sync_config(settings.config_file, default_api_base=settings.api_base)
+        for plan in config.domains:
+            build_trigger(settings, plan)
+        if config.discover is not None:
+            build_trigger(settings, DomainPlan("[discover]", "", interval=config.discover.interval,
+                                               cron=config.discover.cron))
     return settings
 
 
@@ -194,8 +198,7 @@ def selected_lists(args: argparse.Namespace) -> list[SuppressionList] | None:
     return [SuppressionList(name) for name in args.lists] if args.lists else None
 
 
-async def domain_plans(args: argparse.Namespace, settings: Settings,
-                       resources: Resources) -> list[DomainPlan]:
+async def domain_plans(args: argparse.Namespace, settings: Settings, resources: Resources) -> Planned:
     return await plan_domains(settings, resources.mailgun_for, only=args.domains or (),
                               lists=selected_lists(args))
 
@@ -224,19 +227,22 @@ async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                pull_ranges=settings.pull_ranges)
     async with open_resources(settings) as resources:
         await require_schema(resources.pool)
-        plans = await domain_plans(args, settings, resources)
+        planned = await domain_plans(args, settings, resources)
         results = await reconcile_plans(
-            plans, resources, lambda client: Reconciler(resources.store, client, options))
-    print_results(results, as_json=args.json)
-    return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
+            planned.domains, resources, lambda client: Reconciler(resources.store, client, options))
+    return print_results(results, planned.failures, as_json=args.json)
 
 
-def print_results(results: Sequence[ListResult], *, as_json: bool) -> None:
+def print_results(results: Sequence[ListResult], failures: Sequence[str], *, as_json: bool) -> int:
+    """Print the report; the exit code: 1 if a list did not succeed or a region's domains could
+    not be discovered."""
+    ok = all(r.succeeded for r in results) and not failures
     if as_json:
-        payload = {"ok": all(r.succeeded for r in results), "results": [r.as_json() for r in results]}
+        payload = {"ok": ok, "results": [r.as_json() for r in results], "discovery_errors": list(failures)}
         sys.stdout.write(orjson.dumps(payload).decode() + "\n")
     else:
-        sys.stdout.write(render_table(results))
+        sys.stdout.write(render_table(results) + "".join(f"error: {f}\n" for f in failures))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -245,7 +251,10 @@ async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     metrics = Metrics()
     async with open_resources(settings, observer=metrics) as resources:
         await require_schema(resources.pool)
-        await serve(settings, resources, metrics, partial(domain_plans, args, settings, resources))
+        async def planner() -> list[DomainPlan]:
+            return (await domain_plans(args, settings, resources)).domains
+
+        await serve(settings, resources, metrics, planner)
     return EXIT_OK
 
 
@@ -255,12 +264,11 @@ async def backfill_command(args: argparse.Namespace, env: Mapping[str, str]) -> 
                                max_delete_fraction=settings.max_delete_fraction)
     async with open_resources(settings) as resources:
         await require_schema(resources.pool)
-        plans = await domain_plans(args, settings, resources)
+        planned = await domain_plans(args, settings, resources)
         progress = Progress(sys.stdout)
-        results = await reconcile_plans(plans, resources, lambda client: Backfiller(
+        results = await reconcile_plans(planned.domains, resources, lambda client: Backfiller(
             resources.store, client, options, push=args.push, progress=progress))
-    print_results(results, as_json=False)
-    return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
+    return print_results(results, planned.failures, as_json=False)
 
 
 def configured_domains(env: Mapping[str, str]) -> list[str]:

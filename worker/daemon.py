@@ -54,7 +54,7 @@ def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTri
         raise ConfigError(setting, f"{cron!r} needs 5 fields: minute hour day month weekday")
     minute, hour, day, month, weekday = fields
     # APScheduler 3 numbers weekdays from Monday; crontab from Sunday. Names mean the same in both.
-    weekday = re.sub(r"\d", lambda m: _CRON_WEEKDAYS[m.group()], weekday)
+    weekday = re.sub(r"\d", lambda m: _CRON_WEEKDAYS.get(m.group(), m.group()), weekday)
     try:
         return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
                            jitter=settings.sync_jitter or None, timezone=UTC)
@@ -106,30 +106,38 @@ class Daemon:
         return {job.id.rsplit("/", 1)[0] for job in self._scheduler.get_jobs() if "/" in job.id}
 
     def _schedule(self, plans: Sequence[DomainPlan]) -> None:
-        """Add the jobs of every (domain, list) not scheduled yet; drop those no longer planned."""
-        now = datetime.now(UTC)
-        wanted = {f"{plan.name}/{kind.value}" for plan in plans for kind in plan.lists}
+        """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
+        schedule changed, drop those no longer planned (and forget their failures)."""
+        # Every trigger first: a bad schedule changes nothing.
+        triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
+        wanted = {f"{plan.name}/{kind.value}": (plan, kind) for plan in plans for kind in plan.lists}
         for job in self._scheduler.get_jobs():
-            if "/" in job.id and job.id not in wanted:
+            if "/" not in job.id:
+                continue
+            if job.id not in wanted or job.args[0] != wanted[job.id][0]:
                 job.remove()
-                log.info("list_unscheduled", job=job.id)
-        for plan in plans:
-            trigger = build_trigger(self._settings, plan)
-            for kind in plan.lists:
-                job_id = f"{plan.name}/{kind.value}"
-                if self._scheduler.get_job(job_id) is not None:
-                    continue
-                first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
-                self._scheduler.add_job(
-                    self._sync, trigger, args=(plan, kind), id=job_id,
-                    name=f"reconcile {plan.name} {kind.value}", next_run_time=first)
+                if job.id not in wanted:
+                    domain, kind_name = job.id.rsplit("/", 1)
+                    self._failures.pop((domain, kind_name), None)
+                    log.info("list_unscheduled", job=job.id)
+        now = datetime.now(UTC)
+        for job_id, (plan, kind) in wanted.items():
+            if self._scheduler.get_job(job_id) is not None:
+                continue
+            first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
+            self._scheduler.add_job(
+                self._sync, triggers[plan.name], args=(plan, kind), id=job_id,
+                name=f"reconcile {plan.name} {kind.value}", next_run_time=first,
+                misfire_grace_time=max(1, int(plan.interval or self._settings.sync_interval)))
 
     async def refresh_domains(self) -> None:
-        """Plan again: schedule new domains and lists, unschedule the ones gone."""
+        """Plan again: schedule new domains and lists, reschedule changed ones, drop the ones gone."""
         try:
             self._schedule(await self._planner())
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
             log.error("domains_not_refreshed", error=str(exc))
+        except Exception:  # the daemon outlives a broken refresh, like a broken run
+            log.exception("domains_refresh_crashed")
 
     def _reconciler(self, plan: DomainPlan) -> Reconciler:
         if plan.api_base not in self._reconcilers:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, MailgunError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import SYNCED_LISTS, SuppressionList
@@ -45,6 +45,15 @@ class Discovery:
     interval: float | None = None
     cron: str | None = None
     exclude: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The domains to sync, and why some may be missing: a region whose domains could not be
+    listed (the others, and the domains named explicitly, are synced all the same)."""
+
+    domains: list[DomainPlan]
+    failures: list[str]
 
 
 @dataclass(frozen=True)
@@ -189,20 +198,24 @@ def read_sync_config(path: str, *, default_api_base: str) -> SyncConfig:
 
 async def plan_domains(settings: Settings, client_for: Callable[[str], MailgunClient], *,
                        only: Sequence[str] = (),
-                       lists: Iterable[SuppressionList] | None = None) -> list[DomainPlan]:
+                       lists: Iterable[SuppressionList] | None = None) -> Planned:
     """Every domain to sync, in order: the configuration file's, then `MAILGUN_DOMAINS`', then the
     discovered ones (a domain named explicitly keeps its own settings). `only` (from --domain)
-    narrows to those names; `lists` (from --list) narrows every domain's lists."""
+    narrows to those names, a discovered one keeping its region; `lists` (from --list) narrows
+    every domain's lists."""
     config = read_sync_config(settings.config_file, default_api_base=settings.api_base) \
         if settings.config_file else SyncConfig()
     plans = {plan.name: plan for plan in config.domains}
-    for name in settings.domains:
-        plans.setdefault(name, DomainPlan(name, settings.api_base))
+    if not only:  # with --domain, settings.domains are those flags' names
+        for name in settings.domains:
+            plans.setdefault(name, DomainPlan(name, settings.api_base))
+    failures: list[str] = []
+    if config.discover is not None and (not only or any(name not in plans for name in only)):
+        found, failures = await discover(config.discover, client_for, known=set(plans))
+        for plan in found:
+            plans[plan.name] = plan
     if only:
         plans = {name: plans.get(name) or DomainPlan(name, settings.api_base) for name in only}
-    elif config.discover is not None:
-        for plan in await discover(config.discover, client_for, known=set(plans)):
-            plans[plan.name] = plan
     chosen = tuple(dict.fromkeys(lists)) if lists is not None else None
     result = []
     for plan in plans.values():
@@ -210,23 +223,35 @@ async def plan_domains(settings: Settings, client_for: Callable[[str], MailgunCl
             plan = replace(plan, lists=tuple(k for k in chosen if k in plan.lists))
         if plan.lists:
             result.append(plan)
+    if not result and failures:
+        raise SyncError("no domain to sync: " + "; ".join(failures))
     if not result:
         raise ConfigError("MAILGUN_DOMAINS", "no domain to sync: set MAILGUN_DOMAINS, pass --domain, "
                                              "or name domains in SYNC_CONFIG")
-    return result
+    return Planned(result, failures)
 
 
 async def discover(discovery: Discovery, client_for: Callable[[str], MailgunClient], *,
-                   known: set[str]) -> list[DomainPlan]:
-    """The account's enabled domains in each region, but for the excluded and the `known` ones."""
+                   known: set[str]) -> tuple[list[DomainPlan], list[str]]:
+    """The account's enabled domains in each region, but for the excluded and the `known` ones;
+    and the regions that could not be listed (each is reported, the others still count)."""
     found: list[DomainPlan] = []
-    seen = set(known)
+    failures: list[str] = []
+    excluded = {name.lower() for name in discovery.exclude}
+    seen = {name.lower() for name in known}
     for api_base in discovery.api_bases:
-        for domain in await client_for(api_base).account_domains():
-            if domain.disabled or domain.name in discovery.exclude or domain.name in seen:
+        try:
+            domains = await client_for(api_base).account_domains()
+        except MailgunError as exc:
+            failures.append(f"discovery at {api_base} failed: {exc}")
+            log.error("discovery_failed", api_base=api_base, error=str(exc))
+            continue
+        for domain in domains:
+            name = domain.name.lower()
+            if domain.disabled or name in excluded or name in seen:
                 continue
-            seen.add(domain.name)
+            seen.add(name)
             found.append(DomainPlan(domain.name, api_base, discovery.lists, discovery.interval,
                                     discovery.cron))
     log.info("domains_discovered", domains=[plan.name for plan in found])
-    return found
+    return found, failures

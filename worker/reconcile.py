@@ -206,24 +206,32 @@ class Reconciler:
 
     async def _send_removals(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         """Delete at Mailgun what the application removed locally, before the pull, so the pull
-        sees Mailgun without them. The deletion guard covers these too."""
+        sees Mailgun without them. The deletion guard covers whole records; dropped unsubscribe
+        tags are always sent, or the pull's adoption would give them back to the mirror."""
         queued = await session.queued_removals()
         if not queued:
             return
         options = self._options
+        whole = [r for r in queued if r.tag is None]
+        gone = {r.key for r in whole}
+        # A tag of a record deleted whole goes with it: nothing to send.
+        superseded = [r.id for r in queued if r.tag is not None and r.key in gone]
+        tags = [r for r in queued if r.tag is not None and r.key not in gone]
         synced = await session.count_synced()
-        if not options.allow_mass_delete and guard_trips(len(queued), synced + len(queued),
+        if not options.allow_mass_delete and guard_trips(len(whole), synced + len(whole),
                                                          options.max_delete_fraction):
             result.status = GUARDED
             result.error = (
-                f"would delete {len(queued)} of {synced + len(queued)} records at Mailgun, more than "
+                f"would delete {len(whole)} of {synced + len(whole)} records at Mailgun, more than "
                 f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; deleted nothing "
                 "(--allow-mass-delete lets it through)")
-            return
+            whole, superseded = [], []
         if options.dry_run:
-            result.deleted = len(queued)
+            result.deleted = len(whole) + len(tags)
             return
-        for removal in queued:
+        if superseded:
+            await session.removals_superseded(superseded)
+        for removal in sorted(whole + tags, key=lambda r: r.id):
             try:
                 await self._mailgun.delete(session.domain, session.kind, removal.address, tag=removal.tag)
             except MailgunError as exc:

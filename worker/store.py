@@ -134,6 +134,7 @@ class QueuedRemoval:
 
     id: int
     address: str
+    key: str
     tag: str | None
 
 
@@ -250,7 +251,7 @@ class ListSession:
     async def queued_removals(self) -> list[QueuedRemoval]:
         async with wrap_db_errors(f"reading removals of {self.domain} {self.kind.value}"):
             found = await self._db.fetch(queries()["queued_removals"], self.domain, self.kind.value)
-        return [QueuedRemoval(r["id"], r["address"], r["tag"] or None) for r in found]
+        return [QueuedRemoval(r["id"], r["address"], r["address_key"], r["tag"] or None) for r in found]
 
     async def count_synced(self) -> int:
         async with wrap_db_errors(f"counting {self.domain} {self.kind.value}"):
@@ -261,6 +262,10 @@ class ListSession:
         async with wrap_db_errors(f"clearing a removal of {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["removal_done"], removal, run_id, self.domain,
                                    self.kind.value)
+
+    async def removals_superseded(self, removals: Sequence[int]) -> None:
+        async with wrap_db_errors(f"clearing removals of {self.domain} {self.kind.value}"):
+            await self._db.execute(queries()["removals_superseded"], list(removals))
 
     async def removal_failed(self, removal: int, why: str) -> None:
         async with wrap_db_errors(f"noting a failed removal of {self.domain} {self.kind.value}"):

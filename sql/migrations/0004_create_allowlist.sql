@@ -66,6 +66,14 @@ BEGIN
         END IF;
         INSERT INTO mailgun.removals (domain, list, address) VALUES (OLD.domain, TG_ARGV[0], removed)
         ON CONFLICT (domain, list, address_key, tag) DO NOTHING;
+        IF TG_TABLE_NAME = 'unsubscribes' THEN
+            -- Its tags too: an unsubscribe added again with fewer tags before the run cancels the
+            -- whole removal and those of its tags, and the others are still dropped at Mailgun.
+            -- While the whole removal stands, the run sends it alone.
+            INSERT INTO mailgun.removals (domain, list, address, tag)
+            SELECT OLD.domain, TG_ARGV[0], OLD.address, dropped FROM unnest(OLD.tags) AS dropped
+            ON CONFLICT (domain, list, address_key, tag) DO NOTHING;
+        END IF;
     END IF;
     RETURN OLD;
 END;
@@ -95,13 +103,14 @@ BEGIN
 END;
 $$;
 
--- An application's UPDATE that drops tags from an unsubscribe Mailgun may have queues the removal
--- of each dropped tag (Mailgun removes one tag per request); putting a tag back cancels it. The
--- row itself turns pending (mailgun.note_local_change), and the run after the removals adopts it.
+-- An application's UPDATE that drops tags from an unsubscribe Mailgun has had (synced_at is set)
+-- queues the removal of each dropped tag (Mailgun removes one tag per request); putting a tag back
+-- cancels it. The row itself turns pending (mailgun.note_local_change), and the run, which sends
+-- the removals before it pulls, then adopts it.
 CREATE FUNCTION mailgun.note_tag_removal() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF coalesce(current_setting('mailgun_sync.writer', true), '') = 'worker'
-       OR OLD.sync_state = 'rejected' THEN
+       OR OLD.sync_state = 'rejected' OR OLD.synced_at IS NULL THEN
         RETURN NEW;
     END IF;
     DELETE FROM mailgun.removals
