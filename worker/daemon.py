@@ -33,6 +33,8 @@ from worker.metrics import Metrics
 from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.settings import Settings
+from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
+from worker.webhook_store import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 
@@ -155,7 +157,8 @@ class Daemon:
         self._scheduler.shutdown(wait=False)
 
 
-def build_http_app(daemon: Daemon, metrics: Metrics) -> web.Application:
+def build_http_app(daemon: Daemon, metrics: Metrics,
+                   webhooks: WebhookEndpoint | None = None) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -169,10 +172,12 @@ def build_http_app(daemon: Daemon, metrics: Metrics) -> web.Application:
         return web.Response(body=metrics.exposition(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    if webhooks is not None:
+        webhooks.register(app)
     return app
 
 
@@ -181,8 +186,15 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics,
     """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
     stop = stop or asyncio.Event()
     daemon = Daemon(settings, resources, metrics, kinds)
-    runner = web.AppRunner(build_http_app(daemon, metrics), access_log=None, handle_signals=False)
+    writer = WebhookWriter(WebhookStore(resources.pool), max_age=settings.webhook_max_age) \
+        if settings.webhook_signing_key else None
+    webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=settings.domains,
+                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics)
+    runner = web.AppRunner(build_http_app(daemon, metrics, webhooks), access_log=None,
+                           handle_signals=False)
     await runner.setup()
+    if writer is not None:
+        writer.start()
     try:
         await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()
         loop = asyncio.get_running_loop()
@@ -196,5 +208,7 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics,
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_signal_handler(sig)
-        await runner.cleanup()
+        await runner.cleanup()  # answers the webhooks in flight first
+        if writer is not None:
+            await writer.stop()
     log.info("daemon_stopped")

@@ -12,7 +12,7 @@ from worker.records import SuppressionList
 MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "sync_runs", "changes")
 
 
-BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals")
+BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals", "webhook_tokens")
 
 
 async def empty_mirror(pool: asyncpg.Pool) -> None:
