@@ -564,3 +564,7 @@ FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
 -- name: webhook_prune_tokens
 -- $1 the oldest signature time still accepted: a replay of an older token fails that check anyway.
 DELETE FROM mailgun.webhook_tokens WHERE signed_at < $1;
+
+-- name: bench_webhook_rows
+SELECT (SELECT count(*) FROM mailgun.bounces) + (SELECT count(*) FROM mailgun.complaints)
+     + (SELECT count(*) FROM mailgun.unsubscribes);

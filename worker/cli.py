@@ -358,13 +358,14 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         if args.command == "webhook-test":
             return await webhook_test_command(args, env)
         if args.command == "bench-webhooks":
-            from worker.benchmark import webhooks as webhook_bench
+            from worker.benchmark.webhooks import render as render_webhooks
+            from worker.benchmark.webhooks import run_benchmark as bench_webhooks
 
-            report = await webhook_bench.run_benchmark(
+            report = await bench_webhooks(
                 events=args.events, rate=args.rate, connections=args.connections,
                 database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
-                             else webhook_bench.render(report))
+                             else render_webhooks(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "soak":
             from worker.benchmark import soak as soaking

@@ -88,7 +88,7 @@ async def run_webhook_test(url: str, key: str, domain: str,
                     text = (await response.text()).strip()
                     checks.append(Check(name, expected, response.status, text[:200]))
             except (aiohttp.ClientError, TimeoutError) as exc:
-                checks.append(Check(name, expected, None, f"no answer: {exc or type(exc).__name__}"))
+                checks.append(Check(name, expected, None, f"no answer: {str(exc) or type(exc).__name__}"))
     return checks
 
 
