@@ -14,9 +14,9 @@ import orjson
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import rows
-from tests.support.webhooks import SIGNING_KEY
+from tests.support.webhooks import SIGNING_KEY, deliver, event
 from worker.benchmark.run import _free_port
-from worker.records import SYNCED_LISTS
+from worker.records import SYNCED_LISTS, SuppressionList
 from worker.webhook_test import TEST_RECIPIENT
 
 
@@ -85,6 +85,28 @@ async def test_webhook_test_needs_a_signing_key_and_a_domain(invoke):
     assert (no_key.code, "MAILGUN_WEBHOOK_SIGNING_KEY" in no_key.err) == (2, True)
     no_domain = await invoke("webhook-test", "--url", "http://127.0.0.1:9/x", "--signing-key", "k", env={})
     assert (no_domain.code, "--domain" in no_domain.err) == (2, True)
+
+
+async def test_webhooks_in_flight_at_sigterm_are_answered_only_once_stored(emulator, pool, database_url):
+    daemon, base = await start_daemon(emulator, database_url, MAILGUN_WEBHOOK_SIGNING_KEY=SIGNING_KEY)
+    deliveries = [event("complained", f"late{i:04}@example.com", DOMAIN) for i in range(400)]
+
+    async def send(session: aiohttp.ClientSession, payload: dict) -> int:
+        try:
+            return (await deliver(session, payload, url=base))[0]
+        except aiohttp.ClientError:
+            return 0  # refused once the daemon stopped listening: Mailgun would retry
+
+    async with aiohttp.ClientSession() as session:
+        sending = [asyncio.create_task(send(session, d)) for d in deliveries]
+        await asyncio.sleep(0.05)
+        assert await stop(daemon) == 0
+        answers = await asyncio.gather(*sending)
+
+    stored = {d["event-data"]["recipient"] for d, status in zip(deliveries, answers, strict=True)
+              if status == 200}
+    assert stored
+    assert stored <= set(await rows(pool, SuppressionList.COMPLAINTS))
 
 
 def test_bench_webhooks_reports_rate_latency_and_rows_as_json():
