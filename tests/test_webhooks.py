@@ -9,14 +9,16 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from worker.errors import DatabaseError
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.settings import Settings
-from worker.webhook_store import WebhookStore, rounds
+from worker.webhook_store import WebhookStore, WebhookWriter, rounds
 from worker.webhook_test import event_data, signed
 from worker.webhooks import WebhookEvent
 
@@ -341,6 +343,43 @@ async def test_events_for_one_address_in_one_batch_apply_in_arrival_order(pool):
 
     assert outcomes == ["stored", "stored", "replay"]
     assert (await rows(pool, UNSUBSCRIBES))["o@example.com"]["tags"] == ["a", "b"]
+
+
+async def test_an_event_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_stored(http, pool):
+    # An application's own constraint on the mirror refuses one address.
+    await pool.execute("ALTER TABLE mailgun.complaints ADD CONSTRAINT test_refuses_one"
+                       " CHECK (address <> 'refused@example.com')")
+    try:
+        addresses = [f"fine{i:03}@example.com" for i in range(50)] + ["refused@example.com"]
+        deliveries = [event("complained", a, DOMAIN) for a in addresses]
+        answers = await asyncio.gather(*(deliver(http, d) for d in deliveries))
+    finally:
+        await pool.execute("ALTER TABLE mailgun.complaints DROP CONSTRAINT test_refuses_one")
+
+    assert answers[:-1] == [(200, "stored")] * 50
+    assert answers[-1] == (503, "not stored; retry later")
+    assert sorted(await rows(pool, COMPLAINTS)) == addresses[:-1]
+    # The refused event's token was not used up: Mailgun's retry can still be stored.
+    assert await deliver(http, deliveries[-1]) == (200, "stored")
+
+
+async def test_a_failed_batch_is_written_again_event_by_event(pool):
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=address,
+                           created_at=now, token=f"token-{address}", signed_at=now, event_id="")
+              for address in ("a@example.com", "refused@example.com", "b@example.com")]
+    await pool.execute("ALTER TABLE mailgun.complaints ADD CONSTRAINT test_refuses_one"
+                       " CHECK (address <> 'refused@example.com')")
+    try:
+        with capture_logs() as logs:
+            async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
+                outcomes = await asyncio.gather(*(writer.submit(e) for e in events), return_exceptions=True)
+    finally:
+        await pool.execute("ALTER TABLE mailgun.complaints DROP CONSTRAINT test_refuses_one")
+
+    assert outcomes[0] == outcomes[2] == "stored"
+    assert isinstance(outcomes[1], DatabaseError)
+    assert [entry["events"] for entry in logs if entry["event"] == "webhook_batch_failed"] == [3]
 
 
 async def test_a_database_failure_answers_503_and_the_retry_is_stored(

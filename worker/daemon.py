@@ -1,5 +1,5 @@
 """`mailgun-sync daemon`: every (domain, list) on a schedule, with health, readiness and metrics,
-and a drain on SIGTERM.
+Mailgun's webhooks (worker/webhook_endpoint.py), and a drain on SIGTERM.
 
 APScheduler 3's `shutdown(wait=True)` cancels running asyncio jobs instead of waiting for them,
 so the daemon tracks its own runs: on a stop signal it pauses the scheduler, waits for the runs
