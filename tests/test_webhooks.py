@@ -417,3 +417,14 @@ async def test_metrics_count_webhooks_by_event_and_outcome(pool, client, emulato
     assert 'mailgun_sync_webhooks_total{event="complained",outcome="stored"} 1.0' in page
     assert 'mailgun_sync_webhooks_total{event="complained",outcome="replay"} 1.0' in page
     assert 'mailgun_sync_webhooks_total{event="other",outcome="unauthorized"} 1.0' in page
+
+
+async def test_the_signing_key_appears_in_no_answer_log_or_metric(http, pool):
+    with capture_logs() as logs:
+        answers = [await deliver(http, event("complained", "k@example.com", DOMAIN)),
+                   await deliver(http, event("complained", "k@example.com", DOMAIN, key="wrong")),
+                   await deliver(http, b"not json")]
+        page = await (await http.get("/metrics")).text()
+    seen = repr(answers) + repr(logs) + page
+    assert SIGNING_KEY not in seen
+    assert "MAILGUN_WEBHOOK_SIGNING_KEY" in seen  # the setting is named, its value never
