@@ -382,6 +382,20 @@ async def test_a_failed_batch_is_written_again_event_by_event(pool):
     assert [entry["events"] for entry in logs if entry["event"] == "webhook_batch_failed"] == [3]
 
 
+async def test_stopping_the_writer_writes_everything_queued_first(pool):
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=f"q{i}@example.com",
+                           created_at=now, token=f"queued-{i}", signed_at=now, event_id="")
+              for i in range(7)]
+    writer = WebhookWriter(WebhookStore(pool), max_age=86400, max_batch=2)
+    writer.start()
+    submitted = [asyncio.create_task(writer.submit(e)) for e in events]
+    await asyncio.sleep(0)  # all queued
+    await asyncio.wait_for(writer.stop(), 10)
+    assert [t.result() for t in submitted] == ["stored"] * 7
+    assert len(await rows(pool, COMPLAINTS)) == 7
+
+
 async def test_a_database_failure_answers_503_and_the_retry_is_stored(
         pool, client, emulator, aiohttp_client, database_url):
     from worker.store import open_pool

@@ -130,18 +130,19 @@ class WebhookWriter:
         return await done
 
     async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
+        stopping = False
+        while not (stopping and self._queue.empty()):
+            # Whatever queued up while the last batch was being written, up to max_batch.
             batch: list[_Item] = []
-            stopping = first is None
-            if first is not None:
-                batch.append(first)
-            while len(batch) < self._max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
+            item = await self._queue.get()
+            while True:
                 if item is None:
                     stopping = True
                 else:
                     batch.append(item)
+                if len(batch) >= self._max_batch or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
             if batch:
                 try:
                     await self._flush(batch)
@@ -149,9 +150,8 @@ class WebhookWriter:
                     log.exception("webhook_batch_crashed", events=len(batch))
                     for _, done in batch:
                         _settle(done, error=SyncError("storing the webhook event failed unexpectedly"))
-            if stopping and self._queue.empty():
-                return
-            await self._maybe_prune()
+            if not stopping:
+                await self._maybe_prune()
 
     async def _flush(self, batch: list[_Item]) -> None:
         try:
