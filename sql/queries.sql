@@ -452,3 +452,129 @@ DELETE FROM mailgun.removals WHERE id = ANY ($1::bigint[]);
 -- name: removal_failed
 -- $1 removal id, $2 why
 UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
+
+-- name: webhook_write
+-- $1 a JSON array of webhook events of this list, at most one per address (the writer puts a
+-- repeat in a later round of the same transaction), each with its signature's token and time.
+--   * Each token is recorded; an event whose token was seen before is a replay and writes nothing.
+--   * An event no newer than a queued local removal of its address is superseded: the
+--     application's removal stands. A newer one means Mailgun suppressed the address again: the
+--     removal is cancelled and the row written.
+--   * Rows are written synced (Mailgun has them), at the clock's time: a reconcile whose pull
+--     started before neither updates nor removes them. A pending or rejected row is adopted.
+-- Returns every token's outcome: stored, replay or superseded.
+WITH input AS (
+    SELECT e.*, lower(e.address COLLATE "C") AS key
+    FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
+                                            code text, error text, created_at timestamptz, tags text[],
+                                            event_id text, change_id uuid)
+), fresh AS (
+    INSERT INTO mailgun.webhook_tokens (token, signed_at)
+    SELECT token, signed_at FROM input
+    ON CONFLICT (token) DO NOTHING
+    RETURNING token
+), accepted AS (
+    SELECT i.* FROM input i JOIN fresh USING (token)
+    WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
+                      AND x.address_key = i.key AND x.removed_at >= i.created_at)
+), revived AS (
+    DELETE FROM mailgun.removals x USING accepted r
+    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key
+), before AS (
+    SELECT m.domain, m.address_key, m.sync_state
+    FROM {table} m JOIN accepted r ON m.domain = r.domain AND m.address_key = r.key
+), updated AS (
+    UPDATE {table} m
+    SET {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = clock_timestamp()
+    FROM accepted r
+    WHERE m.domain = r.domain AND m.address_key = r.key
+    RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
+), inserted AS (
+    INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
+    SELECT r.domain, r.address, {r_cols}, 'synced', clock_timestamp() FROM accepted r
+    WHERE NOT EXISTS (SELECT 1 FROM before b WHERE b.domain = r.domain AND b.address_key = r.key)
+    ON CONFLICT (domain, address_key) DO NOTHING
+    RETURNING domain, address, address_key
+), logged AS (
+    INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source)
+    SELECT u.change_id, u.domain, '{list}', u.address,
+           CASE WHEN b.sync_state <> 'synced' AND u.sync_state = 'synced' THEN 'synced' ELSE 'update' END,
+           u.event_id, 'webhook'
+    FROM updated u JOIN before b ON b.domain = u.domain AND b.address_key = u.address_key
+    UNION ALL
+    SELECT r.change_id, n.domain, '{list}', n.address, 'insert', r.event_id, 'webhook'
+    FROM inserted n JOIN accepted r ON r.domain = n.domain AND r.key = n.address_key
+)
+SELECT i.token,
+       CASE WHEN f.token IS NULL THEN 'replay' WHEN a.token IS NULL THEN 'superseded' ELSE 'stored' END
+           AS outcome
+FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
+
+-- name: webhook_write@unsubscribes
+-- As `webhook_write`, but tags are a set: a synced or pending row takes the union, and a pending
+-- row stays pending (to be pushed) when it holds tags the event did not bring; a rejected row
+-- takes the event's tags. Of the queued removals, only the whole record's and those of the
+-- event's tags are weighed against it: the application's drop of another tag stands.
+WITH input AS (
+    SELECT e.*, lower(e.address COLLATE "C") AS key
+    FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
+                                            code text, error text, created_at timestamptz, tags text[],
+                                            event_id text, change_id uuid)
+), fresh AS (
+    INSERT INTO mailgun.webhook_tokens (token, signed_at)
+    SELECT token, signed_at FROM input
+    ON CONFLICT (token) DO NOTHING
+    RETURNING token
+), accepted AS (
+    SELECT i.* FROM input i JOIN fresh USING (token)
+    WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
+                      AND x.address_key = i.key AND x.removed_at >= i.created_at
+                      AND (x.tag = '' OR x.tag = ANY (i.tags)))
+), revived AS (
+    DELETE FROM mailgun.removals x USING accepted r
+    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key
+      AND (x.tag = '' OR x.tag = ANY (r.tags))
+), before AS (
+    SELECT m.domain, m.address_key, m.sync_state
+    FROM {table} m JOIN accepted r ON m.domain = r.domain AND m.address_key = r.key
+), updated AS (
+    UPDATE {table} m
+    SET tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
+                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+        created_at = r.created_at,
+        sync_state = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN 'pending'
+                          ELSE 'synced' END::mailgun.sync_state,
+        sync_error = NULL,
+        synced_at = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN m.synced_at
+                         ELSE clock_timestamp() END
+    FROM accepted r
+    WHERE m.domain = r.domain AND m.address_key = r.key
+    RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
+), inserted AS (
+    INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
+    SELECT r.domain, r.address, {r_cols}, 'synced', clock_timestamp() FROM accepted r
+    WHERE NOT EXISTS (SELECT 1 FROM before b WHERE b.domain = r.domain AND b.address_key = r.key)
+    ON CONFLICT (domain, address_key) DO NOTHING
+    RETURNING domain, address, address_key
+), logged AS (
+    INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source)
+    SELECT u.change_id, u.domain, '{list}', u.address,
+           CASE WHEN b.sync_state <> 'synced' AND u.sync_state = 'synced' THEN 'synced' ELSE 'update' END,
+           u.event_id, 'webhook'
+    FROM updated u JOIN before b ON b.domain = u.domain AND b.address_key = u.address_key
+    UNION ALL
+    SELECT r.change_id, n.domain, '{list}', n.address, 'insert', r.event_id, 'webhook'
+    FROM inserted n JOIN accepted r ON r.domain = n.domain AND r.key = n.address_key
+)
+SELECT i.token,
+       CASE WHEN f.token IS NULL THEN 'replay' WHEN a.token IS NULL THEN 'superseded' ELSE 'stored' END
+           AS outcome
+FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
+
+-- name: webhook_prune_tokens
+-- $1 the oldest signature time still accepted: a replay of an older token fails that check anyway.
+DELETE FROM mailgun.webhook_tokens WHERE signed_at < $1;
+
+-- name: bench_webhook_rows
+SELECT (SELECT count(*) FROM mailgun.bounces) + (SELECT count(*) FROM mailgun.complaints)
+     + (SELECT count(*) FROM mailgun.unsubscribes);

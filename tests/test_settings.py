@@ -27,9 +27,18 @@ def test_domains_are_a_comma_separated_list():
 
 
 def test_the_key_never_appears_in_the_repr():
-    settings = Settings.from_env({**BASE, "DATABASE_URL": "postgresql://u:dbpass@h/db"})
+    settings = Settings.from_env({**BASE, "DATABASE_URL": "postgresql://u:dbpass@h/db",
+                                  "MAILGUN_WEBHOOK_SIGNING_KEY": "whk-secret-value"})
+    assert settings.webhook_signing_key == "whk-secret-value"
     assert "key-secret-value" not in repr(settings)
     assert "dbpass" not in repr(settings)
+    assert "whk-secret-value" not in repr(settings)
+
+
+def test_webhooks_are_off_without_a_signing_key_and_the_window_is_a_day():
+    settings = Settings.from_env(BASE)
+    assert (settings.webhook_signing_key, settings.webhook_max_age) == (None, 86400.0)
+    assert Settings.from_env({**BASE, "WEBHOOK_MAX_AGE": "3600"}).webhook_max_age == 3600.0
 
 
 @pytest.mark.parametrize(("env", "setting"), [
@@ -45,6 +54,8 @@ def test_the_key_never_appears_in_the_repr():
     ({**BASE, "MAILGUN_API_BASE": "http://api.mailgun.net"}, "MAILGUN_API_BASE"),
     ({**BASE, "MAILGUN_API_BASE": "https://api:key@api.mailgun.net"}, "MAILGUN_API_BASE"),
     ({**BASE, "MAILGUN_API_BASE": "https://api.mailgun.net/v3/mg.a.com/bounces"}, "MAILGUN_API_BASE"),
+    ({**BASE, "WEBHOOK_MAX_AGE": "10"}, "WEBHOOK_MAX_AGE"),
+    ({**BASE, "WEBHOOK_MAX_AGE": "inf"}, "WEBHOOK_MAX_AGE"),
 ])
 def test_a_missing_or_malformed_setting_is_named(env, setting):
     with pytest.raises(ConfigError) as caught:

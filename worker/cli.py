@@ -154,6 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a server to create the soak's own database on (default: local or embedded)")
     soak.add_argument("--json", action="store_true", help="print one JSON object")
 
+    webhook_test = commands.add_parser(
+        "webhook-test", help="sign and send sample Mailgun webhooks to an endpoint and check its answers")
+    webhook_test.add_argument("--url", required=True,
+                              help="the endpoint, e.g. https://sync.example.com/webhooks/mailgun")
+    webhook_test.add_argument("--signing-key", dest="MAILGUN_WEBHOOK_SIGNING_KEY", metavar="KEY",
+                              help="the webhook signing key (env MAILGUN_WEBHOOK_SIGNING_KEY)")
+    webhook_test.add_argument("--domain", metavar="D",
+                              help="the sending domain the samples name (default: first of MAILGUN_DOMAINS)")
+    webhook_test.add_argument("--recipient", metavar="ADDRESS",
+                              help="the address the samples suppress (default: one at example.com)")
+
+    bench_webhooks = commands.add_parser(
+        "bench-webhooks", help="measure the daemon absorbing a burst of signed webhooks")
+    bench_webhooks.add_argument("--events", type=int, default=20_000, metavar="N",
+                                help="webhooks to send (default 20000)")
+    bench_webhooks.add_argument("--rate", type=float, default=1000.0, metavar="R",
+                                help="webhooks per second to send at (default 1000)")
+    bench_webhooks.add_argument("--connections", type=int, default=100, metavar="C",
+                                help="most requests in flight at once (default 100)")
+    bench_webhooks.add_argument("--database-url", metavar="URL",
+                                help="a server to create the benchmark's own database on "
+                                "(default: local or embedded)")
+    bench_webhooks.add_argument("--json", action="store_true", help="print one JSON object")
+
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -303,6 +327,21 @@ async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
     return EXIT_OK
 
 
+async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from worker.webhook_test import TEST_RECIPIENT, render, run_webhook_test
+
+    key = (args.MAILGUN_WEBHOOK_SIGNING_KEY or env.get("MAILGUN_WEBHOOK_SIGNING_KEY") or "").strip()
+    if not key:
+        raise ConfigError("MAILGUN_WEBHOOK_SIGNING_KEY", "is not set; give the webhook signing key")
+    domain = args.domain or next(
+        (d.strip() for d in env.get("MAILGUN_DOMAINS", "").split(",") if d.strip()), None)
+    if not domain:
+        raise ConfigError("--domain", "no domain for the samples: pass --domain or set MAILGUN_DOMAINS")
+    checks = await run_webhook_test(args.url, key, domain, args.recipient or TEST_RECIPIENT)
+    sys.stdout.write(render(args.url, checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
+
+
 async def serve_emulator(args: argparse.Namespace) -> int:
     settings = EmulatorSettings(
         latency_s=args.latency_ms / 1000, rate_limit=args.rate_limit,
@@ -361,6 +400,18 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                 baseline=args.baseline, database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
             return EXIT_OK
+        if args.command == "webhook-test":
+            return await webhook_test_command(args, env)
+        if args.command == "bench-webhooks":
+            from worker.benchmark.webhooks import render as render_webhooks
+            from worker.benchmark.webhooks import run_benchmark as bench_webhooks
+
+            report = await bench_webhooks(
+                events=args.events, rate=args.rate, connections=args.connections,
+                database_url=args.database_url)
+            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
+                             else render_webhooks(report))
+            return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "soak":
             from worker.benchmark import soak as soaking
 

@@ -1,5 +1,5 @@
 """`mailgun-sync daemon`: every (domain, list) on a schedule, with health, readiness and metrics,
-and a drain on SIGTERM.
+Mailgun's webhooks (worker/webhook_endpoint.py), and a drain on SIGTERM.
 
 APScheduler 3's `shutdown(wait=True)` cancels running asyncio jobs instead of waiting for them,
 so the daemon tracks its own runs: on a stop signal it pauses the scheduler, waits for the runs
@@ -34,6 +34,8 @@ from worker.metrics import Metrics
 from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.settings import Settings
+from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
+from worker.webhook_store import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 
@@ -99,11 +101,12 @@ class Daemon:
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
             id="refresh-domains", name="refresh the domains to sync")
         self._scheduler.start()
-        log.info("daemon_started", domains=sorted(self._domains()),
+        log.info("daemon_started", domains=self.domains(),
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
-    def _domains(self) -> set[str]:
-        return {job.id.rsplit("/", 1)[0] for job in self._scheduler.get_jobs() if "/" in job.id}
+    def domains(self) -> list[str]:
+        """The domains scheduled now."""
+        return sorted({job.id.rsplit("/", 1)[0] for job in self._scheduler.get_jobs() if "/" in job.id})
 
     def _schedule(self, plans: Sequence[DomainPlan]) -> None:
         """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
@@ -210,7 +213,8 @@ class Daemon:
         self._scheduler.shutdown(wait=False)
 
 
-def build_http_app(daemon: Daemon, metrics: Metrics) -> web.Application:
+def build_http_app(daemon: Daemon, metrics: Metrics,
+                   webhooks: WebhookEndpoint | None = None) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -224,10 +228,12 @@ def build_http_app(daemon: Daemon, metrics: Metrics) -> web.Application:
         return web.Response(body=metrics.exposition(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    if webhooks is not None:
+        webhooks.register(app)
     return app
 
 
@@ -236,14 +242,23 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
     """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
     stop = stop or asyncio.Event()
     daemon = Daemon(settings, resources, metrics, planner)
-    runner = web.AppRunner(build_http_app(daemon, metrics), access_log=None, handle_signals=False)
+    writer = WebhookWriter(WebhookStore(resources.pool), max_age=settings.webhook_max_age) \
+        if settings.webhook_signing_key else None
+    # Webhooks are taken for the domains the daemon syncs, as planned now and at each refresh.
+    webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=daemon.domains,
+                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics)
+    runner = web.AppRunner(build_http_app(daemon, metrics, webhooks), access_log=None,
+                           handle_signals=False)
     await runner.setup()
+    if writer is not None:
+        writer.start()
     try:
+        # Planned before the port opens: a webhook is never judged against no domains at all.
+        await daemon.start()
         await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await daemon.start()
         await stop.wait()
         log.info("stop_requested")
         await daemon.drain(settings.shutdown_grace)
@@ -251,5 +266,7 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_signal_handler(sig)
-        await runner.cleanup()
+        await runner.cleanup()  # answers the webhooks in flight first
+        if writer is not None:
+            await writer.stop()
     log.info("daemon_stopped")

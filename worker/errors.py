@@ -10,7 +10,10 @@
     │   └── PagingError            a list could not be read completely and safely
     │       ├── MalformedPageError   a page that is not the JSON Mailgun documents
     │       └── PagingOrderError     records not in the order parallel ranges rely on
-    └── DatabaseError              PostgreSQL refused or could not be reached
+    ├── DatabaseError              PostgreSQL refused or could not be reached
+    └── WebhookError               a webhook delivery refused; `status` is the answer Mailgun gets
+        ├── WebhookAuthError       401: unsigned, badly signed or stale (Mailgun retries)
+        └── WebhookPayloadError    406: a payload that will never be valid (Mailgun stops)
 
 Messages name what is wrong and what to check. The API key never appears in any of them.
 """
@@ -82,3 +85,22 @@ class PagingOrderError(PagingError):
 
 class DatabaseError(SyncError):
     """PostgreSQL refused the operation or could not be reached."""
+
+
+class WebhookError(SyncError):
+    """A webhook delivery was refused."""
+
+    status = 400
+
+
+class WebhookAuthError(WebhookError):
+    """The webhook's signature is missing, wrong or stale: answered 401, so Mailgun keeps retrying
+    while a misconfigured signing key is fixed."""
+
+    status = 401
+
+
+class WebhookPayloadError(WebhookError):
+    """The webhook's payload can never be stored: answered 406, so Mailgun stops retrying."""
+
+    status = 406

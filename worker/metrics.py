@@ -43,6 +43,9 @@ class Metrics:
         self.http_retries = Counter(
             "mailgun_sync_http_retries", "Mailgun requests tried again, by the answer that caused it.",
             ["status"], registry=self.registry)
+        self.webhooks = Counter(
+            "mailgun_sync_webhooks", "Webhook deliveries, by event and outcome.",
+            ["event", "outcome"], registry=self.registry)
 
     def observe_run(self, result: ListResult, seconds: float) -> None:
         labels = {"domain": result.domain, "list": result.list}
@@ -53,6 +56,9 @@ class Metrics:
                 self.records.labels(action=action, **labels).inc(count)
         if result.status == "ok":
             self.last_success.labels(**labels).set(time.time())
+
+    def observe_webhook(self, event: str, outcome: str) -> None:
+        self.webhooks.labels(event=event, outcome=outcome).inc()
 
     def observe_pending(self, domain: str, kind: str, rows: int) -> None:
         self.pending.labels(domain=domain, list=kind).set(rows)

@@ -25,7 +25,7 @@ ENVIRONMENT = (
     "MAILGUN_API_KEY", "MAILGUN_API_BASE", "MAILGUN_DOMAINS", "DATABASE_URL", "MAILGUN_MAX_ATTEMPTS",
     "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
-    "SYNC_CONFIG",
+    "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE",
 )
 
 
@@ -106,6 +106,10 @@ class Settings:
     http_port: int = 8080
     failures_before_unready: int = 3
     shutdown_grace: float = 25.0
+    # Webhooks: served only with a signing key. Mailgun retries a delivery for 8 hours with its
+    # original timestamp, so the window is a day by default.
+    webhook_signing_key: str | None = field(default=None, repr=False)
+    webhook_max_age: float = 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -150,4 +154,8 @@ class Settings:
             shutdown_grace=_parse(merged, "SHUTDOWN_GRACE", float, 25.0,
                                   lambda v: math.isfinite(v) and 0 <= v <= 3600,
                                   "a number of seconds from 0 to 3600"),
+            webhook_signing_key=(merged.get("MAILGUN_WEBHOOK_SIGNING_KEY") or "").strip() or None,
+            webhook_max_age=_parse(merged, "WEBHOOK_MAX_AGE", float, 86400.0,
+                                   lambda v: math.isfinite(v) and 60 <= v <= 30 * 86400,
+                                   "a number of seconds from 60 to 2592000"),
         )

@@ -12,7 +12,7 @@ from worker.records import SuppressionList
 MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "allowlist", "sync_runs", "changes")
 
 
-BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals")
+BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals", "webhook_tokens")
 
 
 def _address_column(kind: SuppressionList) -> str:

@@ -1,0 +1,457 @@
+"""Signed Mailgun webhooks into the mirror: what each answer means to Mailgun, what lands where,
+and that nothing unsigned, replayed, stale or malformed writes anything."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import API_KEY, DOMAIN
+from tests.support.mirror import insert_row, rows
+from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from worker.errors import DatabaseError
+from worker.metrics import Metrics
+from worker.records import SuppressionList
+from worker.settings import Settings
+from worker.webhook_store import WebhookStore, WebhookWriter, rounds
+from worker.webhook_test import event_data, signed
+from worker.webhooks import WebhookEvent
+
+BOUNCES, UNSUBSCRIBES, COMPLAINTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES,
+                                     SuppressionList.COMPLAINTS)
+OTHER_DOMAIN = "mg.example.org"
+
+
+def settings(emulator, **changes) -> Settings:
+    options = {"api_key": API_KEY, "api_base": str(emulator.base_url), "domains": (DOMAIN, OTHER_DOMAIN),
+               "webhook_signing_key": SIGNING_KEY, **changes}
+    return Settings(**options)
+
+
+@pytest.fixture
+async def http(pool, client, emulator, aiohttp_client):
+    async with webhook_app(pool, client, settings(emulator)) as app:
+        yield await aiohttp_client(app)
+
+
+async def webhook_changes(pool) -> list[tuple[str, str, str, str]]:
+    found = await pool.fetch("SELECT list, address, action, source FROM mailgun.changes ORDER BY id")
+    return [(r["list"], r["address"], r["action"], r["source"]) for r in found]
+
+
+async def mirror_is_empty(pool) -> bool:
+    counts = await pool.fetchval(
+        "SELECT (SELECT count(*) FROM mailgun.bounces) + (SELECT count(*) FROM mailgun.complaints)"
+        " + (SELECT count(*) FROM mailgun.unsubscribes) + (SELECT count(*) FROM mailgun.changes)"
+        " + (SELECT count(*) FROM mailgun.webhook_tokens)")
+    return counts == 0
+
+
+# ---- each event kind ---------------------------------------------------------------------------
+
+async def test_a_permanent_failure_lands_in_bounces_as_synced_and_is_logged_as_a_webhook_change(http, pool):
+    delivery = event("failed", "Gone@Example.com", DOMAIN, timestamp=1_780_000_000.25, code=550)
+
+    assert await deliver(http, delivery) == (200, "stored")
+
+    row = (await rows(pool, BOUNCES))["Gone@Example.com"]
+    assert (row["domain"], row["code"], row["sync_state"]) == (DOMAIN, "550", "synced")
+    assert row["error"] == "550 5.1.1 mailbox unavailable"
+    assert row["created_at"] == datetime.fromtimestamp(1_780_000_000, UTC)
+    assert row["synced_at"] is not None
+    assert await webhook_changes(pool) == [("bounces", "Gone@Example.com", "insert", "webhook")]
+    detail = await pool.fetchval("SELECT detail FROM mailgun.changes")
+    assert detail == delivery["event-data"]["id"]
+
+
+async def test_a_bounce_code_given_as_text_and_an_empty_message_use_the_description(http, pool):
+    data = event_data("failed", "soft@example.com", DOMAIN, code="5.1.1")
+    data["delivery-status"] = {"code": "5.1.1", "message": "", "description": "No such mailbox"}
+    assert (await deliver(http, signed(SIGNING_KEY, data)))[0] == 200
+    row = (await rows(pool, BOUNCES))["soft@example.com"]
+    assert (row["code"], row["error"]) == ("5.1.1", "No such mailbox")
+
+
+async def test_a_complaint_lands_in_complaints(http, pool):
+    assert await deliver(http, event("complained", "angry@example.com", DOMAIN)) == (200, "stored")
+    assert (await rows(pool, COMPLAINTS))["angry@example.com"]["sync_state"] == "synced"
+    assert await webhook_changes(pool) == [("complaints", "angry@example.com", "insert", "webhook")]
+
+
+async def test_an_unsubscribe_lands_with_the_message_tags_or_all_mail_without(http, pool):
+    assert (await deliver(http, event("unsubscribed", "tagged@example.com", DOMAIN,
+                                      tags=["weekly", "news", "news"])))[0] == 200
+    assert (await deliver(http, event("unsubscribed", "all@example.com", DOMAIN)))[0] == 200
+
+    mirror = await rows(pool, UNSUBSCRIBES)
+    assert mirror["tagged@example.com"]["tags"] == ["news", "weekly"]
+    assert mirror["all@example.com"]["tags"] == ["*"]
+    assert {r["sync_state"] for r in mirror.values()} == {"synced"}
+
+
+@pytest.mark.parametrize("data", [
+    event_data("failed", "later@example.com", DOMAIN, severity="temporary", code=451),
+    event_data("failed", "dropped@example.com", DOMAIN, reason="suppress-bounce", code=605),
+    event_data("delivered", "fine@example.com", DOMAIN),
+    event_data("opened", "fine@example.com", DOMAIN),
+    event_data("some-future-event", "fine@example.com", DOMAIN),
+], ids=["temporary", "drop", "delivered", "opened", "unknown"])
+async def test_events_that_suppress_nobody_are_answered_200_and_ignored(http, pool, data):
+    status, answer = await deliver(http, signed(SIGNING_KEY, data))
+    assert status == 200
+    assert answer.startswith("ignored")
+    assert await mirror_is_empty(pool)
+
+
+# ---- signatures --------------------------------------------------------------------------------
+
+async def test_a_wrong_signature_is_401_and_writes_nothing(http, pool):
+    forged = event("complained", "victim@example.com", DOMAIN, key="someone-elses-key")
+    status, answer = await deliver(http, forged)
+    assert status == 401
+    assert "MAILGUN_WEBHOOK_SIGNING_KEY" in answer
+    assert await mirror_is_empty(pool)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda p: p.pop("signature"),
+    lambda p: p["signature"].pop("token"),
+    lambda p: p["signature"].update(signature="zz" * 32),
+    lambda p: p["signature"].update(signature=None),
+    lambda p: p["signature"].update(timestamp=str(int(p["signature"]["timestamp"]) + 1)),
+    lambda p: p.update(signature="not an object"),
+], ids=["no block", "no token", "not hex", "null", "other timestamp", "not an object"])
+async def test_a_missing_or_mangled_signature_is_401_and_writes_nothing(http, pool, mangle):
+    payload = event("complained", "victim@example.com", DOMAIN)
+    mangle(payload)
+    assert (await deliver(http, payload))[0] == 401
+    assert await mirror_is_empty(pool)
+
+
+async def test_a_subaccount_delivery_verifies_by_its_parent_signature(http, pool):
+    payload = event("complained", "sub@example.com", DOMAIN, key="the-subaccount-key")
+    payload["parent-signature"] = event("complained", "x@example.com", DOMAIN)["signature"]
+    assert await deliver(http, payload) == (200, "stored")
+
+
+async def test_a_stale_signature_is_401_and_writes_nothing(http, pool):
+    two_days_ago = int(time.time()) - 2 * 86400
+    payload = event("complained", "late@example.com", DOMAIN, signed_at=two_days_ago)
+    status, answer = await deliver(http, payload)
+    assert status == 401
+    assert "WEBHOOK_MAX_AGE" in answer
+    assert await mirror_is_empty(pool)
+
+
+async def test_mailgun_retrying_hours_later_with_the_original_timestamp_is_accepted(http, pool):
+    eight_hours_ago = int(time.time()) - 8 * 3600
+    payload = event("complained", "retried@example.com", DOMAIN, signed_at=eight_hours_ago)
+    assert await deliver(http, payload) == (200, "stored")
+
+
+async def test_the_timestamp_window_is_configurable(pool, client, emulator, aiohttp_client):
+    async with webhook_app(pool, client, settings(emulator, webhook_max_age=300)) as app:
+        http = await aiohttp_client(app)
+        ten_minutes_ago = int(time.time()) - 600
+        assert (await deliver(http, event("complained", "a@example.com", DOMAIN,
+                                          signed_at=ten_minutes_ago)))[0] == 401
+        assert (await deliver(http, event("complained", "a@example.com", DOMAIN)))[0] == 200
+
+
+async def test_a_replayed_token_is_ignored(http, pool):
+    original = event("failed", "once@example.com", DOMAIN, code=550)
+    assert await deliver(http, original) == (200, "stored")
+    # The signature does not cover event-data: a replay may carry anything. It writes nothing.
+    replay = {**original, "event-data": event_data("complained", "other@example.com", DOMAIN)}
+
+    assert await deliver(http, original) == (200, "replay")
+    assert await deliver(http, replay) == (200, "replay")
+
+    assert list(await rows(pool, BOUNCES)) == ["once@example.com"]
+    assert await rows(pool, COMPLAINTS) == {}
+    assert len(await webhook_changes(pool)) == 1
+
+
+async def test_a_token_is_remembered_across_restarts(pool, client, emulator, aiohttp_client):
+    payload = event("complained", "twice@example.com", DOMAIN)
+    async with webhook_app(pool, client, settings(emulator)) as app:
+        assert (await deliver(await aiohttp_client(app), payload))[1] == "stored"
+    async with webhook_app(pool, client, settings(emulator)) as app:
+        assert (await deliver(await aiohttp_client(app), payload))[1] == "replay"
+
+
+async def test_without_a_signing_key_the_endpoint_answers_503_so_mailgun_keeps_the_events(
+        pool, client, emulator, aiohttp_client):
+    async with webhook_app(pool, client, settings(emulator, webhook_signing_key=None),
+                           signing_key=None) as app:
+        http = await aiohttp_client(app)
+        status, answer = await deliver(http, event("complained", "a@example.com", DOMAIN))
+    assert status == 503
+    assert "MAILGUN_WEBHOOK_SIGNING_KEY" in answer
+    assert await mirror_is_empty(pool)
+
+
+# ---- payloads that can never be stored ---------------------------------------------------------
+
+def _without_recipient() -> dict:
+    data = event_data("complained", "x@example.com", DOMAIN)
+    del data["recipient"]
+    return signed(SIGNING_KEY, data)
+
+
+def _without_timestamp() -> dict:
+    data = event_data("complained", "x@example.com", DOMAIN)
+    data["timestamp"] = "yesterday"
+    return signed(SIGNING_KEY, data)
+
+
+def _foreign_domain() -> dict:
+    return signed(SIGNING_KEY, event_data("complained", "x@example.com", "mg.somebody-else.com"))
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b"recipient=x%40example.com&event=complained", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (orjson.dumps({"signature": event("complained", "x@example.com", DOMAIN)["signature"]}), "event-data"),
+    (orjson.dumps(event("complained", "not-an-address", DOMAIN)), "not an address"),
+    (orjson.dumps(_without_recipient()), "no recipient"),
+    (orjson.dumps(_without_timestamp()), "timestamp"),
+    (orjson.dumps(_foreign_domain()), "none of MAILGUN_DOMAINS"),
+    (b'{"pad": "' + b"x" * 70_000 + b'"}', "larger than"),
+], ids=["form", "array", "no event-data", "bad address", "no recipient", "no timestamp", "foreign domain",
+        "too large"])
+async def test_a_payload_that_can_never_be_stored_is_406_so_mailgun_stops_retrying(http, pool, body, says):
+    status, answer = await deliver(http, body)
+    assert status == 406
+    assert says in answer
+    assert await mirror_is_empty(pool)
+
+
+# ---- which domain ------------------------------------------------------------------------------
+
+async def test_the_domain_comes_from_the_url_path_when_given(http, pool):
+    data = event_data("complained", "p@example.com", "mg.somebody-else.com")
+    explicit = await deliver(http, signed(SIGNING_KEY, data), path=f"/webhooks/mailgun/{OTHER_DOMAIN}")
+    assert explicit[0] == 200
+    assert (await rows(pool, COMPLAINTS))["p@example.com"]["domain"] == OTHER_DOMAIN
+    unknown = await deliver(http, signed(SIGNING_KEY, data), path="/webhooks/mailgun/mg.unknown.com")
+    assert unknown[0] == 406
+
+
+@pytest.mark.parametrize("keep", ["storage", "message-id", "sender"])
+async def test_the_domain_is_read_from_the_event(http, pool, keep):
+    data = event_data("failed", "d@example.com", OTHER_DOMAIN)
+    elsewhere = "unrelated.example.net"
+    if keep != "storage":
+        data["storage"] = {"url": f"https://se.api.mailgun.net/v3/domains/{elsewhere}/messages/x"}
+    if keep != "message-id":
+        data["message"]["headers"]["message-id"] = f"123.abc@{elsewhere}"
+    if keep != "sender":
+        data["envelope"]["sender"] = f"b@{elsewhere}"
+        data["message"]["headers"]["from"] = f"Someone <s@{elsewhere}>"
+    assert (await deliver(http, signed(SIGNING_KEY, data)))[0] == 200
+    assert (await rows(pool, BOUNCES))["d@example.com"]["domain"] == OTHER_DOMAIN
+
+
+# ---- rows already in the mirror ----------------------------------------------------------------
+
+async def test_a_pending_local_row_mailgun_now_has_becomes_synced_with_its_data(http, pool):
+    await insert_row(pool, BOUNCES, DOMAIN, "local@example.com", code="551", error="from the CRM")
+    assert await deliver(http, event("failed", "LOCAL@example.com", DOMAIN, code=550)) == (200, "stored")
+    row = (await rows(pool, BOUNCES))["local@example.com"]
+    assert (row["sync_state"], row["code"]) == ("synced", "550")
+    assert await webhook_changes(pool) == [("bounces", "local@example.com", "synced", "webhook")]
+
+
+async def test_a_pending_unsubscribe_takes_the_union_and_stays_pending_for_tags_mailgun_lacks(http, pool):
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "covered@example.com", tags=["news"])
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "wider@example.com", tags=["news", "offers"])
+
+    for address in ("covered@example.com", "wider@example.com"):
+        assert (await deliver(http, event("unsubscribed", address, DOMAIN, tags=["news"])))[0] == 200
+
+    mirror = await rows(pool, UNSUBSCRIBES)
+    assert (mirror["covered@example.com"]["sync_state"], mirror["covered@example.com"]["tags"]) == \
+        ("synced", ["news"])
+    assert (mirror["wider@example.com"]["sync_state"], mirror["wider@example.com"]["tags"]) == \
+        ("pending", ["news", "offers"])
+
+
+async def test_a_synced_unsubscribe_gains_the_new_tag(http, pool):
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "u@example.com", state="synced",
+                     synced_at=datetime.now(UTC) - timedelta(hours=1), tags=["news"])
+    assert (await deliver(http, event("unsubscribed", "u@example.com", DOMAIN, tags=["offers"])))[0] == 200
+    row = (await rows(pool, UNSUBSCRIBES))["u@example.com"]
+    assert (row["tags"], row["sync_state"]) == (["news", "offers"], "synced")
+
+
+async def test_an_event_older_than_a_local_removal_leaves_the_removal_standing(http, pool):
+    await insert_row(pool, COMPLAINTS, DOMAIN, "forgiven@example.com", state="synced",
+                     synced_at=datetime.now(UTC) - timedelta(hours=1))
+    await pool.execute("DELETE FROM mailgun.complaints")  # the application removes it
+    an_hour_ago = time.time() - 3600
+
+    answer = await deliver(http, event("complained", "forgiven@example.com", DOMAIN, timestamp=an_hour_ago))
+
+    assert answer == (200, "superseded")
+    assert await rows(pool, COMPLAINTS) == {}
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 1
+
+
+async def test_an_event_newer_than_a_local_removal_cancels_it(http, pool):
+    await insert_row(pool, COMPLAINTS, DOMAIN, "again@example.com", state="synced",
+                     synced_at=datetime.now(UTC) - timedelta(hours=1))
+    await pool.execute("DELETE FROM mailgun.complaints")
+    await asyncio.sleep(1.1)  # event times are whole seconds
+
+    assert await deliver(http, event("complained", "again@example.com", DOMAIN)) == (200, "stored")
+
+    assert (await rows(pool, COMPLAINTS))["again@example.com"]["sync_state"] == "synced"
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+
+
+async def test_an_unsubscribe_event_leaves_a_local_drop_of_another_tag_standing(http, pool):
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "reader@example.com", state="synced",
+                     synced_at=datetime.now(UTC) - timedelta(hours=1), tags=["news", "promo"])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")
+    await asyncio.sleep(1.1)  # event times are whole seconds
+
+    delivery = event("unsubscribed", "reader@example.com", DOMAIN, tags=["weekly"])
+    assert await deliver(http, delivery) == (200, "stored")
+
+    assert (await rows(pool, UNSUBSCRIBES))["reader@example.com"]["tags"] == ["news", "weekly"]
+    assert await pool.fetchval("SELECT tag FROM mailgun.removals") == "promo"
+
+
+# ---- the writer --------------------------------------------------------------------------------
+
+async def test_a_burst_is_written_in_few_transactions_and_every_request_answered_after_commit(http, pool):
+    deliveries = [event(kind, f"burst{i:04}@example.com", DOMAIN)
+                  for i in range(300) for kind in ("failed", "complained", "unsubscribed")]
+
+    answers = await asyncio.gather(*(deliver(http, d) for d in deliveries))
+
+    assert set(answers) == {(200, "stored")}
+    for kind in (BOUNCES, COMPLAINTS, UNSUBSCRIBES):
+        assert len(await rows(pool, kind)) == 300
+    change_sets = await pool.fetchval("SELECT count(DISTINCT run_id) FROM mailgun.changes")
+    assert change_sets == 900  # one change id per delivery, whatever batch it was written in
+
+
+async def test_events_for_one_address_in_one_batch_apply_in_arrival_order(pool):
+    def unsubscribe(tags: tuple[str, ...], token: str) -> WebhookEvent:
+        now = datetime.now(UTC).replace(microsecond=0)
+        return WebhookEvent(kind=UNSUBSCRIBES, event="unsubscribed", domain=DOMAIN, address="o@example.com",
+                            created_at=now, token=token, signed_at=now, event_id=token, tags=tags)
+
+    batch = [unsubscribe(("a",), "t1"), unsubscribe(("b",), "t2"), unsubscribe(("b",), "t2")]
+    assert [len(r[UNSUBSCRIBES]) for r in rounds(batch)[0]] == [1, 1]
+
+    outcomes = await WebhookStore(pool).write(batch)
+
+    assert outcomes == ["stored", "stored", "replay"]
+    assert (await rows(pool, UNSUBSCRIBES))["o@example.com"]["tags"] == ["a", "b"]
+
+
+async def test_an_event_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_stored(http, pool):
+    # An application's own constraint on the mirror refuses one address.
+    await pool.execute("ALTER TABLE mailgun.complaints ADD CONSTRAINT test_refuses_one"
+                       " CHECK (address <> 'refused@example.com')")
+    try:
+        addresses = [f"fine{i:03}@example.com" for i in range(50)] + ["refused@example.com"]
+        deliveries = [event("complained", a, DOMAIN) for a in addresses]
+        answers = await asyncio.gather(*(deliver(http, d) for d in deliveries))
+    finally:
+        await pool.execute("ALTER TABLE mailgun.complaints DROP CONSTRAINT test_refuses_one")
+
+    assert answers[:-1] == [(200, "stored")] * 50
+    assert answers[-1] == (503, "not stored; retry later")
+    assert sorted(await rows(pool, COMPLAINTS)) == addresses[:-1]
+    # The refused event's token was not used up: Mailgun's retry can still be stored.
+    assert await deliver(http, deliveries[-1]) == (200, "stored")
+
+
+async def test_a_failed_batch_is_written_again_event_by_event(pool):
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=address,
+                           created_at=now, token=f"token-{address}", signed_at=now, event_id="")
+              for address in ("a@example.com", "refused@example.com", "b@example.com")]
+    await pool.execute("ALTER TABLE mailgun.complaints ADD CONSTRAINT test_refuses_one"
+                       " CHECK (address <> 'refused@example.com')")
+    try:
+        with capture_logs() as logs:
+            async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
+                outcomes = await asyncio.gather(*(writer.submit(e) for e in events), return_exceptions=True)
+    finally:
+        await pool.execute("ALTER TABLE mailgun.complaints DROP CONSTRAINT test_refuses_one")
+
+    assert outcomes[0] == outcomes[2] == "stored"
+    assert isinstance(outcomes[1], DatabaseError)
+    assert [entry["events"] for entry in logs if entry["event"] == "webhook_batch_failed"] == [3]
+
+
+async def test_stopping_the_writer_writes_everything_queued_first(pool):
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=f"q{i}@example.com",
+                           created_at=now, token=f"queued-{i}", signed_at=now, event_id="")
+              for i in range(7)]
+    writer = WebhookWriter(WebhookStore(pool), max_age=86400, max_batch=2)
+    writer.start()
+    submitted = [asyncio.create_task(writer.submit(e)) for e in events]
+    await asyncio.sleep(0)  # all queued
+    await asyncio.wait_for(writer.stop(), 10)
+    assert [t.result() for t in submitted] == ["stored"] * 7
+    assert len(await rows(pool, COMPLAINTS)) == 7
+
+
+async def test_a_database_failure_answers_503_and_the_retry_is_stored(
+        pool, client, emulator, aiohttp_client, database_url):
+    from worker.store import open_pool
+
+    payload = event("complained", "retry@example.com", DOMAIN)
+    async with open_pool(database_url, max_size=2) as doomed, \
+            webhook_app(doomed, client, settings(emulator)) as app:
+        http = await aiohttp_client(app)
+        await doomed.close()
+        assert (await deliver(http, payload))[0] == 503
+    assert await mirror_is_empty(pool)
+
+    async with webhook_app(pool, client, settings(emulator)) as app:
+        assert await deliver(await aiohttp_client(app), payload) == (200, "stored")
+
+
+async def test_tokens_past_the_timestamp_window_are_pruned(pool):
+    await pool.execute("INSERT INTO mailgun.webhook_tokens VALUES ('old', now() - interval '3 days'),"
+                       " ('new', now())")
+    assert await WebhookStore(pool).prune_tokens(datetime.now(UTC) - timedelta(days=1)) == 1
+    assert await pool.fetchval("SELECT array_agg(token) FROM mailgun.webhook_tokens") == ["new"]
+
+
+async def test_metrics_count_webhooks_by_event_and_outcome(pool, client, emulator, aiohttp_client):
+    metrics = Metrics()
+    async with webhook_app(pool, client, settings(emulator), metrics=metrics) as app:
+        http = await aiohttp_client(app)
+        payload = event("complained", "m@example.com", DOMAIN)
+        await deliver(http, payload)
+        await deliver(http, payload)
+        await deliver(http, event("complained", "m@example.com", DOMAIN, key="wrong"))
+        page = await (await http.get("/metrics")).text()
+    assert 'mailgun_sync_webhooks_total{event="complained",outcome="stored"} 1.0' in page
+    assert 'mailgun_sync_webhooks_total{event="complained",outcome="replay"} 1.0' in page
+    assert 'mailgun_sync_webhooks_total{event="other",outcome="unauthorized"} 1.0' in page
+
+
+async def test_the_signing_key_appears_in_no_answer_log_or_metric(http, pool):
+    with capture_logs() as logs:
+        answers = [await deliver(http, event("complained", "k@example.com", DOMAIN)),
+                   await deliver(http, event("complained", "k@example.com", DOMAIN, key="wrong")),
+                   await deliver(http, b"not json")]
+        page = await (await http.get("/metrics")).text()
+    seen = repr(answers) + repr(logs) + page
+    assert SIGNING_KEY not in seen
+    assert "MAILGUN_WEBHOOK_SIGNING_KEY" in seen  # the setting is named, its value never

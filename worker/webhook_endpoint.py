@@ -1,0 +1,83 @@
+"""`POST /webhooks/mailgun[/{domain}]`: Mailgun's signed webhooks into the mirror.
+
+Answers, as Mailgun reads them: 200 stored, a replay, superseded by a local removal, or ignored
+(Mailgun stops); 401 a missing, wrong or stale signature and 503 webhooks not configured or the
+database failing (Mailgun retries for 8 hours); 406 a payload that can never be stored (Mailgun
+stops).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from aiohttp import web
+
+from worker.errors import SyncError, WebhookError, WebhookPayloadError
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.webhook_store import WebhookWriter
+from worker.webhooks import Ignored, event_label, read_event
+
+log = get_logger(__name__)
+
+PATH = "/webhooks/mailgun"
+# Mailgun's event payloads are a few kilobytes; this leaves room for large user variables.
+MAX_BODY = 64 * 1024
+
+
+class WebhookEndpoint:
+    def __init__(self, *, signing_key: str | None, domains: Sequence[str] | Callable[[], Sequence[str]],
+                 max_age: float, writer: WebhookWriter | None, metrics: Metrics) -> None:
+        """`domains`: the domains whose events are taken, or a function giving them now (the
+        daemon's, which discovery and refreshes change)."""
+        self._key = signing_key
+        if callable(domains):
+            self._domains = domains
+        else:
+            fixed = tuple(domains)
+            self._domains = lambda: fixed
+        self._max_age = max_age
+        self._writer = writer
+        self._metrics = metrics
+
+    def register(self, app: web.Application) -> None:
+        """The app's client_max_size must be MAX_BODY."""
+        app.router.add_post(PATH, self.handle)
+        app.router.add_post(PATH + "/{domain}", self.handle)
+
+    def _answer(self, status: int, event: str, outcome: str, text: str) -> web.Response:
+        self._metrics.observe_webhook(event, outcome)
+        return web.Response(status=status, text=text + "\n")
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self._key is None or self._writer is None:
+            return self._answer(503, "other", "unconfigured",
+                                "webhooks are not configured: set MAILGUN_WEBHOOK_SIGNING_KEY")
+        try:
+            body = await request.read()  # at most the app's client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(WebhookPayloadError(f"the body is larger than {MAX_BODY} bytes"))
+        try:
+            found = read_event(body, key=self._key, domains=self._domains(), max_age=self._max_age,
+                               now=time.time(), path_domain=request.match_info.get("domain"))
+        except WebhookError as exc:
+            return self._refuse(exc)
+        if isinstance(found, Ignored):
+            log.debug("webhook_ignored", webhook_event=found.event, reason=found.reason)
+            return self._answer(200, found.event, "ignored", f"ignored: {found.reason}")
+        label = event_label(found.event)
+        try:
+            outcome = await self._writer.submit(found)
+        except SyncError as exc:
+            log.error("webhook_store_failed", webhook_event=found.event, domain=found.domain,
+                      list=found.kind.value, error=str(exc))
+            return self._answer(503, label, "error", "not stored; retry later")
+        log.debug("webhook_written", webhook_event=found.event, domain=found.domain,
+                  list=found.kind.value, outcome=outcome)
+        return self._answer(200, label, outcome, outcome)
+
+    def _refuse(self, exc: WebhookError) -> web.Response:
+        outcome = "unauthorized" if exc.status == 401 else "refused"
+        log.warning("webhook_refused", status=exc.status, reason=str(exc))
+        return self._answer(exc.status, "other", outcome, str(exc))

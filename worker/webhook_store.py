@@ -1,0 +1,192 @@
+"""Webhook events into the mirror, with group commit.
+
+Each request hands its event to one `WebhookWriter` and waits; the writer takes whatever has
+queued up meanwhile (up to `max_batch`) and writes it in one transaction, then answers every
+request of the batch. A burst therefore costs a few transactions, not one each, and a request is
+answered only once its row is committed. If a batch fails, its events are written again one by
+one, so one bad event cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from worker.errors import SyncError
+from worker.logs import get_logger
+from worker.records import SuppressionList
+from worker.sql import queries
+from worker.store import list_query, wrap_db_errors
+from worker.webhooks import WebhookEvent
+
+log = get_logger(__name__)
+
+STORED, REPLAY, SUPERSEDED = "stored", "replay", "superseded"
+
+
+def _row(event: WebhookEvent) -> dict[str, Any]:
+    return {"token": event.token, "signed_at": event.signed_at.isoformat(), "domain": event.domain,
+            "address": event.address, "code": event.code, "error": event.error,
+            "created_at": event.created_at.isoformat(), "tags": list(event.tags),
+            "event_id": event.event_id, "change_id": str(uuid.uuid4())}
+
+
+def rounds(events: Sequence[WebhookEvent]) -> tuple[list[dict[SuppressionList, list[WebhookEvent]]],
+                                                     set[int]]:
+    """Split a batch into rounds of at most one event per (list, domain, address), in arrival
+    order, so a later event for an address is applied after an earlier one. Also the positions of
+    events whose token came earlier in the batch: replays."""
+    out: list[dict[SuppressionList, list[WebhookEvent]]] = []
+    keys: list[set[tuple[SuppressionList, str, str]]] = []
+    tokens: set[str] = set()
+    repeated: set[int] = set()
+    for position, event in enumerate(events):
+        if event.token in tokens:
+            repeated.add(position)
+            continue
+        tokens.add(event.token)
+        number = next((n for n, taken in enumerate(keys) if event.key not in taken), len(keys))
+        if number == len(keys):
+            keys.append(set())
+            out.append({})
+        keys[number].add(event.key)
+        out[number].setdefault(event.kind, []).append(event)
+    return out, repeated
+
+
+class WebhookStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def write(self, events: Sequence[WebhookEvent]) -> list[str]:
+        """Write events in one transaction; each one's outcome, in order."""
+        batches, repeated = rounds(events)
+        outcome: dict[str, str] = {}
+        async with wrap_db_errors("storing webhook events"), self._pool.acquire() as connection, \
+                connection.transaction():
+            await connection.execute(queries()["mark_worker_writes"])
+            for batch in batches:
+                for kind, members in batch.items():
+                    payload = orjson.dumps([_row(e) for e in members]).decode()
+                    for row in await connection.fetch(list_query("webhook_write", kind), payload):
+                        outcome[row["token"]] = row["outcome"]
+        return [REPLAY if i in repeated else outcome[e.token] for i, e in enumerate(events)]
+
+    async def prune_tokens(self, older_than: datetime) -> int:
+        async with wrap_db_errors("pruning webhook tokens"):
+            status = await self._pool.execute(queries()["webhook_prune_tokens"], older_than)
+        return int(status.split()[-1])
+
+
+_Item = tuple[WebhookEvent, "asyncio.Future[str]"]
+
+
+class WebhookWriter:
+    """One task writing queued events in batches (see the module's docstring)."""
+
+    def __init__(self, store: WebhookStore, *, max_age: float, max_batch: int = 500,
+                 prune_every: float = 300.0) -> None:
+        self._store = store
+        self._max_age = max_age
+        self._max_batch = max_batch
+        self._prune_every = prune_every
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._pruned = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="webhook-writer")
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def __aenter__(self) -> WebhookWriter:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def submit(self, event: WebhookEvent) -> str:
+        """The event's outcome once committed; raises SyncError (DatabaseError) if it was not."""
+        if self._task is None or self._task.done():
+            raise SyncError("the webhook writer is not running")
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((event, done))
+        return await done
+
+    async def _run(self) -> None:
+        stopping = False
+        while not (stopping and self._queue.empty()):
+            # Whatever queued up while the last batch was being written, up to max_batch.
+            batch: list[_Item] = []
+            item = await self._queue.get()
+            while True:
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+                if len(batch) >= self._max_batch or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                try:
+                    await self._flush(batch)
+                except Exception:  # the writer's guard: one broken batch must not stop it
+                    log.exception("webhook_batch_crashed", events=len(batch))
+                    for _, done in batch:
+                        _settle(done, error=SyncError("storing the webhook event failed unexpectedly"))
+            if not stopping:
+                await self._maybe_prune()
+
+    async def _flush(self, batch: list[_Item]) -> None:
+        try:
+            outcomes = await self._store.write([event for event, _ in batch])
+        except SyncError as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=exc)
+                return
+            log.warning("webhook_batch_failed", events=len(batch), error=str(exc))
+            for item in batch:
+                await self._flush([item])
+            return
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            _settle(done, outcome=outcome)
+
+    async def _maybe_prune(self) -> None:
+        if time.monotonic() - self._pruned < self._prune_every:
+            return
+        self._pruned = time.monotonic()
+        cutoff = datetime.now(UTC) - timedelta(seconds=self._max_age + 60)
+        try:
+            pruned = await self._store.prune_tokens(cutoff)
+        except SyncError as exc:
+            log.warning("webhook_token_prune_failed", error=str(exc))
+            return
+        if pruned:
+            log.info("webhook_tokens_pruned", tokens=pruned)
+
+
+def _settle(done: asyncio.Future[str], *, outcome: str | None = None,
+            error: BaseException | None = None) -> None:
+    if done.done():  # the request went away
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        assert outcome is not None
+        done.set_result(outcome)
