@@ -455,3 +455,22 @@ async def test_the_signing_key_appears_in_no_answer_log_or_metric(http, pool):
     seen = repr(answers) + repr(logs) + page
     assert SIGNING_KEY not in seen
     assert "MAILGUN_WEBHOOK_SIGNING_KEY" in seen  # the setting is named, its value never
+
+
+async def test_while_the_daemon_is_still_planning_its_domains_webhooks_are_answered_503(
+        pool, aiohttp_client):
+    from aiohttp import web
+
+    from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
+
+    async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
+        endpoint = WebhookEndpoint(signing_key=SIGNING_KEY, domains=list, max_age=86400, writer=writer,
+                                   metrics=Metrics())
+        app = web.Application(client_max_size=MAX_BODY)
+        endpoint.register(app)
+        http = await aiohttp_client(app)
+
+        status, text = await deliver(http, event("complained", "early@example.com", DOMAIN))
+
+    assert (status, text) == (503, "the daemon is starting: try again")
+    assert await rows(pool, SuppressionList.COMPLAINTS) == {}

@@ -253,12 +253,13 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
     if writer is not None:
         writer.start()
     try:
-        # Planned before the port opens: a webhook is never judged against no domains at all.
-        await daemon.start()
+        # The port opens first, so /healthz answers while the domains are planned (discovery may
+        # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
         await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await daemon.start()
         await stop.wait()
         log.info("stop_requested")
         await daemon.drain(settings.shutdown_grace)

@@ -58,8 +58,11 @@ class WebhookEndpoint:
             body = await request.read()  # at most the app's client_max_size
         except web.HTTPRequestEntityTooLarge:
             return self._refuse(WebhookPayloadError(f"the body is larger than {MAX_BODY} bytes"))
+        domains = self._domains()
+        if not domains:  # the daemon is still planning them: a 406 now would lose the event
+            return self._answer(503, "other", "starting", "the daemon is starting: try again")
         try:
-            found = read_event(body, key=self._key, domains=self._domains(), max_age=self._max_age,
+            found = read_event(body, key=self._key, domains=domains, max_age=self._max_age,
                                now=time.time(), path_domain=request.match_info.get("domain"))
         except WebhookError as exc:
             return self._refuse(exc)
