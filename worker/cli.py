@@ -35,7 +35,7 @@ from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import list_status, render_status, render_table
-from worker.settings import US_API_BASE, Settings
+from worker.settings import US_API_BASE, Settings, domain_names
 from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
@@ -298,7 +298,7 @@ async def backfill_command(args: argparse.Namespace, env: Mapping[str, str]) -> 
 def configured_domains(env: Mapping[str, str]) -> list[str]:
     """The domains named in MAILGUN_DOMAINS and SYNC_CONFIG (discovery would ask Mailgun, which
     `status` does not)."""
-    named = [d.strip() for d in env.get("MAILGUN_DOMAINS", "").split(",") if d.strip()]
+    named = list(domain_names(env.get("MAILGUN_DOMAINS", "")))
     if env.get("SYNC_CONFIG"):
         config = read_sync_config(env["SYNC_CONFIG"], default_api_base=US_API_BASE)
         named += [plan.name for plan in config.domains]
@@ -333,8 +333,7 @@ async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str])
     key = (args.MAILGUN_WEBHOOK_SIGNING_KEY or env.get("MAILGUN_WEBHOOK_SIGNING_KEY") or "").strip()
     if not key:
         raise ConfigError("MAILGUN_WEBHOOK_SIGNING_KEY", "is not set; give the webhook signing key")
-    domain = args.domain or next(
-        (d.strip() for d in env.get("MAILGUN_DOMAINS", "").split(",") if d.strip()), None)
+    domain = args.domain or next(iter(domain_names(env.get("MAILGUN_DOMAINS", ""))), None)
     if not domain:
         raise ConfigError("--domain", "no domain for the samples: pass --domain or set MAILGUN_DOMAINS")
     checks = await run_webhook_test(args.url, key, domain, args.recipient or TEST_RECIPIENT)

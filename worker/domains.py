@@ -17,7 +17,7 @@ from worker.errors import ConfigError, MailgunError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.settings import REGIONS, Settings, validate_api_base
+from worker.settings import REGIONS, Settings, is_domain_name, validate_api_base
 
 log = get_logger(__name__)
 
@@ -116,7 +116,7 @@ def _schedule(table: Mapping[str, Any], where: str) -> tuple[float | None, str |
 
 
 def _domain_name(name: object, where: str) -> str:
-    if not isinstance(name, str) or "." not in name or "/" in name or " " in name:
+    if not isinstance(name, str) or not is_domain_name(name):
         raise _fail(where, f"name {name!r} is not a domain name")
     return name
 

@@ -41,6 +41,15 @@ def region_of(api_base: str) -> str:
     return api_base
 
 
+def domain_names(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated list such as MAILGUN_DOMAINS."""
+    return tuple(d.strip() for d in text.split(",") if d.strip())
+
+
+def is_domain_name(name: str) -> bool:
+    return "." in name and "/" not in name and " " not in name
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -118,9 +127,9 @@ class Settings:
         api_key = merged.get("MAILGUN_API_KEY", "").strip()
         if not api_key:
             raise ConfigError("MAILGUN_API_KEY", "is not set; give the domain's private API key")
-        domains = tuple(d.strip() for d in merged.get("MAILGUN_DOMAINS", "").split(",") if d.strip())
+        domains = domain_names(merged.get("MAILGUN_DOMAINS", ""))
         for domain in domains:
-            if "/" in domain or " " in domain or "." not in domain:
+            if not is_domain_name(domain):
                 raise ConfigError("MAILGUN_DOMAINS", f"{domain!r} is not a domain name")
         return cls(
             api_key=api_key,
