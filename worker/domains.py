@@ -72,14 +72,18 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise _fail(where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
+def _origin(value: object, label: str, where: str) -> str:
+    try:
+        return validate_api_base(str(value))
+    except ConfigError as exc:
+        raise _fail(where, f"{label} {exc.problem}") from None
+
+
 def _api_base(table: Mapping[str, Any], default: str, where: str) -> str:
     if "region" in table and "api_base" in table:
         raise _fail(where, "give `region` or `api_base`, not both")
     if "api_base" in table:
-        try:
-            return validate_api_base(str(table["api_base"]))
-        except ConfigError as exc:
-            raise _fail(where, f"api_base {exc.problem}") from None
+        return _origin(table["api_base"], "api_base", where)
     if "region" in table:
         region = table["region"]
         if not isinstance(region, str) or region.lower() not in REGIONS:
@@ -103,8 +107,14 @@ def _lists(table: Mapping[str, Any], default: tuple[SuppressionList, ...],
     return tuple(k for k in SYNCED_LISTS if k in chosen)
 
 
-def _schedule(table: Mapping[str, Any], where: str) -> tuple[float | None, str | None]:
+Schedule = tuple[float | None, str | None]  # (interval, cron); neither: the daemon's own
+
+
+def _schedule(table: Mapping[str, Any], where: str, inherited: Schedule = (None, None)) -> Schedule:
+    """The table's own `interval` or `cron`, else the one it inherits."""
     interval, cron = table.get("interval"), table.get("cron")
+    if interval is None and cron is None:
+        return inherited
     if interval is not None and cron is not None:
         raise _fail(where, "give `interval` or `cron`, not both")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float)
@@ -133,7 +143,7 @@ def parse_sync_config(text: str, *, source: str, default_api_base: str) -> SyncC
     _check_keys(data, _SHARED | {"domains", "discover"}, source)
     base = _api_base(data, default_api_base, source)
     lists = _lists(data, SYNCED_LISTS, source)
-    interval, cron = _schedule(data, source)
+    schedule = _schedule(data, source)
     entries = data.get("domains", [])
     if not isinstance(entries, list):
         raise _fail(source, "`domains` must be an array of tables: [[domains]]")
@@ -147,11 +157,8 @@ def parse_sync_config(text: str, *, source: str, default_api_base: str) -> SyncC
         where = f"{where} ({name})"
         if name in plans:
             raise _fail(where, "the domain is listed twice")
-        own_interval, own_cron = _schedule(entry, where)
-        has_own = own_interval is not None or own_cron is not None
-        plans[name] = DomainPlan(
-            name, _api_base(entry, base, where), _lists(entry, lists, where),
-            own_interval if has_own else interval, own_cron if has_own else cron)
+        plans[name] = DomainPlan(name, _api_base(entry, base, where), _lists(entry, lists, where),
+                                 *_schedule(entry, where, schedule))
     discover = data.get("discover")
     discovery: Discovery | None = None
     if discover is not None:
@@ -167,11 +174,8 @@ def parse_sync_config(text: str, *, source: str, default_api_base: str) -> SyncC
         exclude = discover.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(n, str) for n in exclude):
             raise _fail(where, "exclude must be a list of domain names")
-        own_interval, own_cron = _schedule(discover, where)
-        has_own = own_interval is not None or own_cron is not None
-        discovery = Discovery(bases, _lists(discover, lists, where),
-                              own_interval if has_own else interval, own_cron if has_own else cron,
-                              frozenset(exclude))
+        discovery = Discovery(bases, _lists(discover, lists, where), *_schedule(discover, where, schedule),
+                              exclude=frozenset(exclude))
     if not plans and discovery is None:
         raise _fail(source, "names no domain: add [[domains]] entries or a [discover] table")
     return SyncConfig(tuple(plans.values()), discovery)
@@ -181,10 +185,7 @@ def _region_base(region: object, where: str) -> str:
     if isinstance(region, str) and region.lower() in REGIONS:
         return REGIONS[region.lower()]
     if isinstance(region, str) and "://" in region:
-        try:
-            return validate_api_base(region)
-        except ConfigError as exc:
-            raise _fail(where, f"region {region!r}: {exc.problem}") from None
+        return _origin(region, f"region {region!r}:", where)
     raise _fail(where, f"region {region!r} is not one of {', '.join(map(repr, REGIONS))} or an origin")
 
 
