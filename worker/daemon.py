@@ -68,6 +68,7 @@ def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTri
 # account or added to SYNC_CONFIG since are picked up without a restart.
 Planner = Callable[[], Awaitable[Sequence[DomainPlan]]]
 DISCOVERY_REFRESH = 3600.0
+_REFRESH_JOB = "refresh-domains"
 
 
 def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
@@ -92,6 +93,8 @@ class Daemon:
         self._running: set[asyncio.Task[Any]] = set()
         self._failures: dict[tuple[str, str], int] = {}
         self._stopping = False
+        # The domains scheduled now; read by the webhook endpoint on every request.
+        self._domains: tuple[str, ...] = ()
 
     async def start(self) -> None:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
@@ -99,14 +102,14 @@ class Daemon:
         self._schedule(await self._planner())
         self._scheduler.add_job(
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
-            id="refresh-domains", name="refresh the domains to sync")
+            id=_REFRESH_JOB, name="refresh the domains to sync")
         self._scheduler.start()
         log.info("daemon_started", domains=self.domains(),
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
-    def domains(self) -> list[str]:
+    def domains(self) -> tuple[str, ...]:
         """The domains scheduled now."""
-        return sorted({job.id.rsplit("/", 1)[0] for job in self._scheduler.get_jobs() if "/" in job.id})
+        return self._domains
 
     def _schedule(self, plans: Sequence[DomainPlan]) -> None:
         """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
@@ -115,14 +118,13 @@ class Daemon:
         triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
         wanted = {f"{plan.name}/{kind.value}": (plan, kind) for plan in plans for kind in plan.lists}
         for job in self._scheduler.get_jobs():
-            if "/" not in job.id:
+            if job.id == _REFRESH_JOB or (job.id in wanted and job.args[0] == wanted[job.id][0]):
                 continue
-            if job.id not in wanted or job.args[0] != wanted[job.id][0]:
-                job.remove()
-                if job.id not in wanted:
-                    domain, kind_name = job.id.rsplit("/", 1)
-                    self._failures.pop((domain, kind_name), None)
-                    log.info("list_unscheduled", job=job.id)
+            job.remove()
+            if job.id not in wanted:
+                plan, kind = job.args
+                self._failures.pop((plan.name, kind.value), None)
+                log.info("list_unscheduled", job=job.id)
         now = datetime.now(UTC)
         for job_id, (plan, kind) in wanted.items():
             if self._scheduler.get_job(job_id) is not None:
@@ -132,6 +134,7 @@ class Daemon:
                 self._sync, triggers[plan.name], args=(plan, kind), id=job_id,
                 name=f"reconcile {plan.name} {kind.value}", next_run_time=first,
                 misfire_grace_time=max(1, int(plan.interval or self._settings.sync_interval)))
+        self._domains = tuple(sorted({plan.name for plan in plans if plan.lists}))
 
     async def refresh_domains(self) -> None:
         """Plan again: schedule new domains and lists, reschedule changed ones, drop the ones gone."""
