@@ -221,7 +221,7 @@ def _foreign_domain() -> dict:
     (orjson.dumps(event("complained", "not-an-address", DOMAIN)), "not an address"),
     (orjson.dumps(_without_recipient()), "no recipient"),
     (orjson.dumps(_without_timestamp()), "timestamp"),
-    (orjson.dumps(_foreign_domain()), "none of MAILGUN_DOMAINS"),
+    (orjson.dumps(_foreign_domain()), "none of the domains this daemon syncs"),
     (b'{"pad": "' + b"x" * 70_000 + b'"}', "larger than"),
 ], ids=["form", "array", "no event-data", "bad address", "no recipient", "no timestamp", "foreign domain",
         "too large"])

@@ -168,7 +168,7 @@ def resolve_domain(data: Mapping[str, Any], path_domain: str | None, domains: Se
     configured = {d.lower(): d for d in domains}
     if path_domain is not None:
         if path_domain.lower() not in configured:
-            raise WebhookPayloadError(f"{path_domain[:100]!r} is not one of MAILGUN_DOMAINS")
+            raise WebhookPayloadError(f"{path_domain[:100]!r} is not a domain this daemon syncs")
         return configured[path_domain.lower()]
     candidates = domain_candidates(data)
     for candidate in candidates:
@@ -176,7 +176,8 @@ def resolve_domain(data: Mapping[str, Any], path_domain: str | None, domains: Se
             return configured[candidate.lower()]
     named = ", ".join(repr(c[:100]) for c in candidates) or "no domain"
     raise WebhookPayloadError(
-        f"the event names {named}, none of MAILGUN_DOMAINS; post it to /webhooks/mailgun/<domain>")
+        f"the event names {named}, none of the domains this daemon syncs; "
+        "post it to /webhooks/mailgun/<domain>")
 
 
 def _kind(data: Mapping[str, Any]) -> SuppressionList | Ignored:
