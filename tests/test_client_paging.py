@@ -15,7 +15,7 @@ ALL_LISTS = list(SuppressionList)
 
 
 def wire_records(kind: SuppressionList, count: int) -> list[dict]:
-    key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    key = kind.address_field
     return [{key: f"user{i:05}+tag@example.com", "code": 550 if i % 2 else "551",
              "tags": ["*", f"t{i % 3}"]} for i in range(count)]
 

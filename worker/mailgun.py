@@ -278,7 +278,7 @@ class MailgunClient:
         items = payload.get("items")
         final = None
         if isinstance(items, list) and items and isinstance(items[-1], dict):
-            final = items[-1].get("value" if kind is SuppressionList.ALLOWLIST else "address")
+            final = items[-1].get(kind.address_field)
         if final is None:
             if last is None and after is None:
                 return  # an empty list, by both accounts
@@ -441,7 +441,7 @@ class MailgunClient:
             raise errors.PagingError(
                 f"{where}: paging.next repeats a page already read; the cursor is not advancing",
                 url=url)
-        key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+        key = kind.address_field
         last_address = last.get(key) if isinstance(last, dict) else None
         if not isinstance(last_address, str):
             raise errors.MalformedPageError(f"{where}: the page's last item has no text {key!r}", url=url)

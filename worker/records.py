@@ -33,6 +33,12 @@ class SuppressionList(enum.StrEnum):
         return "whitelists" if self is SuppressionList.ALLOWLIST else self.value
 
     @property
+    def address_field(self) -> str:
+        """The field naming a record's address, on the wire and in the mirror: the allowlist's
+        `value` may be an address or a domain."""
+        return "value" if self is SuppressionList.ALLOWLIST else "address"
+
+    @property
     def accepts_batches(self) -> bool:
         """Whether Mailgun takes a JSON array of records (the allowlist takes one form post each)."""
         return self is not SuppressionList.ALLOWLIST
@@ -162,7 +168,7 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
     """Normalise one list item; unknown fields are ignored, missing optional ones are None."""
     if not isinstance(item, Mapping):
         raise MalformedRecordError(f"list item is {type(item).__name__}, expected an object")
-    key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    key = kind.address_field
     address = item.get(key)
     if not isinstance(address, str):
         raise MalformedRecordError(f"list item has no text {key!r}")
@@ -216,7 +222,7 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
     The usual values (text codes, Mailgun's timestamp form) are tested inline: this runs for
     every record of every pull.
     """
-    key = "value" if kind is SuppressionList.ALLOWLIST else "address"
+    key = kind.address_field
     bounces = kind is SuppressionList.BOUNCES
     rows: list[StagingRow] = []
     append = rows.append

@@ -34,9 +34,6 @@ DATA_COLUMNS: dict[SuppressionList, tuple[tuple[str, str], ...]] = {
 }
 MIRRORED_LISTS = tuple(DATA_COLUMNS)
 
-# The column holding the address (the allowlist's entry, which may be a domain), and its key.
-_ADDRESS_COLUMN = {SuppressionList.ALLOWLIST: "value"}
-
 _PLACEHOLDER = re.compile(r"\{(table|list|cols|r_cols|m_cols|set_cols|address|address_key)\}")
 
 
@@ -45,7 +42,7 @@ def list_query(name: str, kind: SuppressionList) -> str:
     """The named query for one list: its `NAME@list` variant if any, placeholders filled."""
     text = queries().get(f"{name}@{kind.value}") or queries()[name]
     pairs = DATA_COLUMNS[kind]
-    address = _ADDRESS_COLUMN.get(kind, "address")
+    address = kind.address_field
     values = {
         "table": f"mailgun.{kind.value}",
         "list": kind.value,

@@ -15,10 +15,6 @@ MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "allowlist", "sync_run
 BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals", "webhook_tokens")
 
 
-def _address_column(kind: SuppressionList) -> str:
-    return "value" if kind is SuppressionList.ALLOWLIST else "address"
-
-
 async def empty_mirror(pool: asyncpg.Pool) -> None:
     tables = (*MIRROR_TABLES, *BACKFILL_TABLES)
     await pool.execute("TRUNCATE " + ", ".join(f"mailgun.{t}" for t in tables))
@@ -30,7 +26,7 @@ async def insert_row(pool: asyncpg.Pool, kind: SuppressionList | str, domain: st
     """Insert a row in a chosen state; `state="pending"` with no other options is exactly what an
     application's plain INSERT gives."""
     kind = SuppressionList.parse(str(kind))
-    columns = {"domain": domain, _address_column(kind): address, **data}
+    columns = {"domain": domain, kind.address_field: address, **data}
     if state != "pending" or synced_at is not None:
         columns.update(sync_state=state, synced_at=synced_at)
     names = ", ".join(columns)
@@ -43,7 +39,7 @@ async def insert_row(pool: asyncpg.Pool, kind: SuppressionList | str, domain: st
 async def rows(pool: asyncpg.Pool, kind: SuppressionList | str) -> dict[str, dict[str, Any]]:
     """The mirror table as {address: row}."""
     kind = SuppressionList.parse(str(kind))
-    column = _address_column(kind)
+    column = kind.address_field
     found = await pool.fetch(f"SELECT * FROM mailgun.{kind.value} ORDER BY lower({column})")
     return {r[column]: dict(r) for r in found}
 

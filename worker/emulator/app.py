@@ -411,7 +411,7 @@ class MailgunEmulator:
         else:
             raise _bad_request(messages.invalid_parameter("page", page))
 
-        key = "value" if table.kind is SuppressionList.ALLOWLIST else "address"
+        key = table.kind.address_field
         origin = f"{request.scheme}://{request.host}"
         base = f"{origin}/v3/{quote(request.match_info['domain'], safe='')}/{table.kind.path}"
         tail = f"limit={limit}&term={quote_plus(term)}"

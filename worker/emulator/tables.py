@@ -122,7 +122,7 @@ class ListTable:
     def upsert(self, item: dict[str, Any]) -> WireRecord:
         """Add or update one record; an unsubscribe's tags join the ones it already has."""
         row = build_row(self.kind, item)
-        key_field = "value" if self.kind is SuppressionList.ALLOWLIST else "address"
+        key_field = self.kind.address_field
         existing = self.get(row[key_field])
         if existing is not None and self.kind is SuppressionList.UNSUBSCRIBES:
             row["tags"] = sorted(set(existing["tags"]) | set(row["tags"]))
@@ -131,7 +131,7 @@ class ListTable:
 
     def bulk_load(self, rows: Iterable[WireRecord]) -> None:
         """Store rows already in wire form, unchecked: for large generated lists."""
-        field = "value" if self.kind is SuppressionList.ALLOWLIST else "address"
+        field = self.kind.address_field
         self._rows.update((self.key(row[field]), row) for row in rows)
 
     def _prefix_range(self, term: str) -> tuple[int, int]:
