@@ -27,9 +27,7 @@ class Resources:
     regional: Callable[[str], MailgunClient] | None = None
 
     def mailgun_for(self, api_base: str) -> MailgunClient:
-        if self.regional is None or api_base == self.mailgun.api_base:
-            return self.mailgun
-        return self.regional(api_base)
+        return self.mailgun if self.regional is None else self.regional(api_base)
 
 
 @contextlib.asynccontextmanager
