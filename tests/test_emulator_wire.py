@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import API_KEY, DOMAIN
-from worker.emulator import EmulatorSettings, MailgunEmulator
+from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
 
 AUTH = {"Authorization": aiohttp.encode_basic_auth("api", API_KEY)}
 
@@ -283,3 +285,44 @@ async def test_control_endpoint_seeds_injects_faults_and_logs_requests(emulator,
         assert bad.status == 400
         state = await (await control.get("/_emulator/state")).json()
         assert state["domains"][DOMAIN]["complaints"] == 1
+
+
+async def test_a_held_request_waits_for_release_and_one_held_after_is_stored_first(emulator, api):
+    emulator.inject(Fault(action="hold", method="POST", list="bounces"))
+    emulator.inject(Fault(action="hold_after", method="POST", list="complaints"))
+    before = asyncio.ensure_future(api.post(f"/v3/{DOMAIN}/bounces", json=[{"address": "b@example.com"}]))
+    after = asyncio.ensure_future(api.post(f"/v3/{DOMAIN}/complaints", json=[{"address": "c@example.com"}]))
+    held = await emulator.until_held(2)
+
+    assert sorted(r.path for r in held) == [f"/v3/{DOMAIN}/bounces", f"/v3/{DOMAIN}/complaints"]
+    assert emulator.records(DOMAIN, "bounces") == []  # parked before it was handled
+    assert [r["address"] for r in emulator.records(DOMAIN, "complaints")] == ["c@example.com"]
+    assert not before.done() and not after.done()
+    assert emulator.release() == 2
+    assert [(await before).status, (await after).status] == [200, 200]
+    assert [r["address"] for r in emulator.records(DOMAIN, "bounces")] == ["b@example.com"]
+    assert emulator.held == []
+
+
+async def test_a_held_request_whose_client_went_away_is_never_handled(emulator):
+    emulator.inject(Fault(action="hold", method="POST"))
+    async with aiohttp.ClientSession(base_url=emulator.base_url, headers=AUTH) as gone:
+        post = asyncio.ensure_future(gone.post(f"/v3/{DOMAIN}/bounces", json=[{"address": "b@example.com"}]))
+        await emulator.until_held()
+        post.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+    await asyncio.sleep(0.05)
+    emulator.release()
+    await asyncio.sleep(0.05)
+    assert emulator.records(DOMAIN, "bounces") == []
+
+
+async def test_the_control_endpoint_releases_held_requests(emulator, api):
+    emulator.inject(Fault(action="hold", method="GET"))
+    page = asyncio.ensure_future(api.get(f"/v3/{DOMAIN}/bounces"))
+    await emulator.until_held()
+    async with aiohttp.ClientSession(base_url=emulator.base_url) as control:
+        assert (await (await control.get("/_emulator/state")).json())["held"] == 1
+        assert await (await control.post("/_emulator/release")).json() == {"released": 1}
+    assert (await page).status == 200

@@ -113,6 +113,8 @@ class MailgunEmulator:
             maxlen=request_log_size)
         self.served: collections.Counter[str] = collections.Counter()  # API requests by method
         self._budget: dict[str, tuple[float, int]] = {}
+        # Requests parked by a `hold` or `hold_after` fault, each with the gate that lets it go on.
+        self._holds: list[tuple[RecordedRequest, asyncio.Event]] = []
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
         self.app = self._build_app()
@@ -162,8 +164,29 @@ class MailgunEmulator:
         """Answer the next `times` matching requests with `status`."""
         return self.inject(Fault(action="status", status=status, times=times, **match))
 
+    @property
+    def held(self) -> list[RecordedRequest]:
+        """The requests a `hold` or `hold_after` fault is parking right now, oldest first."""
+        return [recorded for recorded, _ in self._holds]
+
+    def release(self) -> int:
+        """Let every parked request go on; returns how many there were."""
+        holds, self._holds = self._holds, []
+        for _, gate in holds:
+            gate.set()
+        return len(holds)
+
+    async def until_held(self, count: int = 1, *, timeout: float = 10.0) -> list[RecordedRequest]:
+        """Wait until at least `count` requests are parked (TimeoutError after `timeout` seconds)."""
+        async with asyncio.timeout(timeout):
+            while len(self._holds) < count:
+                await asyncio.sleep(0.002)
+        return self.held
+
     def reset(self) -> None:
-        """Forget every record, domain, fault, logged request and spent budget."""
+        """Forget every record, domain, fault, logged request and spent budget; let parked
+        requests go on."""
+        self.release()
         self.tables.clear()
         self.disabled_domains.clear()
         self.faults.clear()
@@ -183,6 +206,7 @@ class MailgunEmulator:
         return self.base_url
 
     async def stop(self) -> None:
+        self.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -216,6 +240,7 @@ class MailgunEmulator:
         control.delete(f"{CONTROL_PREFIX}/requests")(self._control_clear_requests)
         control.patch(f"{CONTROL_PREFIX}/settings")(self._control_settings)
         control.post(f"{CONTROL_PREFIX}/reset")(self._control_reset)
+        control.post(f"{CONTROL_PREFIX}/release")(self._control_release)
         control.get(f"{CONTROL_PREFIX}/records/{{domain}}/{{list}}")(self._control_records)
         app.add_routes(control)
         return app
@@ -243,7 +268,7 @@ class MailgunEmulator:
         fault = self.faults.take(request.method, request.path, match.get("domain"),
                                  match.get("list"), request.query.get("page"), recorded.body)
         if fault is not None:
-            early = await self._fault_before(request, fault)
+            early = await self._fault_before(request, fault, recorded)
             if early is not None:
                 return early
         if not recorded.authorized:
@@ -269,7 +294,7 @@ class MailgunEmulator:
             response = _message(refusal.status, refusal.message)
         response.headers.update(budget)
         if fault is not None and isinstance(response, web.Response):
-            return await self._fault_after(request, response, fault)
+            return await self._fault_after(request, response, fault, recorded)
         return response
 
     def _authorized(self, request: web.Request) -> bool:
@@ -299,7 +324,19 @@ class MailgunEmulator:
 
     # ---- faults ----------------------------------------------------------------------------
 
-    async def _fault_before(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
+    async def _hold(self, recorded: RecordedRequest) -> None:
+        gate = asyncio.Event()
+        self._holds.append((recorded, gate))
+        await gate.wait()
+
+    async def _fault_before(self, request: web.Request, fault: Fault,
+                            recorded: RecordedRequest) -> web.StreamResponse | None:
+        if fault.action == "hold":
+            await self._hold(recorded)
+            if request.transport is None or request.transport.is_closing():
+                # The client gave up while the request was parked: Mailgun never saw it.
+                return web.Response(status=499)
+            return None
         if fault.action == "delay":
             await asyncio.sleep(fault.delay_s)
             return None
@@ -323,9 +360,11 @@ class MailgunEmulator:
         return _message(fault.status, text, headers)
 
     async def _fault_after(self, request: web.Request, response: web.Response,
-                           fault: Fault) -> web.StreamResponse:
+                           fault: Fault, recorded: RecordedRequest) -> web.StreamResponse:
         body = response.body if isinstance(response.body, bytes) else b""
-        if fault.action == "delay_after":
+        if fault.action == "hold_after":
+            await self._hold(recorded)
+        elif fault.action == "delay_after":
             await asyncio.sleep(fault.delay_s)
         elif fault.action == "malformed_json":
             response.body = b"<html><body>502 Bad Gateway</body></html>\n"
@@ -587,6 +626,7 @@ class MailgunEmulator:
                   for d in self.tables.domains()}
         return _json(200, {"domains": counts, "settings": asdict(self.settings),
                            "faults": [asdict(f) for f in self.faults.pending()],
+                           "held": len(self._holds),
                            "served": dict(self.served)})
 
     async def _control_seed(self, request: web.Request) -> web.Response:
@@ -635,6 +675,9 @@ class MailgunEmulator:
         except (orjson.JSONDecodeError, ValueError, AttributeError) as exc:
             return _message(400, f"bad settings: {exc}")
         return _json(200, asdict(self.settings))
+
+    async def _control_release(self, request: web.Request) -> web.Response:
+        return _json(200, {"released": self.release()})
 
     async def _control_reset(self, request: web.Request) -> web.Response:
         self.reset()

@@ -12,6 +12,9 @@ Action = Literal[
     "status",          # answer `status` with {"message": ...}; optional Retry-After / X-Request-Reset
     "delay",           # hold the request `delay_s` seconds, then answer normally
     "delay_after",     # handle the request (an add is stored), then hold the answer `delay_s` seconds
+    "hold",            # park the request until the test releases it, then handle it (unless its
+                       # client went away meanwhile: then it is dropped unhandled)
+    "hold_after",      # handle the request (an add is stored), then park the answer until released
     "drop",            # close the connection without answering
     "reset",           # send the headers and half the body, then close the connection
     "slow_body",       # send the body in small pieces, `delay_s` apart
