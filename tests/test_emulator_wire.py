@@ -292,7 +292,8 @@ async def test_a_held_request_waits_for_release_and_one_held_after_is_stored_fir
     emulator.inject(Fault(action="hold_after", method="POST", list="complaints"))
     before = asyncio.ensure_future(api.post(f"/v3/{DOMAIN}/bounces", json=[{"address": "b@example.com"}]))
     after = asyncio.ensure_future(api.post(f"/v3/{DOMAIN}/complaints", json=[{"address": "c@example.com"}]))
-    held = await emulator.until_held(2)
+    async with asyncio.timeout(5):
+        held = await emulator.until_held(2)
 
     assert sorted(r.path for r in held) == [f"/v3/{DOMAIN}/bounces", f"/v3/{DOMAIN}/complaints"]
     assert emulator.records(DOMAIN, "bounces") == []  # parked before it was handled

@@ -115,6 +115,7 @@ class MailgunEmulator:
         self._budget: dict[str, tuple[float, int]] = {}
         # Requests parked by a `hold` or `hold_after` fault, each with the gate that lets it go on.
         self._holds: list[tuple[RecordedRequest, asyncio.Event]] = []
+        self._parked = asyncio.Event()  # set whenever a request is parked
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
         self.app = self._build_app()
@@ -176,11 +177,11 @@ class MailgunEmulator:
             gate.set()
         return len(holds)
 
-    async def until_held(self, count: int = 1, *, timeout: float = 10.0) -> list[RecordedRequest]:
-        """Wait until at least `count` requests are parked (TimeoutError after `timeout` seconds)."""
-        async with asyncio.timeout(timeout):
-            while len(self._holds) < count:
-                await asyncio.sleep(0.002)
+    async def until_held(self, count: int = 1) -> list[RecordedRequest]:
+        """Wait until at least `count` requests are parked (bound it with `asyncio.timeout`)."""
+        while len(self._holds) < count:
+            self._parked.clear()
+            await self._parked.wait()
         return self.held
 
     def reset(self) -> None:
@@ -327,6 +328,7 @@ class MailgunEmulator:
     async def _hold(self, recorded: RecordedRequest) -> None:
         gate = asyncio.Event()
         self._holds.append((recorded, gate))
+        self._parked.set()
         await gate.wait()
 
     async def _fault_before(self, request: web.Request, fault: Fault,
