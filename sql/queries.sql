@@ -97,17 +97,26 @@ SET work_mem = '256MB';
 --   remove  a synced row Mailgun no longer has (same age rule)
 --   adopt   a pending or rejected row Mailgun has: it becomes synced with Mailgun's data
 --   push    a pending row Mailgun does not have
+--   requeue a record the application removed, still at Mailgun after the removal was carried out
 INSERT INTO diff
 SELECT DISTINCT ON (key) * FROM (
     SELECT coalesce(r.key, m.key) AS key,
            CASE
                WHEN m.key IS NULL THEN
-                   -- A record the application removed locally, whose deletion at Mailgun is still
-                   -- queued, is not brought back.
-                   CASE WHEN NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = $1
-                                         AND x.list = '{list}' AND x.address_key = r.key
-                                         AND x.tag = '')
-                        THEN 'insert' END
+                   -- A record the application removed locally is not brought back: not while its
+                   -- deletion at Mailgun is queued, nor when Mailgun still lists a record older
+                   -- than the removal after the removal was carried out (another spelling of the
+                   -- address, say): that one is queued for deletion in turn. A record of the same
+                   -- second as the removal may be newer, and is kept.
+                   CASE (SELECT CASE WHEN x.done_at IS NULL THEN 'queued'
+                                     WHEN r.created_at < date_trunc('second', x.removed_at) THEN 'requeue'
+                                END
+                         FROM mailgun.removals x WHERE x.domain = $1 AND x.list = '{list}'
+                                                   AND x.address_key = r.key AND x.tag = '')
+                       WHEN 'queued' THEN NULL
+                       WHEN 'requeue' THEN 'requeue'
+                       ELSE 'insert'
+                   END
                WHEN r.key IS NULL THEN
                    CASE WHEN m.sync_state = 'synced' AND m.synced_at < $2 THEN 'remove'
                         WHEN m.sync_state = 'pending' THEN 'push' END
@@ -228,6 +237,14 @@ WITH inserted AS (
 )
 SELECT count(*) FROM logged;
 
+-- name: requeue_removals
+-- $1 domain. Removals carried out whose record Mailgun still lists (see build_diff) are queued
+-- again under the spelling Mailgun lists, for the next run to send.
+UPDATE mailgun.removals x SET address = r.address, sent_at = NULL, done_at = NULL, last_error = NULL
+FROM diff r
+WHERE r.action = 'requeue' AND x.domain = $1 AND x.list = '{list}' AND x.address_key = r.key
+  AND x.tag = '' AND x.done_at IS NOT NULL;
+
 -- name: remove_vanished
 -- $1 domain, $2 run id, $3 when the pull started. Only ever run after a complete pull.
 WITH removed AS (
@@ -253,6 +270,17 @@ FROM {table}
 WHERE domain = $1 AND sync_state = 'pending' AND {address_key} > $2 AND updated_at < $4
 ORDER BY {address_key}
 LIMIT $3;
+
+-- name: mark_sending
+-- $1 domain, $2 addresses, $3 versions: pending rows about to be sent, written down before the
+-- request leaves (Mailgun may hold them from then on, answered or not), so that an application's
+-- DELETE meanwhile is carried out at Mailgun. Only rows unchanged since they were read are sent;
+-- each is returned with its new version.
+UPDATE {table} m SET sent_at = clock_timestamp()
+FROM unnest($2::text[], $3::text[]) AS p(address, version)
+WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
+  AND m.xmin::text = p.version AND m.sync_state = 'pending'
+RETURNING m.{address} AS address, m.xmin::text AS version;
 
 -- name: mark_pushed
 -- $1 domain, $2 run id, $3 addresses, $4 versions: rows Mailgun confirmed with a 2xx. Mailgun keeps
@@ -360,6 +388,14 @@ INSERT INTO staging (key, address, code, error, created_at, tags)
 SELECT key, address, code, error, created_at, tags FROM mailgun.backfill_pages
 WHERE domain = $1 AND list = $2;
 
+-- name: backfill_overtaken
+-- $1 domain, $2 list, $3 when the backfill started: has a run applied a complete pull of the list
+-- (and so removed what Mailgun no longer had), or has a removal been carried out at Mailgun, since?
+-- Then its saved pages may hold records deleted meanwhile. A guarded run removed nothing.
+SELECT EXISTS (SELECT 1 FROM mailgun.sync_runs WHERE domain = $1 AND list = $2 AND NOT dry_run
+                                                 AND (status = 'ok' OR removed > 0) AND finished_at > $3)
+    OR EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 AND done_at > $3);
+
 -- name: backfill_clear
 -- $1 domain, $2 list
 WITH pages AS (DELETE FROM mailgun.backfill_pages WHERE domain = $1 AND list = $2)
@@ -382,8 +418,16 @@ SELECT $1, format('local%s@example.com', lpad(i::text, 8, '0')), '550', 'bounced
        '2026-03-03 10:00:00+00'::timestamptz, 'pending'::mailgun.sync_state, NULL
 FROM generate_series(0, $3 - 1) AS i;
 
+-- name: bench_delete_locally
+-- $1 domain, $2 N: the application deletes N synced rows that Mailgun has (its triggers queue their
+-- removals at Mailgun).
+DELETE FROM mailgun.bounces
+WHERE domain = $1 AND address IN (SELECT format('user%s@example.com', lpad(i::text, 8, '0'))
+                                  FROM generate_series(1, $2 + $2 / 99) AS i WHERE i % 100 <> 0
+                                  LIMIT $2);
+
 -- name: bench_reset_mirror
-TRUNCATE mailgun.bounces, mailgun.changes, mailgun.sync_runs;
+TRUNCATE mailgun.bounces, mailgun.changes, mailgun.sync_runs, mailgun.removals;
 
 -- name: bench_vacuum
 VACUUM ANALYZE mailgun.bounces;
@@ -432,18 +476,59 @@ SELECT count(*) FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'pending
 SELECT status, count(*) AS n FROM mailgun.sync_runs GROUP BY status;
 
 -- name: queued_removals
--- $1 domain, $2 list: deletions at Mailgun the application asked for, oldest first; `tag` is ''
--- for a whole record, else the one unsubscribe tag to drop.
-SELECT id, address, address_key, tag FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
+-- $1 domain, $2 list: deletions at Mailgun the application asked for and not yet carried out,
+-- oldest first; `tag` is '' for a whole record, else the one unsubscribe tag to drop.
+SELECT id, address, address_key, tag, removed_at FROM mailgun.removals
+WHERE domain = $1 AND list = $2 AND done_at IS NULL ORDER BY id;
 
 -- name: count_synced
 SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
 
--- name: removal_done
--- $1 removal id, $2 run id, $3 domain, $4 list: Mailgun confirmed it (2xx) or no longer had it (404).
-WITH done AS (DELETE FROM mailgun.removals WHERE id = $1 RETURNING address, tag)
+-- name: removals_sending
+-- $1 removal ids: written down before their DELETEs leave, so that a webhook arriving meanwhile
+-- knows Mailgun may be losing the record. Returns the ids still queued: one cancelled since it was
+-- read (the address added again) is not sent.
+UPDATE mailgun.removals SET sent_at = clock_timestamp()
+WHERE id = ANY ($1::bigint[]) AND done_at IS NULL
+RETURNING id;
+
+-- name: removals_done
+-- $1 run id, $2 domain, $3 list, $4 removal ids, $5 addresses, $6 tags, $7 removed_at: Mailgun
+-- confirmed these DELETEs (2xx) or no longer had the address (its own 404). Each is kept as
+-- carried out; one cancelled while its DELETE was in flight (a newer webhook, or the address added
+-- again) is put back on record as carried out, since the DELETE happened all the same.
+WITH input AS (
+    SELECT * FROM unnest($4::bigint[], $5::text[], $6::text[], $7::timestamptz[])
+                  AS i(id, address, tag, removed_at)
+), done AS (
+    UPDATE mailgun.removals x SET done_at = clock_timestamp(), last_error = NULL
+    FROM input i WHERE x.id = i.id AND x.done_at IS NULL
+    RETURNING x.id
+), recorded AS (
+    INSERT INTO mailgun.removals AS x (domain, list, address, tag, removed_at, sent_at, done_at)
+    SELECT $2, $3, i.address, i.tag, i.removed_at, clock_timestamp(), clock_timestamp()
+    FROM input i WHERE i.id NOT IN (SELECT id FROM done)
+    ON CONFLICT (domain, list, address_key, tag) DO UPDATE SET done_at = excluded.done_at
+    WHERE x.done_at IS NOT NULL
+)
 INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail)
-SELECT $2, $3, $4, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM done;
+SELECT $1, $2, $3, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM input;
+
+-- name: resend_after_removal
+-- $1 domain, $2 addresses, $3 tags: after those DELETEs, a synced row the mirror holds again for
+-- the address (a webhook newer than the application's removal wrote it while the DELETE was in
+-- flight) may be one Mailgun just lost: it turns pending, so the push sends it back (an add is an
+-- upsert at Mailgun) or the pull adopts it.
+UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
+FROM unnest($2::text[], $3::text[]) AS r(address, tag)
+WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") AND m.sync_state = 'synced';
+
+-- name: resend_after_removal@unsubscribes
+-- As `resend_after_removal`; a tag removal counts only if the row has the tag again.
+UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
+FROM unnest($2::text[], $3::text[]) AS r(address, tag)
+WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") AND m.sync_state = 'synced'
+  AND (r.tag = '' OR r.tag = ANY (m.tags));
 
 -- name: removals_superseded
 -- $1 removal ids: tag removals of records deleted whole; nothing was sent for them.
@@ -457,41 +542,52 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 -- $1 a JSON array of webhook events of this list, at most one per address (the writer puts a
 -- repeat in a later round of the same transaction), each with its signature's token and time.
 --   * Each token is recorded; an event whose token was seen before is a replay and writes nothing.
---   * An event no newer than a queued local removal of its address is superseded: the
---     application's removal stands. A newer one means Mailgun suppressed the address again: the
---     removal is cancelled and the row written.
+--   * An event no newer than a local removal of its address (queued or carried out) is superseded:
+--     the application's removal stands. A newer one means Mailgun suppressed the address again: a
+--     queued removal is cancelled and the row written.
 --   * Rows are written synced (Mailgun has them), at the clock's time: a reconcile whose pull
 --     started before neither updates nor removes them. A pending or rejected row is adopted.
+--   * Unless Mailgun may have lost the record since: a DELETE of the address was in flight, or was
+--     confirmed only after the event happened (within a minute, for the two clocks). Then the row
+--     is written pending, and the next run adopts it or sends it back.
 -- Returns every token's outcome: stored, replay or superseded.
 WITH input AS (
     SELECT e.*, lower(e.address COLLATE "C") AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
-                                            code text, error text, created_at timestamptz, tags text[],
-                                            event_id text, change_id uuid)
+                                            code text, error text, created_at timestamptz,
+                                            occurred_at timestamptz, tags text[], event_id text,
+                                            change_id uuid)
 ), fresh AS (
     INSERT INTO mailgun.webhook_tokens (token, signed_at)
     SELECT token, signed_at FROM input
     ON CONFLICT (token) DO NOTHING
     RETURNING token
 ), accepted AS (
-    SELECT i.* FROM input i JOIN fresh USING (token)
+    SELECT i.*,
+           EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
+                   AND x.address_key = i.key AND x.sent_at IS NOT NULL
+                   AND (x.done_at IS NULL OR x.done_at + interval '1 minute' >= i.occurred_at)) AS in_doubt
+    FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
-                      AND x.address_key = i.key AND x.removed_at >= i.created_at)
+                      AND x.address_key = i.key AND x.removed_at >= i.occurred_at)
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
-    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key
+    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
 ), before AS (
     SELECT m.domain, m.address_key, m.sync_state
     FROM {table} m JOIN accepted r ON m.domain = r.domain AND m.address_key = r.key
 ), updated AS (
     UPDATE {table} m
-    SET {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = clock_timestamp()
+    SET {set_cols}, sync_state = CASE WHEN r.in_doubt THEN 'pending' ELSE 'synced' END::mailgun.sync_state,
+        sync_error = NULL, synced_at = clock_timestamp()
     FROM accepted r
     WHERE m.domain = r.domain AND m.address_key = r.key
     RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
 ), inserted AS (
     INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
-    SELECT r.domain, r.address, {r_cols}, 'synced', clock_timestamp() FROM accepted r
+    SELECT r.domain, r.address, {r_cols},
+           CASE WHEN r.in_doubt THEN 'pending' ELSE 'synced' END::mailgun.sync_state, clock_timestamp()
+    FROM accepted r
     WHERE NOT EXISTS (SELECT 1 FROM before b WHERE b.domain = r.domain AND b.address_key = r.key)
     ON CONFLICT (domain, address_key) DO NOTHING
     RETURNING domain, address, address_key
@@ -518,21 +614,27 @@ FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
 WITH input AS (
     SELECT e.*, lower(e.address COLLATE "C") AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
-                                            code text, error text, created_at timestamptz, tags text[],
-                                            event_id text, change_id uuid)
+                                            code text, error text, created_at timestamptz,
+                                            occurred_at timestamptz, tags text[], event_id text,
+                                            change_id uuid)
 ), fresh AS (
     INSERT INTO mailgun.webhook_tokens (token, signed_at)
     SELECT token, signed_at FROM input
     ON CONFLICT (token) DO NOTHING
     RETURNING token
 ), accepted AS (
-    SELECT i.* FROM input i JOIN fresh USING (token)
+    SELECT i.*,
+           EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
+                   AND x.address_key = i.key AND x.sent_at IS NOT NULL
+                   AND (x.done_at IS NULL OR x.done_at + interval '1 minute' >= i.occurred_at)
+                   AND (x.tag = '' OR x.tag = ANY (i.tags))) AS in_doubt
+    FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
-                      AND x.address_key = i.key AND x.removed_at >= i.created_at
+                      AND x.address_key = i.key AND x.removed_at >= i.occurred_at
                       AND (x.tag = '' OR x.tag = ANY (i.tags)))
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
-    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key
+    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
       AND (x.tag = '' OR x.tag = ANY (r.tags))
 ), before AS (
     SELECT m.domain, m.address_key, m.sync_state
@@ -542,8 +644,8 @@ WITH input AS (
     SET tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
                     ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
-        sync_state = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN 'pending'
-                          ELSE 'synced' END::mailgun.sync_state,
+        sync_state = CASE WHEN r.in_doubt OR (m.sync_state = 'pending' AND NOT r.tags @> m.tags)
+                          THEN 'pending' ELSE 'synced' END::mailgun.sync_state,
         sync_error = NULL,
         synced_at = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN m.synced_at
                          ELSE clock_timestamp() END
@@ -552,7 +654,9 @@ WITH input AS (
     RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
 ), inserted AS (
     INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
-    SELECT r.domain, r.address, {r_cols}, 'synced', clock_timestamp() FROM accepted r
+    SELECT r.domain, r.address, {r_cols},
+           CASE WHEN r.in_doubt THEN 'pending' ELSE 'synced' END::mailgun.sync_state, clock_timestamp()
+    FROM accepted r
     WHERE NOT EXISTS (SELECT 1 FROM before b WHERE b.domain = r.domain AND b.address_key = r.key)
     ON CONFLICT (domain, address_key) DO NOTHING
     RETURNING domain, address, address_key

@@ -222,3 +222,13 @@ async def test_delete_can_remove_one_unsubscribe_tag(emulator, client):
     assert await client.delete(DOMAIN, SuppressionList.UNSUBSCRIBES, "u@example.com", tag="news")
     [record] = await pull(client, SuppressionList.UNSUBSCRIBES)
     assert record.tags == ("*",)
+
+
+async def test_an_empty_last_page_does_not_vouch_for_a_pull_that_ended_early(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
+    # The third page says "nothing", and so does the last page asked to confirm it: two answers
+    # that disagree with the records already read, not an end.
+    emulator.inject(Fault(action="items_null", page="next", skip=1))
+    emulator.inject(Fault(action="items_null", page="last"))
+    with pytest.raises(errors.PagingError, match="the list's last page is empty; the pull is incomplete"):
+        await pull(make_client(page_limit=3))

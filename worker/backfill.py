@@ -65,6 +65,13 @@ class Backfiller(Reconciler):
 
     async def _pull(self, session: ListSession, result: ListResult) -> datetime:
         saved = await session.backfill_progress()
+        if saved and await session.backfill_overtaken(saved.started_at):
+            # A run or a removal at Mailgun since these pages were read: they may list records
+            # deleted meanwhile, which applying them would bring back. Start over.
+            log.info("backfill_restarted", reason="the list changed since its pages were read",
+                     pages=saved.pages)
+            await session.clear_backfill()
+            saved = None
         after = saved.last_address if saved else None
         records, pages = (saved.records, saved.pages) if saved else (0, 0)
         resumed = pages

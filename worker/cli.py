@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bounces at the emulator (default 100000)")
     bench.add_argument("--pending", type=int, metavar="N",
                        help="pending local additions to push (default 1 %% of --records)")
+    bench.add_argument("--deletions", type=int, default=0, metavar="N",
+                       help="also have the application delete N synced rows, deleted at Mailgun by the run")
     bench.add_argument("--page-latency-ms", type=float, default=0.0, metavar="L",
                        help="added to every request to the emulator, as a round trip to Mailgun")
     bench.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
@@ -396,7 +398,7 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
 
             report = await run_benchmark(
                 records=args.records, pending=args.pending, page_latency_ms=args.page_latency_ms,
-                baseline=args.baseline, database_url=args.database_url)
+                baseline=args.baseline, database_url=args.database_url, deletions=args.deletions)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
             return EXIT_OK
         if args.command == "webhook-test":

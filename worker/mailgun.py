@@ -137,6 +137,20 @@ class _Unobserved:
         pass
 
 
+# Mailgun's answer for an address a list does not hold (reference, section 5.3); compared without
+# case or a trailing full stop.
+NOT_LISTED = {
+    SuppressionList.BOUNCES: "address not found in bounces table",
+    SuppressionList.UNSUBSCRIBES: "address not found in unsubscribers table",
+    SuppressionList.COMPLAINTS: "no spam complaints found for this address",
+    SuppressionList.ALLOWLIST: "address/domain not found in whitelists table",
+}
+
+
+def _not_listed(kind: SuppressionList, reply: _Reply) -> bool:
+    return reply.message().strip().rstrip(".").lower() == NOT_LISTED[kind]
+
+
 def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
@@ -271,7 +285,8 @@ class MailgunClient:
         A complete pull ends on Mailgun's very last record, or beyond it if the tail changed
         meanwhile; "beyond" must hold both in code-point and in case-blind order, the two orders
         Mailgun may keep. A pager that read nothing after `after` is right only if nothing lies
-        beyond `after`.
+        beyond `after`. A pager that read records is never vouched for by an empty last page: that
+        is two answers disagreeing (say `items: null` mid-list and again at the end).
         """
         url = f"{base}?page=last&{tail}"
         payload = await self._get_page(url, domain, kind)
@@ -279,18 +294,20 @@ class MailgunClient:
         final = None
         if isinstance(items, list) and items and isinstance(items[-1], dict):
             final = items[-1].get(kind.address_field)
+        bound = last if last is not None else after
         if final is None:
-            if last is None and after is None:
-                return  # an empty list, by both accounts
+            if last is None:
+                return  # this pager read nothing, and by both accounts nothing lies at the end
             if items:
                 raise errors.MalformedPageError(f"{domain} {kind.value}: the last page is unreadable",
                                                 url=url)
-        bound = last if last is not None else after
-        if bound is None:
-            complete = final is None
-        else:
-            complete = final is None or (isinstance(final, str) and final <= bound
-                                         and final.lower() <= bound.lower())
+            # Records were read, yet the last page is empty: the two answers disagree, and only a
+            # last page that shows where the list ends may vouch for a pull.
+            raise errors.PagingError(
+                f"{domain} {kind.value}: records were read up to {last!r}, but the list's last page "
+                "is empty; the pull is incomplete", url=url)
+        complete = bound is not None and isinstance(final, str) and final <= bound \
+            and final.lower() <= bound.lower()
         if not complete:
             raise errors.PagingError(
                 f"{domain} {kind.value}: the list ended after {last or after or 'nothing'!r}, but "
@@ -499,12 +516,13 @@ class MailgunClient:
             raise
 
     async def get(self, domain: str, kind: SuppressionList, address: str) -> Record | None:
-        """One record, or None when Mailgun does not list the address."""
+        """One record, or None when Mailgun does not list the address (its own answer for that,
+        not any 404)."""
         url = self.address_url(domain, kind, address)
 
         async def attempt() -> Record | None:
             reply = await self._send("GET", url)
-            if reply.status == 404:
+            if reply.status == 404 and _not_listed(kind, reply):
                 return None
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
@@ -580,16 +598,26 @@ class MailgunClient:
 
     async def delete(self, domain: str, kind: SuppressionList, address: str,
                      *, tag: str | None = None) -> bool:
-        """Remove an address (or one unsubscribe tag). False when Mailgun did not have it."""
+        """Remove an address (or one unsubscribe tag). False when Mailgun did not have it.
+
+        Only Mailgun's own "not found in this list" answer means that: a 404 for another reason (a
+        domain it does not know, a wrong region) raises, so the removal stays queued. Mailgun's
+        texts for a DELETE are recorded for bounces only; any other 404 text is checked with a GET
+        of the address, whose texts are documented for every list."""
         url = self.address_url(domain, kind, address)
         if tag is not None:
             url += f"?tag={quote_plus(tag)}"
         reply = await self._retrying(partial(self._send, "DELETE", url), "DELETE", url, domain, kind)
-        if reply.status == 404:
-            return False
         if 200 <= reply.status < 300:
             return True
+        if reply.status == 404 and (_not_listed(kind, reply) or await self._absent(domain, kind, address)):
+            return False
         raise self._error(reply, domain, kind)
+
+    async def _absent(self, domain: str, kind: SuppressionList, address: str) -> bool:
+        url = self.address_url(domain, kind, address)
+        reply = await self._retrying(partial(self._send, "GET", url), "GET", url, domain, kind)
+        return reply.status == 404 and _not_listed(kind, reply)
 
     # ---- transport ------------------------------------------------------------------------
 

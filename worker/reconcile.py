@@ -23,7 +23,7 @@ from worker.errors import DatabaseError, MailgunError, PagingOrderError, SyncErr
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import MAX_BATCH, SuppressionList, record_problem
-from worker.store import ListSession, MirrorStore, PendingRow
+from worker.store import ListSession, MirrorStore, PendingRow, QueuedRemoval
 
 log = get_logger(__name__)
 
@@ -32,6 +32,10 @@ log = get_logger(__name__)
 GUARD_MIN_REMOVALS = 10
 
 OK, SKIPPED, FAILED, GUARDED = "ok", "skipped", "failed", "guarded"
+
+# Removals are written down as sent, then recorded as carried out, this many at a time: a crash
+# sends at most this many DELETEs again (each answered "not found" the second time).
+REMOVALS_AT_ONCE = 500
 
 
 @dataclass(slots=True)
@@ -82,6 +86,7 @@ class ReconcileOptions:
     pull_ranges: int = 16
     push_batch_size: int = MAX_BATCH
     push_read_ahead: int = 4 * MAX_BATCH
+    delete_concurrency: int = 16
 
 
 def guard_trips(removals: int, synced_rows: int, fraction: float) -> bool:
@@ -231,14 +236,39 @@ class Reconciler:
             return
         if superseded:
             await session.removals_superseded(superseded)
-        for removal in sorted(whole + tags, key=lambda r: r.id):
-            try:
-                await self._mailgun.delete(session.domain, session.kind, removal.address, tag=removal.tag)
-            except MailgunError as exc:
+        todo = sorted(whole + tags, key=lambda r: r.id)
+        for start in range(0, len(todo), REMOVALS_AT_ONCE):
+            chunk = await session.removals_sending(todo[start:start + REMOVALS_AT_ONCE])
+            done, failure = await self._delete_all(session, chunk)
+            await session.removals_done(run_id, done)
+            result.deleted += len(done)
+            if failure is not None:
+                removal, exc = failure
                 await session.removal_failed(removal.id, str(exc))
-                raise
-            await session.removal_done(removal.id, run_id)
-            result.deleted += 1
+                raise exc
+
+    async def _delete_all(self, session: ListSession, removals: Sequence[QueuedRemoval]
+                          ) -> tuple[list[QueuedRemoval], tuple[QueuedRemoval, MailgunError] | None]:
+        """DELETE each at Mailgun, a bounded number at a time (the client's request budget paces
+        them); after the first failure no more are started. What was carried out, and the failure."""
+        done: list[QueuedRemoval] = []
+        failures: list[tuple[QueuedRemoval, MailgunError]] = []
+        slots = asyncio.Semaphore(self._options.delete_concurrency)
+
+        async def delete(removal: QueuedRemoval) -> None:
+            async with slots:
+                if failures:
+                    return
+                try:
+                    await self._mailgun.delete(session.domain, session.kind, removal.address,
+                                               tag=removal.tag)
+                except MailgunError as exc:
+                    failures.append((removal, exc))
+                    return
+                done.append(removal)
+
+        await asyncio.gather(*(delete(removal) for removal in removals))
+        return done, (failures[0] if failures else None)
 
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:
         """Called once a complete pull has been applied to the mirror."""
@@ -251,7 +281,7 @@ class Reconciler:
                        if (problem := record_problem(session.kind, row.record)) is not None]
             result.rejected += await session.mark_rejected(run_id, invalid)
             refused = {id(row) for row, _ in invalid}
-            valid = [row for row in rows if id(row) not in refused]
+            valid = await session.mark_sending([row for row in rows if id(row) not in refused])
             by_address = {row.record.address: row for row in valid}
             outcomes = self._mailgun.push(session.domain, session.kind, [row.record for row in valid],
                                           batch_size=self._options.push_batch_size)

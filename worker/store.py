@@ -133,6 +133,7 @@ class QueuedRemoval:
     address: str
     key: str
     tag: str | None
+    removed_at: datetime
 
 
 _COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags"]
@@ -248,17 +249,35 @@ class ListSession:
     async def queued_removals(self) -> list[QueuedRemoval]:
         async with wrap_db_errors(f"reading removals of {self.domain} {self.kind.value}"):
             found = await self._db.fetch(queries()["queued_removals"], self.domain, self.kind.value)
-        return [QueuedRemoval(r["id"], r["address"], r["address_key"], r["tag"] or None) for r in found]
+        return [QueuedRemoval(r["id"], r["address"], r["address_key"], r["tag"] or None, r["removed_at"])
+                for r in found]
 
     async def count_synced(self) -> int:
         async with wrap_db_errors(f"counting {self.domain} {self.kind.value}"):
             synced: int = await self._db.fetchval(self._q("count_synced"), self.domain)
         return synced
 
-    async def removal_done(self, removal: int, run_id: uuid.UUID) -> None:
-        async with wrap_db_errors(f"clearing a removal of {self.domain} {self.kind.value}"):
-            await self._db.execute(queries()["removal_done"], removal, run_id, self.domain,
-                                   self.kind.value)
+    async def removals_sending(self, removals: Sequence[QueuedRemoval]) -> list[QueuedRemoval]:
+        """Write down that these DELETEs are about to leave; the ones still queued, to be sent."""
+        async with wrap_db_errors(f"noting removals of {self.domain} {self.kind.value} sent"):
+            still = {r["id"] for r in await self._db.fetch(queries()["removals_sending"],
+                                                           [r.id for r in removals])}
+        return [r for r in removals if r.id in still]
+
+    async def removals_done(self, run_id: uuid.UUID, removals: Sequence[QueuedRemoval]) -> None:
+        """Mailgun carried these out: record them, and send back any row a newer webhook wrote
+        while they were in flight (the DELETE may have removed its record at Mailgun)."""
+        if not removals:
+            return
+        addresses = [r.address for r in removals]
+        tags = [r.tag or "" for r in removals]
+        async with wrap_db_errors(f"recording removals of {self.domain} {self.kind.value}"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            await self._db.execute(queries()["removals_done"], run_id, self.domain, self.kind.value,
+                                   [r.id for r in removals], addresses, tags,
+                                   [r.removed_at for r in removals])
+            await self._db.execute(self._q("resend_after_removal"), self.domain, addresses, tags)
 
     async def removals_superseded(self, removals: Sequence[int]) -> None:
         async with wrap_db_errors(f"clearing removals of {self.domain} {self.kind.value}"):
@@ -294,6 +313,12 @@ class ListSession:
             await self._finish_staging(maybe_repeats=True)
         return int(status.split()[-1])
 
+    async def backfill_overtaken(self, started: datetime) -> bool:
+        async with wrap_db_errors(f"checking the backfill of {self.domain} {self.kind.value}"):
+            overtaken: bool = await self._db.fetchval(queries()["backfill_overtaken"], self.domain,
+                                                      self.kind.value, started)
+        return overtaken
+
     async def clear_backfill(self) -> None:
         async with wrap_db_errors(f"clearing the backfill of {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["backfill_clear"], self.domain, self.kind.value)
@@ -318,6 +343,7 @@ class ListSession:
             adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id, pull_started)
             updated = await self._db.fetchval(self._q("update_changed"), self.domain, run_id, pull_started)
             inserted = await self._db.fetchval(self._q("insert_remote_only"), self.domain, run_id)
+            await self._db.execute(self._q("requeue_removals"), self.domain)
             removed = 0
             if remove:
                 removed = await self._db.fetchval(
@@ -335,6 +361,20 @@ class ListSession:
                 return
             yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]
             after = rows[-1]["address_key"]
+
+    async def mark_sending(self, rows: Sequence[PendingRow]) -> list[PendingRow]:
+        """Write down that these rows are about to be sent; returns the ones unchanged since they
+        were read, with their new versions (a row changed meanwhile waits for the next run)."""
+        if not rows:
+            return []
+        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} sent"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            found = await self._db.fetch(self._q("mark_sending"), self.domain,
+                                         [r.record.address for r in rows], [r.version for r in rows])
+        versions = {r["address"]: r["version"] for r in found}
+        return [PendingRow(r.record, versions[r.record.address]) for r in rows
+                if r.record.address in versions]
 
     async def mark_pushed(self, run_id: uuid.UUID, rows: Sequence[PendingRow]) -> int:
         if not rows:
