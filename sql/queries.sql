@@ -415,6 +415,17 @@ SHOW server_version;
 -- {database}: a name the caller generated ([a-z0-9_]); throwaway databases for benchmarks and tests.
 CREATE DATABASE "{database}";
 
+-- name: icu_databases_supported
+-- Whether this server can create a database that sorts text by ICU's en-US rules, as many managed
+-- servers do by default (PostgreSQL 15 or later, built with ICU).
+SELECT current_setting('server_version_num')::int >= 150000
+       AND EXISTS (SELECT 1 FROM pg_collation WHERE collprovider = 'i' AND collname = 'en-US-x-icu');
+
+-- name: create_database_icu
+-- {database} as for create_database, but its default collation is ICU's en-US instead of C: for
+-- tests that the mirror behaves the same whatever the database's collation.
+CREATE DATABASE "{database}" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US';
+
 -- name: drop_database
 DROP DATABASE IF EXISTS "{database}" WITH (FORCE);
 
