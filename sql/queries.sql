@@ -6,6 +6,8 @@
 --   {r_cols}/{m_cols} the same columns of `r` (remote) and `m` (mirror), {set_cols} `col = r.col, ...`,
 --   {address}/{address_key} the mirror's address column and its key (the allowlist's `value`).
 -- Values are always $n parameters. Every query about one list takes $1 = domain.
+-- Unsubscribe tags are sorted COLLATE "C" (code-point order, as the worker sorts Mailgun's), so
+-- that two arrays of one set are equal whatever the database's default collation.
 
 -- name: create_migrations_table
 CREATE SCHEMA IF NOT EXISTS mailgun;
@@ -66,7 +68,7 @@ FROM (SELECT coalesce(key, lower(address COLLATE "C")) AS k, * FROM staging) AS 
 ORDER BY k, created_at::timestamptz DESC NULLS LAST;
 UPDATE staging_unique u SET tags = merged.tags
 FROM (
-    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag ORDER BY tag) AS tags
+    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag COLLATE "C" ORDER BY tag COLLATE "C") AS tags
     FROM staging CROSS JOIN LATERAL unnest(tags) AS tag
     GROUP BY 1 HAVING count(*) > 1
 ) AS merged
@@ -177,7 +179,7 @@ WITH adopted AS (
     UPDATE {table} m
     SET address = r.address,
         tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
         sync_state = CASE WHEN m.sync_state = 'rejected' OR r.tags @> m.tags THEN 'synced'
                           ELSE 'pending' END::mailgun.sync_state,
@@ -551,7 +553,7 @@ WITH input AS (
 ), updated AS (
     UPDATE {table} m
     SET tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
         sync_state = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN 'pending'
                           ELSE 'synced' END::mailgun.sync_state,
