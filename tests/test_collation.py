@@ -205,3 +205,22 @@ async def test_migrating_re_sorts_stored_tags_without_touching_states_times_or_r
                            " WHERE address_key = 'old@example.com'")
         assert (await rows(pool, UNSUBSCRIBES))["old@example.com"]["sync_state"] == "pending"
 
+
+async def test_pending_rows_read_in_small_batches_are_each_pushed_once_whatever_their_order(
+        icu_pool, client, emulator):
+    """The push reads pending rows by keyset (`address_key > last ORDER BY address_key`), which
+    the database orders and compares by one collation, its own: en-US ignores the punctuation that
+    code-point order puts first, and every row is still read once."""
+    addresses = ["ab@example.com", "a.c@example.com", "a-b@example.com", "_x@example.com",
+                 "0@example.com", "zoe@example.com", "Zed@example.com", "b@example.com"]
+    for address in addresses:
+        await insert_row(icu_pool, SuppressionList.BOUNCES, DOMAIN, address)
+    reconciler = Reconciler(MirrorStore(icu_pool), client, ReconcileOptions(push_batch_size=3))
+
+    result = await reconciler.reconcile(uuid.uuid4(), DOMAIN, SuppressionList.BOUNCES)
+
+    assert (result.status, result.pushed, result.rejected) == ("ok", len(addresses), 0)
+    stored = emulator.records(DOMAIN, SuppressionList.BOUNCES)
+    assert sorted(r["address"] for r in stored) == sorted(addresses)
+    posted = [r for r in emulator.requests if r.method == "POST"]
+    assert len(posted) == 3
