@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support import database
@@ -224,3 +225,27 @@ async def test_pending_rows_read_in_small_batches_are_each_pushed_once_whatever_
     assert sorted(r["address"] for r in stored) == sorted(addresses)
     posted = [r for r in emulator.requests if r.method == "POST"]
     assert len(posted) == 3
+
+
+async def test_a_pull_in_parallel_ranges_cut_from_the_mirror_reads_the_whole_list_once(
+        icu_pool, client, emulator):
+    """The ranges' pivots are addresses sampled from the mirror and sorted by the worker in
+    code-point order, Mailgun's, not by the database: a sample read in en-US order cuts the same
+    ranges."""
+    prefixes = ["_", "a.", "a", "B", "b-", "Z", "y", "0"]
+    addresses = [f"{prefix}{n:03d}@example.com" for prefix in prefixes for n in range(300)]
+    emulator.seed(DOMAIN, SuppressionList.BOUNCES, [{"address": a} for a in addresses])
+    reconciler = Reconciler(MirrorStore(icu_pool), client, ReconcileOptions(pull_ranges=2))
+    assert (await reconciler.reconcile(uuid.uuid4(), DOMAIN, SuppressionList.BOUNCES)).inserted == \
+        len(addresses)
+    emulator.requests.clear()
+
+    with capture_logs() as logs:
+        again = await reconciler.reconcile(uuid.uuid4(), DOMAIN, SuppressionList.BOUNCES)
+
+    assert (again.status, again.pulled, again.inserted, again.updated, again.removed) == \
+        ("ok", len(addresses), 0, 0, 0)
+    assert not [entry for entry in logs if entry["event"] == "ranges_abandoned"]
+    # The sample is the whole table here, so the one pivot is the code-point median.
+    median = sorted(addresses)[len(addresses) // 2]
+    assert any(r.query.get("address") == median for r in emulator.requests if r.method == "GET")
