@@ -6,6 +6,8 @@
 --   {r_cols}/{m_cols} the same columns of `r` (remote) and `m` (mirror), {set_cols} `col = r.col, ...`,
 --   {address}/{address_key} the mirror's address column and its key (the allowlist's `value`).
 -- Values are always $n parameters. Every query about one list takes $1 = domain.
+-- Unsubscribe tags are sorted COLLATE "C" (code-point order, as the worker sorts Mailgun's), so
+-- that two arrays of one set are equal whatever the database's default collation.
 
 -- name: create_migrations_table
 CREATE SCHEMA IF NOT EXISTS mailgun;
@@ -66,7 +68,7 @@ FROM (SELECT coalesce(key, lower(address COLLATE "C")) AS k, * FROM staging) AS 
 ORDER BY k, created_at::timestamptz DESC NULLS LAST;
 UPDATE staging_unique u SET tags = merged.tags
 FROM (
-    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag ORDER BY tag) AS tags
+    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag COLLATE "C" ORDER BY tag COLLATE "C") AS tags
     FROM staging CROSS JOIN LATERAL unnest(tags) AS tag
     GROUP BY 1 HAVING count(*) > 1
 ) AS merged
@@ -186,7 +188,7 @@ WITH adopted AS (
     UPDATE {table} m
     SET address = r.address,
         tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
         sync_state = CASE WHEN m.sync_state = 'rejected' OR r.tags @> m.tags THEN 'synced'
                           ELSE 'pending' END::mailgun.sync_state,
@@ -459,6 +461,17 @@ SHOW server_version;
 -- {database}: a name the caller generated ([a-z0-9_]); throwaway databases for benchmarks and tests.
 CREATE DATABASE "{database}";
 
+-- name: icu_databases_supported
+-- Whether this server can create a database that sorts text by ICU's en-US rules, as many managed
+-- servers do by default (PostgreSQL 15 or later, built with ICU).
+SELECT current_setting('server_version_num')::int >= 150000
+       AND EXISTS (SELECT 1 FROM pg_collation WHERE collprovider = 'i' AND collname = 'en-US-x-icu');
+
+-- name: create_database_icu
+-- {database} as for create_database, but its default collation is ICU's en-US instead of C: for
+-- tests that the mirror behaves the same whatever the database's collation.
+CREATE DATABASE "{database}" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US';
+
 -- name: drop_database
 DROP DATABASE IF EXISTS "{database}" WITH (FORCE);
 
@@ -642,7 +655,7 @@ WITH input AS (
 ), updated AS (
     UPDATE {table} m
     SET tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
         sync_state = CASE WHEN r.in_doubt OR (m.sync_state = 'pending' AND NOT r.tags @> m.tags)
                           THEN 'pending' ELSE 'synced' END::mailgun.sync_state,
