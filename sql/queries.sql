@@ -6,6 +6,9 @@
 --   {r_cols}/{m_cols} the same columns of `r` (remote) and `m` (mirror), {set_cols} `col = r.col, ...`,
 --   {address}/{address_key} the mirror's address column and its key (the allowlist's `value`).
 -- Values are always $n parameters. Every query about one list takes $1 = domain.
+--
+-- A key computed here, lower(address COLLATE "C"), carries the collation "C"; compared with a
+-- stored key it is cast back (COLLATE "default"), the stored keys' own, or their indexes go unused.
 -- Unsubscribe tags are sorted COLLATE "C" (code-point order, as the worker sorts Mailgun's), so
 -- that two arrays of one set are equal whatever the database's default collation.
 
@@ -114,7 +117,8 @@ SELECT DISTINCT ON (key) * FROM (
                                      WHEN r.created_at < date_trunc('second', x.removed_at) THEN 'requeue'
                                 END
                          FROM mailgun.removals x WHERE x.domain = $1 AND x.list = '{list}'
-                                                   AND x.address_key = r.key AND x.tag = '')
+                                                   AND x.address_key = r.key COLLATE "default"
+                                                   AND x.tag = '')
                        WHEN 'queued' THEN NULL
                        WHEN 'requeue' THEN 'requeue'
                        ELSE 'insert'
@@ -153,7 +157,8 @@ SELECT count(*) FILTER (WHERE action = 'insert') AS inserts,
        count(*) FILTER (WHERE action = 'remove') AS removals,
        (SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced') AS synced_rows,
        count(*) FILTER (WHERE action = 'adopt') AS adoptions,
-       count(*) FILTER (WHERE action = 'push') AS pushes
+       count(*) FILTER (WHERE action = 'push') AS pushes,
+       count(*) FILTER (WHERE action = 'requeue') AS requeues
 FROM diff;
 
 -- name: tag_pushes
@@ -280,7 +285,8 @@ LIMIT $3;
 -- each is returned with its new version.
 UPDATE {table} m SET sent_at = clock_timestamp()
 FROM unnest($2::text[], $3::text[]) AS p(address, version)
-WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
+WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") COLLATE "default"
+  AND m.{address} = p.address
   AND m.xmin::text = p.version AND m.sync_state = 'pending'
 RETURNING m.{address} AS address, m.xmin::text AS version;
 
@@ -292,7 +298,8 @@ WITH pushed AS (
     SET sync_state = 'synced', sync_error = NULL, synced_at = now(),
         created_at = date_trunc('second', m.created_at)
     FROM unnest($3::text[], $4::text[]) AS p(address, version)
-    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
+    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") COLLATE "default"
+      AND m.{address} = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
     RETURNING m.{address} AS address
 ), logged AS (
@@ -307,7 +314,8 @@ SELECT count(*) FROM logged;
 WITH refused AS (
     UPDATE {table} m SET sync_state = 'rejected', sync_error = p.reason
     FROM unnest($3::text[], $4::text[], $5::text[]) AS p(address, version, reason)
-    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
+    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") COLLATE "default"
+      AND m.{address} = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
     RETURNING m.{address} AS address, p.reason
 ), logged AS (
@@ -501,9 +509,10 @@ SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
 -- $1 removal ids: written down before their DELETEs leave, so that a webhook arriving meanwhile
 -- knows Mailgun may be losing the record. Returns the ids still queued: one cancelled since it was
 -- read (the address added again) is not sent.
-UPDATE mailgun.removals SET sent_at = clock_timestamp()
-WHERE id = ANY ($1::bigint[]) AND done_at IS NULL
-RETURNING id;
+UPDATE mailgun.removals x SET sent_at = clock_timestamp()
+FROM unnest($1::bigint[]) AS i(id)
+WHERE x.id = i.id AND x.done_at IS NULL
+RETURNING x.id;
 
 -- name: removals_done
 -- $1 run id, $2 domain, $3 list, $4 removal ids, $5 addresses, $6 tags, $7 removed_at: Mailgun
@@ -534,13 +543,13 @@ SELECT $1, $2, $3, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END
 -- upsert at Mailgun) or the pull adopts it.
 UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
 FROM unnest($2::text[], $3::text[]) AS r(address, tag)
-WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") AND m.sync_state = 'synced';
+WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") COLLATE "default" AND m.sync_state = 'synced';
 
 -- name: resend_after_removal@unsubscribes
 -- As `resend_after_removal`; a tag removal counts only if the row has the tag again.
 UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
 FROM unnest($2::text[], $3::text[]) AS r(address, tag)
-WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") AND m.sync_state = 'synced'
+WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") COLLATE "default" AND m.sync_state = 'synced'
   AND (r.tag = '' OR r.tag = ANY (m.tags));
 
 -- name: removals_superseded
@@ -565,7 +574,7 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 --     is written pending, and the next run adopts it or sends it back.
 -- Returns every token's outcome: stored, replay or superseded.
 WITH input AS (
-    SELECT e.*, lower(e.address COLLATE "C") AS key
+    SELECT e.*, lower(e.address COLLATE "C") COLLATE "default" AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
                                             code text, error text, created_at timestamptz,
                                             occurred_at timestamptz, tags text[], event_id text,
@@ -625,7 +634,7 @@ FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
 -- takes the event's tags. Of the queued removals, only the whole record's and those of the
 -- event's tags are weighed against it: the application's drop of another tag stands.
 WITH input AS (
-    SELECT e.*, lower(e.address COLLATE "C") AS key
+    SELECT e.*, lower(e.address COLLATE "C") COLLATE "default" AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
                                             code text, error text, created_at timestamptz,
                                             occurred_at timestamptz, tags text[], event_id text,

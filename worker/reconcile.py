@@ -196,7 +196,8 @@ class Reconciler:
             result.pushed = plan.pushes
             return
         with result.timed("apply"):
-            applied = await session.apply(run_id, pull_started, remove=not guarded)
+            applied = await session.apply(run_id, pull_started, remove=not guarded,
+                                          requeue=plan.requeues > 0)
         result.inserted, result.updated = applied.inserted, applied.updated
         result.removed, result.adopted = applied.removed, applied.adopted
         await self._applied(session, guarded=guarded)

@@ -99,6 +99,7 @@ class Plan:
     synced_rows: int
     adoptions: int
     pushes: int
+    requeues: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,16 +335,19 @@ class ListSession:
                 row["pushes"] += await self._db.fetchval(queries()["tag_pushes"], self.domain)
         return Plan(**row)
 
-    async def apply(self, run_id: uuid.UUID, pull_started: datetime, *, remove: bool) -> Applied:
-        """Apply the complete pull in one transaction: adopt, update, insert, then (unless
-        guarded) remove."""
+    async def apply(self, run_id: uuid.UUID, pull_started: datetime, *, remove: bool,
+                    requeue: bool = False) -> Applied:
+        """Apply the complete pull in one transaction: adopt, update, insert, requeue removals
+        (only when the plan has some: the removals table may be large), then (unless guarded)
+        remove."""
         async with wrap_db_errors(f"applying the pull of {self.domain} {self.kind.value}"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id, pull_started)
             updated = await self._db.fetchval(self._q("update_changed"), self.domain, run_id, pull_started)
             inserted = await self._db.fetchval(self._q("insert_remote_only"), self.domain, run_id)
-            await self._db.execute(self._q("requeue_removals"), self.domain)
+            if requeue:
+                await self._db.execute(self._q("requeue_removals"), self.domain)
             removed = 0
             if remove:
                 removed = await self._db.fetchval(

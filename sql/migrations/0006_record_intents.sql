@@ -69,7 +69,7 @@ BEGIN
         added := NEW.address;
     END IF;
     DELETE FROM mailgun.removals
-    WHERE domain = NEW.domain AND list = TG_ARGV[0] AND address_key = lower(added COLLATE "C")
+    WHERE domain = NEW.domain AND list = TG_ARGV[0] AND address_key = lower(added COLLATE "C") COLLATE "default"
       AND (tag = '' OR tag = ANY (tags)) AND done_at IS NULL;
     RETURN NEW;
 END;
