@@ -28,8 +28,10 @@ from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
     Record,
+    SkippedRecord,
     StagingRow,
     SuppressionList,
+    UnholdableRecordError,
     batch_item,
     form_fields,
     parse_record,
@@ -65,17 +67,36 @@ def _where(domain: str, kind: SuppressionList | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Page:
     """One page of a list in the server's order: its items as received, checked and normalised
-    into staging rows, and the URL it came from."""
+    into staging rows (placeholders of held skipped records among them), the records skipped
+    because the mirror cannot hold them, and the URL it came from."""
 
     number: int
     url: str
     kind: SuppressionList
     items: list[Any]
     rows: list[StagingRow]
+    skipped: list[SkippedRecord] = field(default_factory=list)
 
     @property
     def records(self) -> list[Record]:
-        return [parse_record(self.kind, item) for item in self.items]
+        """The records the mirror can hold."""
+        found = []
+        for item in self.items:
+            try:
+                found.append(parse_record(self.kind, item))
+            except UnholdableRecordError:
+                continue
+        return found
+
+    @property
+    def held(self) -> int:
+        """How many of the page's records the mirror takes (placeholders not counted)."""
+        return len(self.rows) - sum(1 for s in self.skipped if s.held)
+
+    @property
+    def last_address(self) -> str:
+        """The address of the page's last record, where the next page continues."""
+        return str(self.items[-1][self.kind.address_field])
 
 
 @dataclass(slots=True)
@@ -243,7 +264,7 @@ class MailgunClient:
                 number += 1
                 page = self._page(number, url, kind, items, domain)
                 if trace is not None and number == 1:
-                    trace.first = page.rows[0][1]
+                    trace.first = page.items[0][kind.address_field]
                 if ordered:
                     page, past = self._within(page, previous, until, domain)
                     if trace is not None and past is not None:
@@ -300,18 +321,21 @@ class MailgunClient:
     def _within(page: Page, previous: str | None, until: str | None,
                 domain: str) -> tuple[Page, str | None]:
         """The page's records up to `until` (all without one), after checking they increase
-        strictly; and the first record past `until`, if any."""
-        addresses = [row[1] for row in page.rows]
+        strictly (skipped ones too); and the first record past `until`, if any."""
+        addresses = [item[page.kind.address_field] for item in page.items]
         for address in addresses:
             if previous is not None and not address > previous:
                 raise errors.PagingOrderError(
-                    f"{domain} {page.kind.value}: {address!r} came after {previous!r}; the records "
-                    "are not in code-point order", url=page.url)
+                    f"{domain} {page.kind.value}: {address[:200]!r} came after {previous[:200]!r}; "
+                    "the records are not in code-point order", url=page.url)
             previous = address
         keep = len(addresses) if until is None else bisect.bisect_right(addresses, until)
         if keep == len(addresses):
             return page, None
-        return (Page(page.number, page.url, page.kind, page.items[:keep], page.rows[:keep]),
+        assert until is not None
+        rows = page.rows[:bisect.bisect_right([row[1] for row in page.rows], until)]
+        skipped = [s for s in page.skipped if s.address <= until]
+        return (Page(page.number, page.url, page.kind, page.items[:keep], rows, skipped),
                 addresses[keep])
 
     async def ranged_pages(self, domain: str, kind: SuppressionList,
@@ -412,10 +436,15 @@ class MailgunClient:
     def _page(self, number: int, url: str, kind: SuppressionList, items: list[Any],
               domain: str) -> Page:
         try:
-            return Page(number, url, kind, items, staging_rows(kind, items))
+            rows, skipped = staging_rows(kind, items)
         except MalformedRecordError as exc:
             raise errors.MalformedPageError(
                 f"{domain} {kind.value}: a record on the page is malformed: {exc}", url=url) from exc
+        if skipped:
+            # Mailgun has these records; the mirror cannot hold them. Said once a page, not a record.
+            log.warning("records_skipped", domain=domain, list=kind.value, count=len(skipped), url=url,
+                        examples=[f"{s.address[:80]!r}: {s.reason}" for s in skipped[:5]])
+        return Page(number, url, kind, items, rows, skipped)
 
     def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: object,
                   domain: str, kind: SuppressionList, base: str) -> tuple[str, str]:
