@@ -407,31 +407,49 @@ class MailgunClient:
 
     async def _offset_pages(self, first: dict[str, Any], base: str, domain: str,
                             kind: SuppressionList) -> AsyncIterator[Page]:
-        """The legacy form: `{"total_count", "items"}` walked with `skip`."""
-        payload, url, skip, number = first, f"{base}?limit={self._page_limit}", 0, 0
-        while True:
-            items = payload.get("items")
-            total = payload.get("total_count")
-            if items is None or items == []:
-                if isinstance(total, int) and skip < total:
-                    raise errors.PagingError(
-                        f"{domain} {kind.value}: the list ended after {skip} of its {total} records; "
-                        "the pull is incomplete", url=url)
-                return
-            if not isinstance(total, int) or not isinstance(items, list):
+        """The legacy form: `{"total_count", "items"}` walked with `skip`.
+
+        Offsets move when records before them come or go mid-pull: a deletion would slide an
+        unread record below the offset, never to be read, and the pull would look complete. So
+        every page after the first is asked from one record back and must hold the last record
+        already read: what follows it is contiguous with what was read. Records added before
+        that record come before it on the page and are left out (a keyset pull does not see
+        them either). A page without it raises ListShiftedError: the list is read again.
+        """
+        payload, url, offset, number = first, f"{base}?limit={self._page_limit}", 0, 0
+        anchor: object = None  # the last item read, which the next page must hold
+        for _ in range(self._max_pages):
+            items, total = payload.get("items"), payload.get("total_count")
+            if items is None:
+                items = []
+            if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: a legacy page needs a number `total_count` and a list "
                     "of `items`", url=url)
-            number += 1
-            yield self._page(number, url, kind, items, domain)
-            skip += len(items)
-            if skip >= total:
-                return
-            if number >= self._max_pages:
+            before, offset = offset, max(offset - 1, 0) + len(items)
+            if not items and before < total:
                 raise errors.PagingError(
-                    f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
-            url = f"{base}?skip={skip}&limit={self._page_limit}"
+                    f"{domain} {kind.value}: the list ended after {before} of its {total} records; "
+                    "the pull is incomplete", url=url)
+            if anchor is not None:
+                if anchor not in items:
+                    raise errors.ListShiftedError(
+                        f"{domain} {kind.value}: the list changed during the pull (the page no longer "
+                        "holds the last record read); a record may have slid past the offset", url=url)
+                items = items[items.index(anchor) + 1:]
+            if items:
+                number += 1
+                yield self._page(number, url, kind, items, domain)
+                anchor = items[-1]
+            elif offset < total and offset <= before:  # nothing new, yet the count says more
+                raise errors.PagingError(
+                    f"{domain} {kind.value}: the list ended after {offset} of its {total} records; "
+                    "the pull is incomplete", url=url)
+            if offset >= total:
+                return
+            url = f"{base}?skip={offset - 1}&limit={self._page_limit}"
             payload = await self._get_page(url, domain, kind)
+        raise errors.PagingError(f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
 
     def _page(self, number: int, url: str, kind: SuppressionList, items: list[Any],
               domain: str) -> Page:
