@@ -223,3 +223,19 @@ async def test_delete_can_remove_one_unsubscribe_tag(emulator, client):
     assert await client.delete(DOMAIN, SuppressionList.UNSUBSCRIBES, "u@example.com", tag="news")
     [record] = await pull(client, SuppressionList.UNSUBSCRIBES)
     assert record.tags == ("*",)
+
+
+@pytest.mark.parametrize(("kind", "seeded", "expected"), [
+    (SuppressionList.BOUNCES, {"address": "a@example.com", "code": "550", "error": "gone"},
+     {"code": "550", "error": "gone"}),
+    (SuppressionList.COMPLAINTS, {"address": "a@example.com"}, {}),
+    (SuppressionList.UNSUBSCRIBES, {"address": "a@example.com", "tags": ["*", "news"]},
+     {"tags": ("*", "news")}),
+], ids=["bounce", "complaint", "unsubscribe"])
+async def test_get_reads_the_v2_single_record_shapes(emulator, make_client, kind, seeded, expected):
+    emulator.seed(DOMAIN, kind, [seeded])
+    client = make_client(api_version="v2")
+    record = await client.get(DOMAIN, kind, "a@example.com")
+    assert record is not None and record.address == "a@example.com"
+    assert {name: getattr(record, name) for name in expected} == expected
+    assert await client.get(DOMAIN, kind, "other@example.com") is None

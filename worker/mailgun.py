@@ -35,6 +35,7 @@ from worker.records import (
     batch_item,
     form_fields,
     parse_record,
+    single_item,
     staging_rows,
 )
 from worker.retry import Retryable, RetryPolicy, server_wait_hint
@@ -193,6 +194,10 @@ class MailgunClient:
         self._version = api_version
         self._observer = observer or _Unobserved()
         self._budget = RequestBudget(reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
+        # The Domains API is limited on its own (reference §5.5): its answers must not make the
+        # suppression lists wait, nor theirs the domain listing.
+        self._domains_budget = RequestBudget(
+            reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
@@ -524,8 +529,10 @@ class MailgunClient:
         raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:
+        budget = self._domains_budget if kind is None else self._budget
+
         async def attempt() -> dict[str, Any]:
-            reply = await self._send("GET", url)
+            reply = await self._send("GET", url, budget=budget)
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
             try:
@@ -556,7 +563,7 @@ class MailgunClient:
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
             try:
-                return parse_record(kind, orjson.loads(reply.body))
+                return parse_record(kind, single_item(kind, orjson.loads(reply.body)))
             except (orjson.JSONDecodeError, MalformedRecordError) as exc:
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: unreadable record for {address!r}: {exc}",
@@ -654,8 +661,10 @@ class MailgunClient:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _send(self, method: str, url: str, *, json_body: bytes | None = None,
-                    form: dict[str, str] | None = None) -> _Reply:
-        """Send once; a retryable answer raises `Retryable`, any other is returned."""
+                    form: dict[str, str] | None = None, budget: RequestBudget | None = None) -> _Reply:
+        """Send once; a retryable answer raises `Retryable`, any other is returned. `budget`:
+        the request budget it counts in (the suppression lists' unless given)."""
+        budget = budget or self._budget
         headers = {"Authorization": self._auth}
         data: Any = None
         if json_body is not None:
@@ -664,14 +673,14 @@ class MailgunClient:
         elif form is not None:
             data = form
         status: int | None = None
-        await self._budget.spend()
+        await budget.spend()
         try:
             async with self._session.request(
                 method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False, timeout=self._timeout,
             ) as response:
                 status = response.status
-                self._budget.note(response.headers)
+                budget.note(response.headers)
                 body = await self._read_capped(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._observer.on_response(method, None)

@@ -203,6 +203,26 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
                   kind=_entry_type(item), reason=_text(item, "reason"))
 
 
+def single_item(kind: SuppressionList, payload: object) -> object:
+    """The record in the answer to a single GET: v3 answers it bare; v2 wrapped a bounce as
+    `{"bounce": {...}}` and a complaint as `{"complaint": {...}}`, and answered an unsubscribe
+    with its rows, one per tag, as a list (`total_count`, `items`)."""
+    if not isinstance(payload, Mapping) or kind.address_field in payload:
+        return payload
+    wrapper = {SuppressionList.BOUNCES: "bounce", SuppressionList.COMPLAINTS: "complaint"}.get(kind)
+    if wrapper is not None and isinstance(payload.get(wrapper), Mapping):
+        return payload[wrapper]
+    items = payload.get("items")
+    if kind is SuppressionList.UNSUBSCRIBES and isinstance(items, list) and items \
+            and all(isinstance(item, Mapping) for item in items):
+        tags: list[object] = []
+        for item in items:
+            found = item.get("tags", item.get("tag"))
+            tags += found if isinstance(found, list) else [found]
+        return {**items[0], "tags": tags}
+    return payload
+
+
 # The staging form of a record: (key, address, code, error, created_at, tags, skipped). The key is the
 # address with its ASCII letters lower-cased, as the mirror's address_key (lower() under COLLATE
 # "C"); computed here for ASCII addresses, None otherwise (PostgreSQL fills it in). created_at
