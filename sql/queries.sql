@@ -48,10 +48,12 @@ SELECT set_config('mailgun_sync.writer', 'worker', true);
 -- name: create_staging
 -- Session-private tables for one reconcile: `staging` takes the pull as it arrives (the key is
 -- lower(address), computed by the worker where it can be, else NULL; created_at is text, cast
--- once later); `diff` holds only the rows that need an action.
+-- once later; `skipped` marks a record Mailgun has that the mirror cannot hold, staged by its
+-- address only so that the mirror's row of that address is left alone); `diff` holds only the
+-- rows that need an action.
 DROP TABLE IF EXISTS pg_temp.staging, pg_temp.staging_unique, pg_temp.diff;
 CREATE TEMP TABLE staging (key text, address text NOT NULL, code text, error text, created_at text,
-                           tags text[]);
+                           tags text[], skipped boolean NOT NULL);
 CREATE TEMP TABLE diff (key text NOT NULL, action text NOT NULL, address text, code text, error text,
                         created_at timestamptz, tags text[]);
 
@@ -66,7 +68,7 @@ SELECT EXISTS (SELECT 1 FROM staging GROUP BY coalesce(key, lower(address COLLAT
 -- One row per address, every key filled in: the latest record wins; repeated unsubscribes (the
 -- legacy API lists one row per tag) join their tags.
 CREATE TEMP TABLE staging_unique AS
-SELECT DISTINCT ON (k) k AS key, address, code, error, created_at, tags
+SELECT DISTINCT ON (k) k AS key, address, code, error, created_at, tags, skipped
 FROM (SELECT coalesce(key, lower(address COLLATE "C")) AS k, * FROM staging) AS s
 ORDER BY k, created_at::timestamptz DESC NULLS LAST;
 UPDATE staging_unique u SET tags = merged.tags
@@ -103,10 +105,13 @@ SET work_mem = '256MB';
 --   adopt   a pending or rejected row Mailgun has: it becomes synced with Mailgun's data
 --   push    a pending row Mailgun does not have
 --   requeue a record the application removed, still at Mailgun after the removal was carried out
+-- A skipped record (Mailgun has it, the mirror cannot hold it) asks for nothing: its address is
+-- not gone from Mailgun, and its data cannot be taken.
 INSERT INTO diff
 SELECT DISTINCT ON (key) * FROM (
     SELECT coalesce(r.key, m.key) AS key,
            CASE
+               WHEN r.skipped THEN NULL
                WHEN m.key IS NULL THEN
                    -- A record the application removed locally is not brought back: not while its
                    -- deletion at Mailgun is queued, nor when Mailgun still lists a record older
@@ -134,7 +139,7 @@ SELECT DISTINCT ON (key) * FROM (
     FROM (
         SELECT coalesce(key, lower(address COLLATE "C")) AS key, address, coalesce(code, '550') AS code,
                coalesce(error, '') AS error, coalesce(created_at::timestamptz, now()) AS created_at,
-               coalesce(tags, '{*}') AS tags
+               coalesce(tags, '{*}') AS tags, skipped
         FROM staging
     ) AS r
     FULL JOIN (
@@ -328,10 +333,11 @@ SELECT count(*) FROM logged;
 -- name: record_run
 -- $1 run id, $2 domain, $3 list, $4 status, $5 dry run,
 -- $6..$13 pulled, inserted, updated, removed, adopted, pushed, rejected, deleted,
--- $14 error, $15 started, $16 finished
+-- $14 error, $15 started, $16 finished, $17 skipped
 INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated, removed,
-                               adopted, pushed, rejected, deleted, error, started_at, finished_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16);
+                               adopted, pushed, rejected, deleted, error, started_at, finished_at,
+                               skipped)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17);
 
 -- name: database_now
 SELECT clock_timestamp();
@@ -372,7 +378,7 @@ FROM {table} WHERE domain = $1;
 -- name: latest_runs
 -- The last recorded run of every (domain, list).
 SELECT DISTINCT ON (domain, list) domain, list, status, pulled, inserted, updated, removed, adopted,
-       pushed, rejected, deleted, error, started_at, finished_at
+       pushed, rejected, deleted, skipped, error, started_at, finished_at
 FROM mailgun.sync_runs
 ORDER BY domain, list, finished_at DESC;
 
@@ -393,10 +399,16 @@ SET last_address = $3, pages = backfill_progress.pages + 1, records = backfill_p
     updated_at = clock_timestamp();
 
 -- name: backfill_stage
--- $1 domain, $2 list: a completed backfill's pages fill this session's staging table.
-INSERT INTO staging (key, address, code, error, created_at, tags)
-SELECT key, address, code, error, created_at, tags FROM mailgun.backfill_pages
-WHERE domain = $1 AND list = $2;
+-- $1 domain, $2 list: a completed backfill's pages fill this session's staging table; returns the
+-- records staged and the placeholders of skipped ones among them.
+WITH staged AS (
+    INSERT INTO staging (key, address, code, error, created_at, tags, skipped)
+    SELECT key, address, code, error, created_at, tags, skipped FROM mailgun.backfill_pages
+    WHERE domain = $1 AND list = $2
+    RETURNING skipped
+)
+SELECT count(*) FILTER (WHERE NOT skipped) AS records, count(*) FILTER (WHERE skipped) AS skipped
+FROM staged;
 
 -- name: backfill_overtaken
 -- $1 domain, $2 list, $3 when the backfill started: has a run applied a complete pull of the list

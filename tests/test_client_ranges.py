@@ -100,3 +100,16 @@ async def test_parallel_ranges_keep_within_the_request_budget(emulator, make_cli
     statuses = [r.status for r in emulator.requests]
     assert len(statuses) > 2 * 12  # the pull needed more than two windows' budget
     assert statuses.count(429) == 0
+
+
+# Reference §5.5: the Domains API has a limit of its own (300 requests a minute per account).
+@pytest.mark.parametrize("emulator_settings", [EmulatorSettings(domains_rate_limit=1)])
+async def test_listing_the_account_domains_does_not_spend_the_suppression_lists_budget(
+        emulator, make_client, sleeps):
+    client = make_client()
+    assert [d.name for d in await client.account_domains()] == [DOMAIN]
+    assert emulator.requests[-1].status == 200  # and its own budget is now spent
+    seed(emulator, ["a@example.com", "b@example.com"])
+    assert [r.address async for r in client.records(DOMAIN, SuppressionList.BOUNCES)] == [
+        "a@example.com", "b@example.com"]
+    assert sleeps.waits == []

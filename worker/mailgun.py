@@ -28,11 +28,14 @@ from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
     Record,
+    SkippedRecord,
     StagingRow,
     SuppressionList,
+    UnholdableRecordError,
     batch_item,
     form_fields,
     parse_record,
+    single_item,
     staging_rows,
 )
 from worker.retry import Retryable, RetryPolicy, server_wait_hint
@@ -65,17 +68,36 @@ def _where(domain: str, kind: SuppressionList | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Page:
     """One page of a list in the server's order: its items as received, checked and normalised
-    into staging rows, and the URL it came from."""
+    into staging rows (placeholders of held skipped records among them), the records skipped
+    because the mirror cannot hold them, and the URL it came from."""
 
     number: int
     url: str
     kind: SuppressionList
     items: list[Any]
     rows: list[StagingRow]
+    skipped: list[SkippedRecord] = field(default_factory=list)
 
     @property
     def records(self) -> list[Record]:
-        return [parse_record(self.kind, item) for item in self.items]
+        """The records the mirror can hold."""
+        found = []
+        for item in self.items:
+            try:
+                found.append(parse_record(self.kind, item))
+            except UnholdableRecordError:
+                continue
+        return found
+
+    @property
+    def held(self) -> int:
+        """How many of the page's records the mirror takes (placeholders not counted)."""
+        return len(self.rows) - sum(1 for s in self.skipped if s.held)
+
+    @property
+    def last_address(self) -> str:
+        """The address of the page's last record, where the next page continues."""
+        return str(self.items[-1][self.kind.address_field])
 
 
 @dataclass(slots=True)
@@ -186,6 +208,10 @@ class MailgunClient:
         self._version = api_version
         self._observer = observer or _Unobserved()
         self._budget = RequestBudget(reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
+        # The Domains API is limited on its own (reference §5.5): its answers must not make the
+        # suppression lists wait, nor theirs the domain listing.
+        self._domains_budget = RequestBudget(
+            reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
@@ -257,7 +283,7 @@ class MailgunClient:
                 number += 1
                 page = self._page(number, url, kind, items, domain)
                 if trace is not None and number == 1:
-                    trace.first = page.rows[0][1]
+                    trace.first = page.items[0][kind.address_field]
                 if ordered:
                     page, past = self._within(page, previous, until, domain)
                     if trace is not None and past is not None:
@@ -317,18 +343,21 @@ class MailgunClient:
     def _within(page: Page, previous: str | None, until: str | None,
                 domain: str) -> tuple[Page, str | None]:
         """The page's records up to `until` (all without one), after checking they increase
-        strictly; and the first record past `until`, if any."""
-        addresses = [row[1] for row in page.rows]
+        strictly (skipped ones too); and the first record past `until`, if any."""
+        addresses = [item[page.kind.address_field] for item in page.items]
         for address in addresses:
             if previous is not None and not address > previous:
                 raise errors.PagingOrderError(
-                    f"{domain} {page.kind.value}: {address!r} came after {previous!r}; the records "
-                    "are not in code-point order", url=page.url)
+                    f"{domain} {page.kind.value}: {address[:200]!r} came after {previous[:200]!r}; "
+                    "the records are not in code-point order", url=page.url)
             previous = address
         keep = len(addresses) if until is None else bisect.bisect_right(addresses, until)
         if keep == len(addresses):
             return page, None
-        return (Page(page.number, page.url, page.kind, page.items[:keep], page.rows[:keep]),
+        assert until is not None
+        rows = page.rows[:bisect.bisect_right([row[1] for row in page.rows], until)]
+        skipped = [s for s in page.skipped if s.address <= until]
+        return (Page(page.number, page.url, page.kind, page.items[:keep], rows, skipped),
                 addresses[keep])
 
     async def ranged_pages(self, domain: str, kind: SuppressionList,
@@ -400,39 +429,62 @@ class MailgunClient:
 
     async def _offset_pages(self, first: dict[str, Any], base: str, domain: str,
                             kind: SuppressionList) -> AsyncIterator[Page]:
-        """The legacy form: `{"total_count", "items"}` walked with `skip`."""
-        payload, url, skip, number = first, f"{base}?limit={self._page_limit}", 0, 0
-        while True:
-            items = payload.get("items")
-            total = payload.get("total_count")
-            if items is None or items == []:
-                if isinstance(total, int) and skip < total:
-                    raise errors.PagingError(
-                        f"{domain} {kind.value}: the list ended after {skip} of its {total} records; "
-                        "the pull is incomplete", url=url)
-                return
-            if not isinstance(total, int) or not isinstance(items, list):
+        """The legacy form: `{"total_count", "items"}` walked with `skip`.
+
+        Offsets move when records before them come or go mid-pull: a deletion would slide an
+        unread record below the offset, never to be read, and the pull would look complete. So
+        every page after the first is asked from one record back and must hold the last record
+        already read: what follows it is contiguous with what was read. Records added before
+        that record come before it on the page and are left out (a keyset pull does not see
+        them either). A page without it raises ListShiftedError: the list is read again.
+        """
+        payload, url, offset, number = first, f"{base}?limit={self._page_limit}", 0, 0
+        anchor: object = None  # the last item read, which the next page must hold
+        for _ in range(self._max_pages):
+            items, total = payload.get("items"), payload.get("total_count")
+            if items is None:
+                items = []
+            if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: a legacy page needs a number `total_count` and a list "
                     "of `items`", url=url)
-            number += 1
-            yield self._page(number, url, kind, items, domain)
-            skip += len(items)
-            if skip >= total:
-                return
-            if number >= self._max_pages:
+            before, offset = offset, max(offset - 1, 0) + len(items)
+            if not items and before < total:
                 raise errors.PagingError(
-                    f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
-            url = f"{base}?skip={skip}&limit={self._page_limit}"
+                    f"{domain} {kind.value}: the list ended after {before} of its {total} records; "
+                    "the pull is incomplete", url=url)
+            if anchor is not None:
+                if anchor not in items:
+                    raise errors.ListShiftedError(
+                        f"{domain} {kind.value}: the list changed during the pull (the page no longer "
+                        "holds the last record read); a record may have slid past the offset", url=url)
+                items = items[items.index(anchor) + 1:]
+            if items:
+                number += 1
+                yield self._page(number, url, kind, items, domain)
+                anchor = items[-1]
+            elif offset < total and offset <= before:  # nothing new, yet the count says more
+                raise errors.PagingError(
+                    f"{domain} {kind.value}: the list ended after {offset} of its {total} records; "
+                    "the pull is incomplete", url=url)
+            if offset >= total:
+                return
+            url = f"{base}?skip={offset - 1}&limit={self._page_limit}"
             payload = await self._get_page(url, domain, kind)
+        raise errors.PagingError(f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
 
     def _page(self, number: int, url: str, kind: SuppressionList, items: list[Any],
               domain: str) -> Page:
         try:
-            return Page(number, url, kind, items, staging_rows(kind, items))
+            rows, skipped = staging_rows(kind, items)
         except MalformedRecordError as exc:
             raise errors.MalformedPageError(
                 f"{domain} {kind.value}: a record on the page is malformed: {exc}", url=url) from exc
+        if skipped:
+            # Mailgun has these records; the mirror cannot hold them. Said once a page, not a record.
+            log.warning("records_skipped", domain=domain, list=kind.value, count=len(skipped), url=url,
+                        examples=[f"{s.address[:80]!r}: {s.reason}" for s in skipped[:5]])
+        return Page(number, url, kind, items, rows, skipped)
 
     def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: object,
                   domain: str, kind: SuppressionList, base: str) -> tuple[str, str]:
@@ -494,8 +546,10 @@ class MailgunClient:
         raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:
+        budget = self._domains_budget if kind is None else self._budget
+
         async def attempt() -> dict[str, Any]:
-            reply = await self._send("GET", url)
+            reply = await self._send("GET", url, budget=budget)
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
             try:
@@ -527,7 +581,7 @@ class MailgunClient:
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
             try:
-                return parse_record(kind, orjson.loads(reply.body))
+                return parse_record(kind, single_item(kind, orjson.loads(reply.body)))
             except (orjson.JSONDecodeError, MalformedRecordError) as exc:
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: unreadable record for {address!r}: {exc}",
@@ -635,8 +689,10 @@ class MailgunClient:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _send(self, method: str, url: str, *, json_body: bytes | None = None,
-                    form: dict[str, str] | None = None) -> _Reply:
-        """Send once; a retryable answer raises `Retryable`, any other is returned."""
+                    form: dict[str, str] | None = None, budget: RequestBudget | None = None) -> _Reply:
+        """Send once; a retryable answer raises `Retryable`, any other is returned. `budget`:
+        the request budget it counts in (the suppression lists' unless given)."""
+        budget = budget or self._budget
         headers = {"Authorization": self._auth}
         data: Any = None
         if json_body is not None:
@@ -645,14 +701,14 @@ class MailgunClient:
         elif form is not None:
             data = form
         status: int | None = None
-        await self._budget.spend()
+        await budget.spend()
         try:
             async with self._session.request(
                 method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False, timeout=self._timeout,
             ) as response:
                 status = response.status
-                self._budget.note(response.headers)
+                budget.note(response.headers)
                 body = await self._read_capped(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._observer.on_response(method, None)

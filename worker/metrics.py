@@ -22,7 +22,8 @@ class Metrics:
             "mailgun_sync_runs", "Reconciles of one (domain, list), by outcome.",
             ["domain", "list", "status"], registry=self.registry)
         self.records = Counter(
-            "mailgun_sync_records", "Records handled, by action.",
+            "mailgun_sync_records",
+            "Records handled, by action (`skipped`: listed by Mailgun, not held by the mirror).",
             ["domain", "list", "action"], registry=self.registry)
         self.duration = Histogram(
             "mailgun_sync_run_duration_seconds", "How long one reconcile of one (domain, list) took.",
@@ -54,6 +55,8 @@ class Metrics:
         for action, count in zip(RECORD_ACTIONS, result.counts(), strict=True):
             if count:
                 self.records.labels(action=action, **labels).inc(count)
+        if result.skipped:
+            self.records.labels(action="skipped", **labels).inc(result.skipped)
         if result.status == "ok":
             self.last_success.labels(**labels).set(time.time())
 

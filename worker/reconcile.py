@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from worker.errors import DatabaseError, MailgunError, PagingOrderError, SyncError
+from worker.errors import DatabaseError, ListShiftedError, MailgunError, PagingOrderError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import MAX_BATCH, SuppressionList, record_problem
@@ -30,6 +30,9 @@ log = get_logger(__name__)
 # A guard that trips on two removed rows out of ten would stop every small list; below this many
 # removals the fraction is not checked.
 GUARD_MIN_REMOVALS = 10
+
+# Reads of a list whose offsets shifted under the legacy pager, before the run fails.
+LIST_SHIFTED_ATTEMPTS = 3
 
 OK, SKIPPED, FAILED, GUARDED = "ok", "skipped", "failed", "guarded"
 
@@ -51,6 +54,8 @@ class ListResult:
     pushed: int = 0
     rejected: int = 0
     deleted: int = 0
+    # Records Mailgun listed that the mirror cannot hold: left out, their mirror rows untouched.
+    skipped: int = 0
     error: str | None = None
     # Seconds spent in each step (pull, diff, apply, push): logged, not part of the report.
     timings: dict[str, float] = field(default_factory=dict, repr=False)
@@ -142,7 +147,7 @@ class Reconciler:
         log.info("list_reconciled", status=result.status, pulled=result.pulled,
                  inserted=result.inserted, updated=result.updated, removed=result.removed,
                  adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
-                 error=result.error, dry_run=self._options.dry_run,
+                 skipped=result.skipped, error=result.error, dry_run=self._options.dry_run,
                  seconds=round(time.perf_counter() - clock, 3), steps=result.timings)
 
     async def _pull(self, session: ListSession, result: ListResult) -> datetime:
@@ -157,12 +162,21 @@ class Reconciler:
         pivots = await session.pivots(self._options.pull_ranges)
         if pivots:
             try:
-                result.pulled = await session.stage(
+                staged = await session.stage(
                     self._mailgun.ranged_pages(domain, kind, pivots), ranged=True)
+                result.pulled, result.skipped = staged.records, staged.skipped
                 return pull_started
             except PagingOrderError as exc:
                 log.warning("ranges_abandoned", reason=str(exc))
-        result.pulled = await session.stage(self._mailgun.pages(domain, kind))
+        for attempt in range(1, LIST_SHIFTED_ATTEMPTS + 1):
+            try:
+                staged = await session.stage(self._mailgun.pages(domain, kind))
+                break
+            except ListShiftedError as exc:
+                if attempt == LIST_SHIFTED_ATTEMPTS:
+                    raise
+                log.warning("pull_restarted", reason=str(exc), attempt=attempt)
+        result.pulled, result.skipped = staged.records, staged.skipped
         return pull_started
 
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
@@ -299,6 +313,7 @@ class Reconciler:
         try:
             await self._store.record_run(
                 run_id, result.domain, kind, status=result.status, dry_run=False,
-                counts=result.counts(), error=result.error, started=started, finished=finished)
+                counts=result.counts(), skipped=result.skipped, error=result.error, started=started,
+                finished=finished)
         except DatabaseError as exc:
             log.error("run_not_recorded", error=str(exc))

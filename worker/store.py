@@ -137,7 +137,15 @@ class QueuedRemoval:
     removed_at: datetime
 
 
-_COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags"]
+_COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """What a pull staged: the records the mirror takes, and those it cannot hold (skipped)."""
+
+    records: int
+    skipped: int
 
 
 class RepeatWatch:
@@ -160,7 +168,6 @@ class RepeatWatch:
         self._cased: set[str] = set()
 
     def see(self, rows: Sequence[StagingRow]) -> None:
-        self.count += len(rows)
         if self.possible:
             return
         if self._ranged:
@@ -204,17 +211,21 @@ class ListSession:
             moment: datetime = await self._db.fetchval(queries()["database_now"])
         return moment
 
-    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False) -> int:
-        """Stream every page into the staging table in one COPY; returns the records staged.
+    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False) -> Staged:
+        """Stream every page into the staging table in one COPY; returns what it staged.
 
         If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
         nothing staged.
         """
         repeats = RepeatWatch(ranged=ranged)
+        skipped = 0
 
         async def rows() -> AsyncIterator[StagingRow]:
+            nonlocal skipped
             async for page in pages:
                 repeats.see(page.rows)
+                repeats.count += page.held
+                skipped += len(page.skipped)
                 for row in page.rows:
                     yield row
 
@@ -224,7 +235,7 @@ class ListSession:
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
             await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
             await self._finish_staging(maybe_repeats=repeats.possible)
-        return repeats.count
+        return Staged(repeats.count, skipped)
 
     async def _finish_staging(self, *, maybe_repeats: bool) -> None:
         if maybe_repeats and await self._db.fetchval(queries()["staging_has_duplicates"]):
@@ -298,21 +309,27 @@ class ListSession:
     async def backfill_page(self, page: Page) -> None:
         """Commit one page and the cursor after it together: a kill loses at most this page."""
         rows = [(self.domain, self.kind.value, *row) for row in page.rows]
+        # PostgreSQL text cannot hold a NUL: then the cursor stays at the page's last held record
+        # (a resume reads a few records again), or where it was.
+        cursor = page.last_address if "\x00" not in page.last_address else \
+            (page.rows[-1][1] if page.rows else None)
         async with wrap_db_errors(f"saving a backfill page of {self.domain} {self.kind.value}"), \
                 self._db.transaction():
             await self._db.copy_records_to_table(
                 "backfill_pages", schema_name="mailgun", records=rows,
                 columns=["domain", "list", *_COPY_COLUMNS])
-            await self._db.execute(queries()["backfill_save_progress"], self.domain, self.kind.value,
-                                   page.rows[-1][1], len(page.rows))
+            if cursor is not None:
+                await self._db.execute(queries()["backfill_save_progress"], self.domain,
+                                       self.kind.value, cursor, page.held)
 
-    async def stage_backfill(self) -> int:
-        """Stage a completed backfill's pages as if they had been pulled in one go."""
+    async def stage_backfill(self) -> Staged:
+        """Stage a completed backfill's pages as if they had been pulled in one go. The skipped
+        count is of the placeholders kept with the pages (records whose address fits the mirror)."""
         async with wrap_db_errors(f"staging the backfill of {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["create_staging"])
-            status = await self._db.execute(queries()["backfill_stage"], self.domain, self.kind.value)
+            row = await self._db.fetchrow(queries()["backfill_stage"], self.domain, self.kind.value)
             await self._finish_staging(maybe_repeats=True)
-        return int(status.split()[-1])
+        return Staged(row["records"], row["skipped"])
 
     async def backfill_overtaken(self, started: datetime) -> bool:
         async with wrap_db_errors(f"checking the backfill of {self.domain} {self.kind.value}"):
@@ -447,8 +464,8 @@ class MirrorStore:
             await self._pool.fetchval(queries()["ping"], timeout=within)
 
     async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: str,
-                         dry_run: bool, counts: Sequence[int], error: str | None,
+                         dry_run: bool, counts: Sequence[int], skipped: int, error: str | None,
                          started: datetime, finished: datetime) -> None:
         async with wrap_db_errors("recording the run"):
             await self._pool.execute(queries()["record_run"], run_id, domain, kind.value, status,
-                                     dry_run, *counts, error, started, finished)
+                                     dry_run, *counts, error, started, finished, skipped)
