@@ -42,7 +42,7 @@ async def eu() -> AsyncIterator[MailgunEmulator]:
 @pytest.fixture
 def env(us, database_url, pool, tmp_path) -> dict[str, str]:
     return {"MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(us.base_url), "DATABASE_URL": database_url,
-            "MAILGUN_BACKOFF_MAX": "0", "SYNC_CONFIG": str(tmp_path / "sync.toml")}
+            "MAILGUN_BACKOFF_MAX": "0.01", "SYNC_CONFIG": str(tmp_path / "sync.toml")}
 
 
 def write_config(env: dict[str, str], text: str) -> None:

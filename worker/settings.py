@@ -139,9 +139,10 @@ class Settings:
             database_url=merged.get("DATABASE_URL") or None,
             max_attempts=_parse(merged, "MAILGUN_MAX_ATTEMPTS", int, 6,
                                 lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),
+            # 0 would retry (and wait for the request budget) without ever sleeping.
             backoff_max=_parse(merged, "MAILGUN_BACKOFF_MAX", float, 60.0,
-                               lambda v: math.isfinite(v) and 0 <= v <= 3600,
-                               "a number of seconds from 0 to 3600"),
+                               lambda v: math.isfinite(v) and 0 < v <= 3600,
+                               "a number of seconds above 0, at most 3600"),
             max_delete_fraction=_parse(merged, "SYNC_MAX_DELETE_FRACTION", float, 0.10,
                                        lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
