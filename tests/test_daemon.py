@@ -61,8 +61,8 @@ def test_interval_schedule_with_jitter(emulator):
 def test_cron_schedule_counts_weekdays_from_sunday_like_crontab(emulator):
     trigger = build_trigger(daemon_settings(emulator, sync_cron="*/15 2 * * 1-5"))
     assert isinstance(trigger, CronTrigger)
-    assert str(trigger.fields[4]) == "mon-fri"  # day_of_week
-    assert str(trigger.fields[6]) == "*/15"  # minute
+    assert str(trigger.fields[4]) == "mon,tue,wed,thu,fri"  # day_of_week
+    assert str(trigger.fields[6]) == "0,15,30,45"  # minute
 
 
 @pytest.mark.parametrize("cron", ["* * *", "61 * * * *", "* * * * funday"])

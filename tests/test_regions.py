@@ -188,7 +188,7 @@ def test_regions_by_name_and_schedules_per_domain():
     assert (second.api_base, second.interval, second.cron) == (US_API_BASE, None, "*/5 * * * 1-5")
     settings = Settings(api_key=API_KEY, sync_interval=900, sync_jitter=0)
     assert build_trigger(settings, first).interval.total_seconds() == 600
-    assert str(build_trigger(settings, second).fields[4]) == "mon-fri"
+    assert str(build_trigger(settings, second).fields[4]) == "mon,tue,wed,thu,fri"
 
 
 @pytest.mark.parametrize(("text", "named"), [
@@ -325,7 +325,9 @@ async def test_a_bad_weekday_in_a_domains_cron_exits_2_before_anything_runs(invo
     write_config(env, f'[[domains]]\nname = "{US_DOMAIN}"\ncron = "0 0 * * 8"\n')
     outcome = await invoke("run", env=env)
     assert outcome.code == 2
-    assert f"SYNC_CONFIG ({US_DOMAIN})" in outcome.err
+    [line] = outcome.err.splitlines()
+    assert line.startswith(f"mailgun-sync: SYNC_CONFIG: {env['SYNC_CONFIG']} [[domains]] #1 ({US_DOMAIN}): ")
+    assert "cron: weekday 8 is outside 0-7" in line
     assert not us.requests
 
 

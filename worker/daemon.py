@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import signal
 import time
 import uuid
@@ -23,9 +22,9 @@ from typing import Any
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from worker.cron import parse_cron
 from worker.domains import DomainPlan
 from worker.errors import ConfigError, DatabaseError, SyncError
 from worker.lifespan import Resources
@@ -39,29 +38,19 @@ from worker.webhook_store import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 
-_CRON_WEEKDAYS = {"0": "sun", "7": "sun", "1": "mon", "2": "tue", "3": "wed", "4": "thu", "5": "fri",
-                  "6": "sat"}
-
-
 def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTrigger:
-    """The domain's own schedule if it has one, else `SYNC_CRON` (standard crontab, Sunday = 0)
+    """The domain's own schedule if it has one, else `SYNC_CRON` (crontab, read as cron reads it)
     if set, else every `SYNC_INTERVAL` seconds."""
     interval, cron, setting = settings.sync_interval, settings.sync_cron, "SYNC_CRON"
     if plan is not None and (plan.interval is not None or plan.cron is not None):
         interval, cron, setting = plan.interval or interval, plan.cron, f"SYNC_CONFIG ({plan.name})"
+    jitter = settings.sync_jitter or None
     if cron is None:
-        return IntervalTrigger(seconds=interval, jitter=settings.sync_jitter or None, timezone=UTC)
-    fields = cron.split()
-    if len(fields) != 5:
-        raise ConfigError(setting, f"{cron!r} needs 5 fields: minute hour day month weekday")
-    minute, hour, day, month, weekday = fields
-    # APScheduler 3 numbers weekdays from Monday; crontab from Sunday. Names mean the same in both.
-    weekday = re.sub(r"\d", lambda m: _CRON_WEEKDAYS.get(m.group(), m.group()), weekday)
+        return IntervalTrigger(seconds=interval, jitter=jitter, timezone=UTC)
     try:
-        return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
-                           jitter=settings.sync_jitter or None, timezone=UTC)
+        return parse_cron(cron).trigger(jitter=jitter)
     except ValueError as exc:
-        raise ConfigError(setting, f"{cron!r}: {exc}") from None
+        raise ConfigError(setting, str(exc)) from None
 
 
 # The domains to sync, asked again every DISCOVERY_REFRESH seconds: domains discovered in the

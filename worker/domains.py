@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from worker.cron import parse_cron
 from worker.errors import ConfigError, MailgunError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
@@ -120,8 +121,13 @@ def _schedule(table: Mapping[str, Any], where: str, inherited: Schedule = (None,
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float)
                                  or not 1 <= interval <= 7 * 86400):
         raise _fail(where, f"interval {interval!r} is not a number of seconds from 1 to 604800")
-    if cron is not None and (not isinstance(cron, str) or len(cron.split()) != 5):
-        raise _fail(where, f"cron {cron!r} needs 5 fields: minute hour day month weekday")
+    if cron is not None:
+        if not isinstance(cron, str):
+            raise _fail(where, f"cron {cron!r} is not a crontab schedule text")
+        try:
+            parse_cron(cron)
+        except ValueError as exc:
+            raise _fail(where, f"cron: {exc}") from None
     return (float(interval) if interval is not None else None), cron
 
 
