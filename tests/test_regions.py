@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import API_KEY
 from tests.support.mirror import rows
 from worker.daemon import build_trigger
-from worker.domains import DomainPlan, parse_sync_config, plan_domains
+from worker.domains import DomainPlan, Planned, parse_sync_config, plan_domains
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError
 from worker.records import SYNCED_LISTS, SuppressionList
@@ -165,7 +165,7 @@ async def test_a_domain_named_in_the_file_keeps_its_settings_when_also_discovere
 
     assert plans == [
         DomainPlan(US_DOMAIN, str(us.base_url), (COMPLAINTS,), None, "0 * * * *"),
-        DomainPlan("mg.found.example.com", str(us.base_url), SYNCED_LISTS),
+        DomainPlan("mg.found.example.com", str(us.base_url), SYNCED_LISTS, discovered=True),
     ]
     assert (await plan_domains(settings, lambda base: client, only=["mg.other.example.com"],
                                lists=[BOUNCES])).domains == [
@@ -230,8 +230,8 @@ async def test_the_daemon_syncs_each_region_and_picks_up_domains_added_later(
     eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
     planned = [DomainPlan(US_DOMAIN, str(us.base_url), (BOUNCES,))]
 
-    async def planner() -> list[DomainPlan]:
-        return list(planned)
+    async def planner() -> Planned:
+        return Planned(list(planned), [])
 
     clients = {str(region.base_url): make_client(api_base=region.base_url) for region in (us, eu)}
     resources = Resources(pool=pool, store=store, mailgun=clients[str(us.base_url)],
@@ -341,22 +341,24 @@ async def test_a_refresh_moves_a_domain_to_its_new_region_and_forgets_dropped_fa
     eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
     planned = [DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))]  # the wrong region
 
-    async def planner() -> list[DomainPlan]:
-        return list(planned)
+    async def planner() -> Planned:
+        return Planned(list(planned), [])
 
     clients = {str(r.base_url): make_client(api_base=r.base_url, retry=RetryPolicy(max_attempts=1))
                for r in (us, eu)}
     resources = Resources(pool=pool, store=store, mailgun=clients[str(us.base_url)],
                           regional=clients.__getitem__)
-    settings = Settings(api_key=API_KEY, api_base=str(us.base_url), sync_interval=1, sync_jitter=0,
-                        failures_before_unready=1)
-    daemon = Daemon(settings, resources, Metrics(), planner)
+    settings = Settings(api_key=API_KEY, api_base=str(us.base_url), sync_interval=1, sync_jitter=0)
+    metrics = Metrics()
+    daemon = Daemon(settings, resources, metrics, planner)
     await daemon.start()
-    try:
-        async def unready() -> bool:
-            return await daemon.readiness() is not None
 
-        await wait_until(unready)
+    async def failing() -> bool:
+        return (metrics.registry.get_sample_value(
+            "mailgun_sync_consecutive_failures", {"domain": EU_DOMAIN, "list": "bounces"}) or 0) > 0
+
+    try:
+        await wait_until(failing)
         planned[0] = DomainPlan(EU_DOMAIN, str(eu.base_url), (BOUNCES,))
         await daemon.refresh_domains()
         await wait_until(lambda: ran(pool, EU_DOMAIN))
@@ -364,9 +366,11 @@ async def test_a_refresh_moves_a_domain_to_its_new_region_and_forgets_dropped_fa
 
         planned[0] = DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))
         await daemon.refresh_domains()
-        await wait_until(unready)
+        await wait_until(failing)
         planned.clear()
         await daemon.refresh_domains()
+        assert metrics.registry.get_sample_value(
+            "mailgun_sync_consecutive_failures", {"domain": EU_DOMAIN, "list": "bounces"}) is None
         assert await daemon.readiness() is None
     finally:
         await daemon.drain(grace=5)
