@@ -716,3 +716,23 @@ DELETE FROM mailgun.webhook_tokens WHERE signed_at < $1;
 -- name: bench_webhook_rows
 SELECT (SELECT count(*) FROM mailgun.bounces) + (SELECT count(*) FROM mailgun.complaints)
      + (SELECT count(*) FROM mailgun.unsubscribes);
+
+-- name: discovery_listed
+-- $1 api_base, $2 the enabled domains of a complete listing.
+INSERT INTO mailgun.discovered_domains (api_base, domains, listed_at, checked_at, error)
+VALUES ($1, $2, now(), now(), NULL)
+ON CONFLICT (api_base) DO UPDATE SET domains = EXCLUDED.domains, listed_at = now(), checked_at = now(),
+                                     error = NULL;
+
+-- name: discovery_failed
+-- $1 api_base, $2 why the listing failed; the domains of the last complete listing stay.
+INSERT INTO mailgun.discovered_domains (api_base, checked_at, error) VALUES ($1, now(), $2)
+ON CONFLICT (api_base) DO UPDATE SET checked_at = now(), error = EXCLUDED.error;
+
+-- name: discovery_state
+SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_domains ORDER BY api_base;
+
+-- name: last_successes
+-- When each (domain, list) last ended ok.
+SELECT domain, list, max(finished_at) AS finished_at FROM mailgun.sync_runs WHERE status = 'ok'
+GROUP BY domain, list;

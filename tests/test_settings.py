@@ -48,6 +48,7 @@ def test_webhooks_are_off_without_a_signing_key_and_the_window_is_a_day():
     ({**BASE, "MAILGUN_MAX_ATTEMPTS": "0"}, "MAILGUN_MAX_ATTEMPTS"),
     ({**BASE, "MAILGUN_BACKOFF_MAX": "-1"}, "MAILGUN_BACKOFF_MAX"),
     ({**BASE, "MAILGUN_BACKOFF_MAX": "nan"}, "MAILGUN_BACKOFF_MAX"),
+    ({**BASE, "MAILGUN_BACKOFF_MAX": "0"}, "MAILGUN_BACKOFF_MAX"),
     ({**BASE, "SYNC_MAX_DELETE_FRACTION": "1.5"}, "SYNC_MAX_DELETE_FRACTION"),
     ({**BASE, "MAILGUN_DOMAINS": "not a domain"}, "MAILGUN_DOMAINS"),
     ({**BASE, "MAILGUN_API_BASE": "ftp://api.mailgun.net"}, "MAILGUN_API_BASE"),

@@ -34,7 +34,7 @@ from worker.metrics import Metrics
 from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.report import list_status, render_status, render_table
+from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
 from worker.settings import US_API_BASE, Settings, domain_names
 from worker.store import MirrorStore, open_pool
 
@@ -226,7 +226,7 @@ def selected_lists(args: argparse.Namespace) -> list[SuppressionList] | None:
 
 async def domain_plans(args: argparse.Namespace, settings: Settings, resources: Resources) -> Planned:
     return await plan_domains(settings, resources.mailgun_for, only=args.domains or (),
-                              lists=selected_lists(args))
+                              lists=selected_lists(args), memory=resources.store)
 
 
 async def reconcile_plans(plans: Sequence[DomainPlan], resources: Resources,
@@ -277,8 +277,8 @@ async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     metrics = Metrics()
     async with open_resources(settings, observer=metrics) as resources:
         await require_schema(resources.pool)
-        async def planner() -> list[DomainPlan]:
-            return (await domain_plans(args, settings, resources)).domains
+        async def planner() -> Planned:
+            return await domain_plans(args, settings, resources)
 
         await serve(settings, resources, metrics, planner)
     return EXIT_OK
@@ -314,8 +314,9 @@ async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     async with open_pool(url, max_size=2) as pool:
         await require_schema(pool)
         report = await list_status(MirrorStore(pool), configured_domains(env))
-    sys.stdout.write(orjson.dumps({"lists": report}).decode() + "\n" if args.json
-                     else render_status(report))
+        regions = await discovery_status(MirrorStore(pool))
+    sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions}).decode() + "\n" if args.json
+                     else render_status(report) + render_discovery(regions))
     return EXIT_OK
 
 

@@ -525,6 +525,7 @@ class MailgunClient:
         """Every domain of the account in this client's region (`GET /v3/domains`, offset paging:
         `skip` and `limit`, with `total_count`). Reads to the end or raises."""
         found: list[AccountDomain] = []
+        first_total: int | None = None
         for _ in range(self._max_pages):
             url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={len(found)}"
             payload = await self._get_page(url, "", None)
@@ -541,8 +542,18 @@ class MailgunClient:
                 state = str(item.get("state") or "")
                 disabled = item.get("is_disabled") is True or state == "disabled"
                 found.append(AccountDomain(name, state, disabled))
-            if not items or len(found) >= total:
+            # A listing that shifts or stops short could miss a domain, which would then be
+            # dropped: only a complete one is returned.
+            first_total = total if first_total is None else first_total
+            if total != first_total:
+                raise errors.PagingError(
+                    f"the account's domains: total_count changed from {first_total} to {total} "
+                    "while listing", url=url)
+            if len(found) >= total:
                 return found
+            if not items:
+                raise errors.PagingError(
+                    f"the account's domains: the listing ended at {len(found)} of {total}", url=url)
         raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:

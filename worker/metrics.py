@@ -44,6 +44,24 @@ class Metrics:
         self.http_retries = Counter(
             "mailgun_sync_http_retries", "Mailgun requests tried again, by the answer that caused it.",
             ["status"], registry=self.registry)
+        self.consecutive_failures = Gauge(
+            "mailgun_sync_consecutive_failures",
+            "Runs of this (domain, list) in a row that did not end ok (failed, guarded or crashed).",
+            ["domain", "list"], registry=self.registry)
+        self.runs_skipped = Counter(
+            "mailgun_sync_runs_skipped",
+            "Scheduled runs not started: the previous run of the list was still going, or missed.",
+            ["domain", "list", "reason"], registry=self.registry)
+        self.discovery_stale = Gauge(
+            "mailgun_sync_discovery_stale",
+            "1 when the last listing of the account's domains in this region failed (the domains of "
+            "the last complete one are kept), else 0.",
+            ["api_base"], registry=self.registry)
+        self.domain_refreshes = Counter(
+            "mailgun_sync_domain_refreshes",
+            "Plans of the domains to sync, by outcome: ok, stale (a region kept its last known "
+            "domains) or failed (the schedule was kept as it was).",
+            ["outcome"], registry=self.registry)
         self.webhooks = Counter(
             "mailgun_sync_webhooks", "Webhook deliveries, by event and outcome.",
             ["event", "outcome"], registry=self.registry)
@@ -59,6 +77,14 @@ class Metrics:
             self.records.labels(action="skipped", **labels).inc(result.skipped)
         if result.status == "ok":
             self.last_success.labels(**labels).set(time.time())
+
+    def observe_failures(self, domain: str, kind: str, in_a_row: int) -> None:
+        self.consecutive_failures.labels(domain=domain, list=kind).set(in_a_row)
+
+    def forget_list(self, domain: str, kind: str) -> None:
+        """A list no longer synced: its failure count would otherwise alert forever."""
+        with contextlib.suppress(KeyError):
+            self.consecutive_failures.remove(domain, kind)
 
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()

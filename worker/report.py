@@ -63,3 +63,27 @@ def render_status(report: Sequence[dict[str, Any]]) -> str:
         if row["error"]:
             lines.append(f"{'':<24}  last error: {row['error']}")
     return "\n".join(lines) + "\n"
+
+
+async def discovery_status(store: MirrorStore) -> list[dict[str, Any]]:
+    """Per region whose domains are discovered: the last complete listing, and whether the last
+    attempt failed (its domains are then the last complete listing's)."""
+    return [{
+        "api_base": row["api_base"], "domains": list(row["domains"]),
+        "listed_at": row["listed_at"].isoformat() if row["listed_at"] else None,
+        "checked_at": row["checked_at"].isoformat(), "stale": row["error"] is not None,
+        "error": row["error"],
+    } for row in await store.discovery_state()]
+
+
+def render_discovery(regions: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for region in regions:
+        listed = region["listed_at"][:19].replace("T", " ") if region["listed_at"] else "never"
+        line = f"discovery {region['api_base']}: {len(region['domains'])} domains, listed {listed}"
+        if region["stale"]:
+            checked = region["checked_at"][:19].replace("T", " ")
+            line += (f"; STALE: the listing at {checked} failed, the last complete one is kept: "
+                     f"{region['error']}")
+        lines.append(line)
+    return "".join(f"{line}\n" for line in lines)

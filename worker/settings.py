@@ -113,7 +113,9 @@ class Settings:
     sync_cron: str | None = None
     sync_jitter: float = 30.0
     http_port: int = 8080
-    failures_before_unready: int = 3
+    # Deprecated, no effect: read so that configurations setting it keep working (the daemon
+    # warns). Readiness no longer depends on failing lists.
+    failures_before_unready: int | None = None
     shutdown_grace: float = 25.0
     # Webhooks: served only with a signing key. Mailgun retries a delivery for 8 hours with its
     # original timestamp, so the window is a day by default.
@@ -139,9 +141,10 @@ class Settings:
             database_url=merged.get("DATABASE_URL") or None,
             max_attempts=_parse(merged, "MAILGUN_MAX_ATTEMPTS", int, 6,
                                 lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),
+            # 0 would retry (and wait for the request budget) without ever sleeping.
             backoff_max=_parse(merged, "MAILGUN_BACKOFF_MAX", float, 60.0,
-                               lambda v: math.isfinite(v) and 0 <= v <= 3600,
-                               "a number of seconds from 0 to 3600"),
+                               lambda v: math.isfinite(v) and 0 < v <= 3600,
+                               "a number of seconds above 0, at most 3600"),
             max_delete_fraction=_parse(merged, "SYNC_MAX_DELETE_FRACTION", float, 0.10,
                                        lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
@@ -158,8 +161,9 @@ class Settings:
                                "a number of seconds from 0 to 3600"),
             http_port=_parse(merged, "HTTP_PORT", int, 8080, lambda v: 0 <= v <= 65535,
                              "a port number"),
-            failures_before_unready=_parse(merged, "SYNC_FAILURES_BEFORE_UNREADY", int, 3,
-                                           lambda v: v >= 1, "a whole number of at least 1"),
+            failures_before_unready=_parse(merged, "SYNC_FAILURES_BEFORE_UNREADY", int, None,
+                                           lambda v: v is not None and v >= 1,
+                                           "a whole number of at least 1"),
             shutdown_grace=_parse(merged, "SHUTDOWN_GRACE", float, 25.0,
                                   lambda v: math.isfinite(v) and 0 <= v <= 3600,
                                   "a number of seconds from 0 to 3600"),

@@ -458,6 +458,26 @@ class MirrorStore:
         async with wrap_db_errors("reading the last runs"):
             return [dict(r) for r in await self._pool.fetch(queries()["latest_runs"])]
 
+    async def record_discovery(self, api_base: str, domains: Sequence[str] | None,
+                               error: str | None = None) -> None:
+        """A region's complete listing (`domains`), or why it failed (`error`: the last complete
+        listing stays)."""
+        async with wrap_db_errors(f"recording the domains of {api_base}"):
+            if domains is not None:
+                await self._pool.execute(queries()["discovery_listed"], api_base, list(domains))
+            else:
+                await self._pool.execute(queries()["discovery_failed"], api_base, error)
+
+    async def discovery_state(self) -> list[dict[str, Any]]:
+        """Each region's last complete listing, and the last attempt's error if it failed."""
+        async with wrap_db_errors("reading the discovered domains"):
+            return [dict(r) for r in await self._pool.fetch(queries()["discovery_state"])]
+
+    async def last_successes(self) -> list[dict[str, Any]]:
+        """When each (domain, list) last ended ok, from the run log."""
+        async with wrap_db_errors("reading the last successes"):
+            return [dict(r) for r in await self._pool.fetch(queries()["last_successes"])]
+
     async def ping(self, within: float) -> None:
         """Raise DatabaseError unless PostgreSQL answers within `within` seconds."""
         async with wrap_db_errors("checking the connection"):
