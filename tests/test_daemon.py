@@ -162,7 +162,7 @@ async def test_the_last_success_is_known_from_the_run_log_before_this_process_su
     from worker.retry import RetryPolicy
 
     earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
-    await store.record_run(uuid4(), DOMAIN, BOUNCES, status="ok", dry_run=False, counts=[0] * 8,
+    await store.record_run(uuid4(), DOMAIN, BOUNCES, status="ok", dry_run=False, counts=[0] * 8, skipped=0,
                            error=None, started=earlier - timedelta(seconds=5), finished=earlier)
     emulator.fail_next(503, times=None, list="bounces")
     client = make_client(retry=RetryPolicy(max_attempts=1))
