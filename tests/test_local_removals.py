@@ -323,3 +323,19 @@ async def test_an_address_mailgun_holds_in_two_spellings_is_deleted_in_both(pool
     assert (second.status, second.deleted, second.inserted) == ("ok", 1, 0)
     assert emulator.records(DOMAIN, BOUNCES) == []
     assert (await run(make_reconciler)).counts()[1:] == (0, 0, 0, 0, 0, 0, 0)
+
+
+async def test_a_tag_removal_answered_404_with_another_text_is_done_when_the_tag_is_gone(
+        pool, emulator, make_reconciler):
+    emulator.seed(DOMAIN, "unsubscribes", [{"address": "u@example.com", "tags": ["news"],
+                                            "created_at": "Mon, 02 Mar 2026 10:00:00 UTC"}])
+    await insert_row(pool, "unsubscribes", DOMAIN, "u@example.com", state="synced", synced_at=AN_HOUR_AGO,
+                     tags=["news", "promo"], created_at=datetime(2026, 3, 2, 10, tzinfo=UTC))
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")  # drops `promo`
+    emulator.fail_next(404, method="DELETE", message="Not Found")
+
+    result = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, SuppressionList.UNSUBSCRIBES)
+
+    # Mailgun lists the address, but without the tag: the removal is done.
+    assert (result.status, result.deleted) == ("ok", 1), result.error
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0

@@ -675,14 +675,18 @@ class MailgunClient:
         reply = await self._retrying(partial(self._send, "DELETE", url), "DELETE", url, domain, kind)
         if 200 <= reply.status < 300:
             return True
-        if reply.status == 404 and (_not_listed(kind, reply) or await self._absent(domain, kind, address)):
+        if reply.status == 404 and (_not_listed(kind, reply)
+                                    or await self._absent(domain, kind, address, tag)):
             return False
         raise self._error(reply, domain, kind)
 
-    async def _absent(self, domain: str, kind: SuppressionList, address: str) -> bool:
-        url = self.address_url(domain, kind, address)
-        reply = await self._retrying(partial(self._send, "GET", url), "GET", url, domain, kind)
-        return reply.status == 404 and _not_listed(kind, reply)
+    async def _absent(self, domain: str, kind: SuppressionList, address: str, tag: str | None) -> bool:
+        """Whether Mailgun does not list the address (or, for a tag, the address with that tag)."""
+        try:
+            record = await self.get(domain, kind, address)
+        except errors.MailgunError:
+            return False  # the DELETE's own answer is the error to report
+        return record is None or (tag is not None and tag not in record.tags)
 
     # ---- transport ------------------------------------------------------------------------
 
