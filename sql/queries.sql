@@ -736,3 +736,52 @@ SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_d
 -- When each (domain, list) last ended ok.
 SELECT domain, list, max(finished_at) AS finished_at FROM mailgun.sync_runs WHERE status = 'ok'
 GROUP BY domain, list;
+
+-- name: retention_cutoff
+-- $1 days: rows older than this moment, by the database's clock, are past the retention.
+SELECT clock_timestamp() - make_interval(days => $1);
+
+-- name: try_lock_retention
+-- Session-level, in a key space of its own: one process prunes at a time, the others skip.
+SELECT pg_try_advisory_lock(hashtext('mailgun-sync:retention'), 0);
+
+-- name: unlock_retention
+SELECT pg_advisory_unlock(hashtext('mailgun-sync:retention'), 0);
+
+-- Every prune_* query deletes one batch of a table's rows past the retention, oldest first, and
+-- is run in a transaction of its own: $1 the cutoff, $2 and $3 the (time, id) the previous batch
+-- stopped at, $4 the batch size. It returns how many rows the batch found and deleted, and the
+-- (time, id) of its last row, where the next batch starts. Rows are found through an index on
+-- (time, id) and deleted by primary key, so a batch costs the same at the start of a table of
+-- millions as at its end.
+
+-- name: prune_changes
+WITH batch AS (
+    SELECT id, at FROM mailgun.changes
+    WHERE at < $1 AND (at, id) > ($2, $3)
+    ORDER BY at, id LIMIT $4
+), gone AS (
+    DELETE FROM mailgun.changes WHERE id = ANY (ARRAY(SELECT id FROM batch)) RETURNING 1
+), last AS (
+    SELECT at, id FROM batch ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM batch) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: prune_sync_runs
+-- The newest run of each (domain, list) and status stays whatever its age: `status` and the
+-- metrics read a list's last run, and its last `ok` one says when it last succeeded.
+WITH batch AS (
+    SELECT r.id, r.finished_at AS at FROM mailgun.sync_runs r
+    WHERE r.finished_at < $1 AND (r.finished_at, r.id) > ($2, $3)
+      AND EXISTS (SELECT 1 FROM mailgun.sync_runs newer
+                  WHERE newer.domain = r.domain AND newer.list = r.list AND newer.status = r.status
+                    AND newer.finished_at > r.finished_at)
+    ORDER BY r.finished_at, r.id LIMIT $4
+), gone AS (
+    DELETE FROM mailgun.sync_runs WHERE id = ANY (ARRAY(SELECT id FROM batch)) RETURNING 1
+), last AS (
+    SELECT at, id FROM batch ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM batch) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;

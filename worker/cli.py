@@ -35,7 +35,9 @@ from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
-from worker.settings import US_API_BASE, Settings, domain_names
+from worker.retention import prune
+from worker.retention import render as render_prune
+from worker.settings import US_API_BASE, Settings, domain_names, retention_days
 from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
@@ -64,6 +66,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="parallel keyset ranges for a large list (env SYNC_PULL_RANGES, default 16)")
     parser.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
                         help="largest share of a list a run may remove (env SYNC_MAX_DELETE_FRACTION, 0.1)")
+
+
+def _add_retention_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-days", dest="SYNC_RETENTION_DAYS", metavar="DAYS",
+                        help="days the change log and run records are kept, 0 for ever "
+                        "(env SYNC_RETENTION_DAYS, default 30)")
 
 
 def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scope_flags(daemon)
     daemon.add_argument("--interval", dest="SYNC_INTERVAL", metavar="SECONDS",
                         help="seconds between runs of each list (env SYNC_INTERVAL, default 900)")
+    _add_retention_flag(daemon)
     daemon.add_argument("--cron", dest="SYNC_CRON", metavar="EXPR",
                         help="a crontab schedule instead of the interval (env SYNC_CRON)")
     daemon.add_argument("--jitter", dest="SYNC_JITTER", metavar="SECONDS",
@@ -121,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+
+    prune = commands.add_parser(
+        "prune", help="delete change log and run records older than the retention, in small batches")
+    _add_retention_flag(prune)
+    prune.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                       help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+    prune.add_argument("--json", action="store_true", help="print one JSON object")
 
     migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
     migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
@@ -320,6 +336,20 @@ async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     return EXIT_OK
 
 
+async def prune_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    merged = {**env, **{k: v for k, v in _overrides(args).items() if v is not None}}
+    days = retention_days(merged)
+    url = merged.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    async with open_pool(url, max_size=1) as pool:
+        await require_schema(pool)
+        report = await prune(pool, days)
+    sys.stdout.write(orjson.dumps(report.as_json()).decode() + "\n" if args.json
+                     else render_prune(report))
+    return EXIT_OK
+
+
 async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     url = args.DATABASE_URL or env.get("DATABASE_URL")
     if not url:
@@ -394,6 +424,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await backfill_command(args, env)
         if args.command == "status":
             return await status_command(args, env)
+        if args.command == "prune":
+            return await prune_command(args, env)
         if args.command == "bench":
             from worker.benchmark.run import render, run_benchmark
 
