@@ -785,3 +785,45 @@ WITH batch AS (
 )
 SELECT (SELECT count(*) FROM batch) AS found, (SELECT count(*) FROM gone) AS removed,
        (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: bench_prune_fill_changes
+-- $1 old rows, $2 fresh rows: a change log as webhooks leave it, in time order with one change id
+-- each: $1 rows from 61 to 31 days old (past a 30-day retention), then $2 of the last 29 days.
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source, at)
+SELECT md5(i::text)::uuid, 'mg.bench.example', 'bounces', format('user%s@example.com', i), 'insert',
+       'bench', 'webhook',
+       CASE WHEN i < $1::bigint THEN now() - interval '61 days' + i * (interval '30 days' / greatest($1::bigint, 1))
+            ELSE now() - interval '29 days' + (i - $1::bigint) * (interval '29 days' / greatest($2::bigint, 1)) END
+FROM generate_series(0, $1::bigint + $2::bigint - 1) AS i;
+
+-- name: bench_prune_fill_runs
+-- $1 runs of 25 domains' 4 lists over the last 61 days, oldest first.
+INSERT INTO mailgun.sync_runs (run_id, domain, list, status, started_at, finished_at)
+SELECT md5('run' || i)::uuid, format('mg%s.bench.example', i % 25),
+       (ARRAY['bounces', 'unsubscribes', 'complaints', 'allowlist'])[1 + i / 25 % 4], 'ok', t.at, t.at
+FROM generate_series(0, $1::bigint - 1) AS i,
+     LATERAL (SELECT now() - interval '61 days' + i * (interval '61 days' / greatest($1::bigint, 1)) AS at) AS t;
+
+-- name: bench_prune_drop_indexes
+-- The retention migration's indexes, dropped so that the benchmark can time building them.
+DROP INDEX mailgun.changes_at, mailgun.sync_runs_finished;
+
+-- name: bench_prune_vacuum
+VACUUM ANALYZE mailgun.changes, mailgun.sync_runs;
+
+-- name: bench_checkpoint
+-- Written out before measuring, so that the fill's checkpoint does not land in the measurement
+-- (needs a superuser or pg_checkpoint; skipped without).
+CHECKPOINT;
+
+-- name: bench_prune_write
+-- $1 change id, $2 address: one webhook's change row, committed on its own.
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source)
+VALUES ($1, 'mg.bench.example', 'complaints', $2, 'insert', 'bench-writer', 'webhook');
+
+-- name: bench_prune_left
+-- $1 the retention's cutoff: what the benchmark's pruning left.
+SELECT count(*) FILTER (WHERE at < $1) AS old,
+       count(*) FILTER (WHERE at >= $1 AND detail = 'bench') AS fresh,
+       count(*) FILTER (WHERE detail = 'bench-writer') AS written
+FROM mailgun.changes;

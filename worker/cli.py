@@ -196,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: local or embedded)")
     bench_webhooks.add_argument("--json", action="store_true", help="print one JSON object")
 
+    bench_prune = commands.add_parser(
+        "bench-prune", help="measure pruning a large change log, and a writer's latency meanwhile")
+    bench_prune.add_argument("--old", type=int, default=5_000_000, metavar="N",
+                             help="change rows past the 30-day retention (default 5000000)")
+    bench_prune.add_argument("--fresh", type=int, metavar="N",
+                             help="change rows within it, kept (default a tenth of --old)")
+    bench_prune.add_argument("--runs", type=int, metavar="N",
+                             help="run records over 61 days (default a hundredth of --old)")
+    bench_prune.add_argument("--rate", type=float, default=200.0, metavar="R",
+                             help="the concurrent writer's inserts per second (default 200)")
+    bench_prune.add_argument("--baseline-seconds", type=float, default=10.0, metavar="S",
+                             help="how long the writer runs alone first (default 10)")
+    bench_prune.add_argument("--database-url", metavar="URL",
+                             help="a server to create the benchmark's own database on "
+                             "(default: local or embedded)")
+    bench_prune.add_argument("--json", action="store_true", help="print one JSON object")
+
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -445,6 +462,15 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                 database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
                              else render_webhooks(report))
+            return EXIT_OK if report["ok"] else EXIT_FAILED
+        if args.command == "bench-prune":
+            from worker.benchmark import prune as bench_prune
+
+            report = await bench_prune.run_benchmark(
+                old=args.old, fresh=args.fresh, runs=args.runs, rate=args.rate,
+                baseline_seconds=args.baseline_seconds, database_url=args.database_url)
+            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
+                             else bench_prune.render(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "soak":
             from worker.benchmark import soak as soaking
