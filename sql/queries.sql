@@ -750,40 +750,47 @@ SELECT pg_advisory_unlock(hashtext('mailgun-sync:retention'), 0);
 
 -- Every prune_* query deletes one batch of a table's rows past the retention, oldest first, and
 -- is run in a transaction of its own: $1 the cutoff, $2 and $3 the (time, id) the previous batch
--- stopped at, $4 the batch size. It returns how many rows the batch found and deleted, and the
--- (time, id) of its last row, where the next batch starts. Rows are found through an index on
+-- stopped at, $4 the batch size. It returns how many rows past the cutoff the batch looked at
+-- (fewer than $4: the last batch) and how many it deleted, and the (time, id) of the last row it
+-- looked at, where the next batch starts. Rows are found through an index on
 -- (time, id) and deleted by primary key, so a batch costs the same at the start of a table of
 -- millions as at its end.
 
 -- name: prune_changes
-WITH batch AS (
+WITH candidates AS (
     SELECT id, at FROM mailgun.changes
     WHERE at < $1 AND (at, id) > ($2, $3)
     ORDER BY at, id LIMIT $4
 ), gone AS (
-    DELETE FROM mailgun.changes WHERE id = ANY (ARRAY(SELECT id FROM batch)) RETURNING 1
+    DELETE FROM mailgun.changes WHERE id = ANY (ARRAY(SELECT id FROM candidates)) RETURNING 1
 ), last AS (
-    SELECT at, id FROM batch ORDER BY at DESC, id DESC LIMIT 1
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
 )
-SELECT (SELECT count(*) FROM batch) AS found, (SELECT count(*) FROM gone) AS removed,
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
        (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
 
 -- name: prune_sync_runs
 -- The newest run of each (domain, list) and status stays whatever its age: `status` and the
--- metrics read a list's last run, and its last `ok` one says when it last succeeded.
-WITH batch AS (
-    SELECT r.id, r.finished_at AS at FROM mailgun.sync_runs r
-    WHERE r.finished_at < $1 AND (r.finished_at, r.id) > ($2, $3)
-      AND EXISTS (SELECT 1 FROM mailgun.sync_runs newer
-                  WHERE newer.domain = r.domain AND newer.list = r.list AND newer.status = r.status
-                    AND newer.finished_at > r.finished_at)
-    ORDER BY r.finished_at, r.id LIMIT $4
+-- metrics read a list's last run, and its last `ok` one says when it last succeeded. That newest
+-- time is looked up once per (domain, list, status) of the batch, not once per row.
+WITH candidates AS (
+    SELECT id, finished_at AS at, domain, list, status FROM mailgun.sync_runs
+    WHERE finished_at < $1 AND (finished_at, id) > ($2, $3)
+    ORDER BY finished_at, id LIMIT $4
+), newest AS MATERIALIZED (
+    SELECT g.domain, g.list, g.status,
+           (SELECT max(n.finished_at) FROM mailgun.sync_runs n
+            WHERE n.domain = g.domain AND n.list = g.list AND n.status = g.status) AS at
+    FROM (SELECT DISTINCT domain, list, status FROM candidates) AS g
 ), gone AS (
-    DELETE FROM mailgun.sync_runs WHERE id = ANY (ARRAY(SELECT id FROM batch)) RETURNING 1
+    DELETE FROM mailgun.sync_runs
+    WHERE id = ANY (ARRAY(SELECT c.id FROM candidates c JOIN newest n USING (domain, list, status)
+                          WHERE c.at < n.at))
+    RETURNING 1
 ), last AS (
-    SELECT at, id FROM batch ORDER BY at DESC, id DESC LIMIT 1
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
 )
-SELECT (SELECT count(*) FROM batch) AS found, (SELECT count(*) FROM gone) AS removed,
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
        (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
 
 -- name: bench_prune_fill_changes
@@ -806,7 +813,7 @@ FROM generate_series(0, $1::bigint - 1) AS i,
 
 -- name: bench_prune_drop_indexes
 -- The retention migration's indexes, dropped so that the benchmark can time building them.
-DROP INDEX mailgun.changes_at, mailgun.sync_runs_finished;
+DROP INDEX mailgun.changes_at, mailgun.sync_runs_finished, mailgun.sync_runs_latest_by_status;
 
 -- name: bench_prune_vacuum
 VACUUM ANALYZE mailgun.changes, mailgun.sync_runs;

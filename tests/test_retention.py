@@ -20,7 +20,7 @@ from worker.domains import DomainPlan
 from worker.lifespan import Resources
 from worker.metrics import Metrics
 from worker.records import SuppressionList
-from worker.retention import prune
+from worker.retention import BATCH_ROWS, prune
 from worker.settings import Settings
 
 BOUNCES = SuppressionList.BOUNCES
@@ -71,15 +71,18 @@ async def test_pruning_removes_only_rows_older_than_the_retention(pool):
     assert report.rows == 7 and not report.skipped
 
 
-async def test_the_latest_run_of_each_list_and_status_is_kept_whatever_its_age(pool, invoke, database_url):
+@pytest.mark.parametrize("batch_rows", [BATCH_ROWS, 2])
+async def test_the_latest_run_of_each_list_and_status_is_kept_whatever_its_age(
+        pool, invoke, database_url, batch_rows):
     await add_run(pool, days_old=100, status="ok")
     last_ok = await add_run(pool, days_old=90, status="ok")
-    last_failed = await add_run(pool, days_old=80, status="failed")
+    last_failed = await add_run(pool, days_old=45, status="failed")
     await add_run(pool, days_old=95, status="ok", kind="complaints")
     only_complaints = await add_run(pool, days_old=70, status="ok", kind="complaints")
     other_domain = await add_run(pool, days_old=60, status="guarded", domain="mg.other.example")
+    await add_run(pool, days_old=50, status="failed")
 
-    await prune(pool, 30)
+    await prune(pool, 30, batch_rows=batch_rows)
 
     assert await run_ids(pool) == {last_ok, last_failed, only_complaints, other_domain}
     shown = await invoke("status", "--json", env={"DATABASE_URL": database_url})

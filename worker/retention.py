@@ -28,8 +28,9 @@ log = get_logger(__name__)
 
 BATCH_ROWS = 10_000
 
-# The tables pruned, oldest first, each by its named query in sql/queries.sql (all of one shape:
-# see the comment above `prune_changes`).
+# The tables pruned, each by its named query in sql/queries.sql. The queries share one shape (see
+# the comment above `prune_changes`): a table joins with one such query, an index on its
+# (time, id) and one entry here.
 PRUNED_TABLES = (("changes", "prune_changes"), ("sync_runs", "prune_sync_runs"))
 
 # Where the first batch of a table starts: before any row.

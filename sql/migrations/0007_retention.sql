@@ -9,3 +9,5 @@
 -- (at, id)): this migration then leaves it as it is.
 CREATE INDEX IF NOT EXISTS changes_at ON mailgun.changes (at, id);
 CREATE INDEX IF NOT EXISTS sync_runs_finished ON mailgun.sync_runs (finished_at, id);
+-- The newest run of each (domain, list) and status, which pruning keeps, in one index lookup.
+CREATE INDEX IF NOT EXISTS sync_runs_latest_by_status ON mailgun.sync_runs (domain, list, status, finished_at);
