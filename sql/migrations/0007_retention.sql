@@ -4,7 +4,7 @@
 -- what is kept.
 --
 -- Building changes_at on an existing change log holds writes to it (webhooks, runs) for as long
--- as the build takes (8 s for 5.5 million rows on the benchmark machine). On a far larger log,
+-- as the build takes (5 to 8 s for 5.5 million rows on the benchmark machine). On a far larger log,
 -- build it first without that lock (CREATE INDEX CONCURRENTLY changes_at ON mailgun.changes
 -- (at, id)): this migration then leaves it as it is.
 CREATE INDEX IF NOT EXISTS changes_at ON mailgun.changes (at, id);
