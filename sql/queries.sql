@@ -736,3 +736,101 @@ SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_d
 -- When each (domain, list) last ended ok.
 SELECT domain, list, max(finished_at) AS finished_at FROM mailgun.sync_runs WHERE status = 'ok'
 GROUP BY domain, list;
+
+-- name: retention_cutoff
+-- $1 days: rows older than this moment, by the database's clock, are past the retention.
+SELECT clock_timestamp() - make_interval(days => $1);
+
+-- name: try_lock_retention
+-- Session-level, in a key space of its own: one process prunes at a time, the others skip.
+SELECT pg_try_advisory_lock(hashtext('mailgun-sync:retention'), 0);
+
+-- name: unlock_retention
+SELECT pg_advisory_unlock(hashtext('mailgun-sync:retention'), 0);
+
+-- Every prune_* query deletes one batch of a table's rows past the retention, oldest first, and
+-- is run in a transaction of its own: $1 the cutoff, $2 and $3 the (time, id) the previous batch
+-- stopped at, $4 the batch size. It returns how many rows past the cutoff the batch looked at
+-- (fewer than $4: the last batch) and how many it deleted, and the (time, id) of the last row it
+-- looked at, where the next batch starts. Rows are found through an index on
+-- (time, id) and deleted by primary key, so a batch costs the same at the start of a table of
+-- millions as at its end.
+
+-- name: prune_changes
+WITH candidates AS (
+    SELECT id, at FROM mailgun.changes
+    WHERE at < $1 AND (at, id) > ($2, $3)
+    ORDER BY at, id LIMIT $4
+), gone AS (
+    DELETE FROM mailgun.changes WHERE id = ANY (ARRAY(SELECT id FROM candidates)) RETURNING 1
+), last AS (
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: prune_sync_runs
+-- The newest run of each (domain, list) and status stays whatever its age: `status` and the
+-- metrics read a list's last run, and its last `ok` one says when it last succeeded. That newest
+-- time is looked up once per (domain, list, status) of the batch, not once per row.
+WITH candidates AS (
+    SELECT id, finished_at AS at, domain, list, status FROM mailgun.sync_runs
+    WHERE finished_at < $1 AND (finished_at, id) > ($2, $3)
+    ORDER BY finished_at, id LIMIT $4
+), newest AS MATERIALIZED (
+    SELECT g.domain, g.list, g.status,
+           (SELECT max(n.finished_at) FROM mailgun.sync_runs n
+            WHERE n.domain = g.domain AND n.list = g.list AND n.status = g.status) AS at
+    FROM (SELECT DISTINCT domain, list, status FROM candidates) AS g
+), gone AS (
+    DELETE FROM mailgun.sync_runs
+    WHERE id = ANY (ARRAY(SELECT c.id FROM candidates c JOIN newest n USING (domain, list, status)
+                          WHERE c.at < n.at))
+    RETURNING 1
+), last AS (
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: bench_prune_fill_changes
+-- $1 old rows, $2 fresh rows: a change log as webhooks leave it, in time order with one change id
+-- each: $1 rows from 61 to 31 days old (past a 30-day retention), then $2 of the last 29 days.
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source, at)
+SELECT md5(i::text)::uuid, 'mg.bench.example', 'bounces', format('user%s@example.com', i), 'insert',
+       'bench', 'webhook',
+       CASE WHEN i < $1::bigint THEN now() - interval '61 days' + i * (interval '30 days' / greatest($1::bigint, 1))
+            ELSE now() - interval '29 days' + (i - $1::bigint) * (interval '29 days' / greatest($2::bigint, 1)) END
+FROM generate_series(0, $1::bigint + $2::bigint - 1) AS i;
+
+-- name: bench_prune_fill_runs
+-- $1 runs of 25 domains' 4 lists over the last 61 days, oldest first.
+INSERT INTO mailgun.sync_runs (run_id, domain, list, status, started_at, finished_at)
+SELECT md5('run' || i)::uuid, format('mg%s.bench.example', i % 25),
+       (ARRAY['bounces', 'unsubscribes', 'complaints', 'allowlist'])[1 + i / 25 % 4], 'ok', t.at, t.at
+FROM generate_series(0, $1::bigint - 1) AS i,
+     LATERAL (SELECT now() - interval '61 days' + i * (interval '61 days' / greatest($1::bigint, 1)) AS at) AS t;
+
+-- name: bench_prune_drop_indexes
+-- The retention migration's indexes, dropped so that the benchmark can time building them.
+DROP INDEX mailgun.changes_at, mailgun.sync_runs_finished, mailgun.sync_runs_latest_by_status;
+
+-- name: bench_prune_vacuum
+VACUUM ANALYZE mailgun.changes, mailgun.sync_runs;
+
+-- name: bench_checkpoint
+-- Written out before measuring, so that the fill's checkpoint does not land in the measurement
+-- (needs a superuser or pg_checkpoint; skipped without).
+CHECKPOINT;
+
+-- name: bench_prune_write
+-- $1 change id, $2 address: one webhook's change row, committed on its own.
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source)
+VALUES ($1, 'mg.bench.example', 'complaints', $2, 'insert', 'bench-writer', 'webhook');
+
+-- name: bench_prune_left
+-- $1 the retention's cutoff: what the benchmark's pruning left.
+SELECT count(*) FILTER (WHERE at < $1) AS old,
+       count(*) FILTER (WHERE at >= $1 AND detail = 'bench') AS fresh,
+       count(*) FILTER (WHERE detail = 'bench-writer') AS written
+FROM mailgun.changes;

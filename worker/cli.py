@@ -35,7 +35,9 @@ from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
-from worker.settings import US_API_BASE, Settings, domain_names
+from worker.retention import prune
+from worker.retention import render as render_prune
+from worker.settings import US_API_BASE, Settings, domain_names, retention_days
 from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
@@ -64,6 +66,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="parallel keyset ranges for a large list (env SYNC_PULL_RANGES, default 16)")
     parser.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
                         help="largest share of a list a run may remove (env SYNC_MAX_DELETE_FRACTION, 0.1)")
+
+
+def _add_retention_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-days", dest="SYNC_RETENTION_DAYS", metavar="DAYS",
+                        help="days the change log and run records are kept, 0 for ever "
+                        "(env SYNC_RETENTION_DAYS, default 30)")
 
 
 def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scope_flags(daemon)
     daemon.add_argument("--interval", dest="SYNC_INTERVAL", metavar="SECONDS",
                         help="seconds between runs of each list (env SYNC_INTERVAL, default 900)")
+    _add_retention_flag(daemon)
     daemon.add_argument("--cron", dest="SYNC_CRON", metavar="EXPR",
                         help="a crontab schedule instead of the interval (env SYNC_CRON)")
     daemon.add_argument("--jitter", dest="SYNC_JITTER", metavar="SECONDS",
@@ -121,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+
+    prune = commands.add_parser(
+        "prune", help="delete change log and run records older than the retention, in small batches")
+    _add_retention_flag(prune)
+    prune.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                       help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+    prune.add_argument("--json", action="store_true", help="print one JSON object")
 
     migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
     migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
@@ -179,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="a server to create the benchmark's own database on "
                                 "(default: local or embedded)")
     bench_webhooks.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench_prune = commands.add_parser(
+        "bench-prune", help="measure pruning a large change log, and a writer's latency meanwhile")
+    bench_prune.add_argument("--old", type=int, default=5_000_000, metavar="N",
+                             help="change rows past the 30-day retention (default 5000000)")
+    bench_prune.add_argument("--fresh", type=int, metavar="N",
+                             help="change rows within it, kept (default a tenth of --old)")
+    bench_prune.add_argument("--runs", type=int, metavar="N",
+                             help="run records over 61 days (default a hundredth of --old)")
+    bench_prune.add_argument("--rate", type=float, default=200.0, metavar="R",
+                             help="the concurrent writer's inserts per second (default 200)")
+    bench_prune.add_argument("--baseline-seconds", type=float, default=10.0, metavar="S",
+                             help="how long the writer runs alone first (default 10)")
+    bench_prune.add_argument("--database-url", metavar="URL",
+                             help="a server to create the benchmark's own database on "
+                             "(default: local or embedded)")
+    bench_prune.add_argument("--json", action="store_true", help="print one JSON object")
 
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
@@ -320,6 +353,20 @@ async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     return EXIT_OK
 
 
+async def prune_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    merged = {**env, **{k: v for k, v in _overrides(args).items() if v is not None}}
+    days = retention_days(merged)
+    url = merged.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    async with open_pool(url, max_size=1) as pool:
+        await require_schema(pool)
+        report = await prune(pool, days)
+    sys.stdout.write(orjson.dumps(report.as_json()).decode() + "\n" if args.json
+                     else render_prune(report))
+    return EXIT_OK
+
+
 async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     url = args.DATABASE_URL or env.get("DATABASE_URL")
     if not url:
@@ -394,6 +441,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await backfill_command(args, env)
         if args.command == "status":
             return await status_command(args, env)
+        if args.command == "prune":
+            return await prune_command(args, env)
         if args.command == "bench":
             from worker.benchmark.run import render, run_benchmark
 
@@ -413,6 +462,15 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                 database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
                              else render_webhooks(report))
+            return EXIT_OK if report["ok"] else EXIT_FAILED
+        if args.command == "bench-prune":
+            from worker.benchmark import prune as bench_prune
+
+            report = await bench_prune.run_benchmark(
+                old=args.old, fresh=args.fresh, runs=args.runs, rate=args.rate,
+                baseline_seconds=args.baseline_seconds, database_url=args.database_url)
+            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
+                             else bench_prune.render(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "soak":
             from worker.benchmark import soak as soaking

@@ -33,6 +33,7 @@ from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
+from worker.retention import prune
 from worker.settings import Settings
 from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter
@@ -59,6 +60,11 @@ def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTri
 Planner = Callable[[], Awaitable[Planned]]
 DISCOVERY_REFRESH = 3600.0
 _REFRESH_JOB = "refresh-domains"
+# Rows past SYNC_RETENTION_DAYS are pruned this often; a replica that finds another one pruning
+# skips its turn.
+PRUNE_INTERVAL = 3600.0
+_PRUNE_JOB = "prune-retention"
+_HOUSEKEEPING_JOBS = (_REFRESH_JOB, _PRUNE_JOB)
 
 
 def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
@@ -96,6 +102,13 @@ class Daemon:
         self._scheduler.add_job(
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
             id=_REFRESH_JOB, name="refresh the domains to sync")
+        if self._settings.retention_days > 0:
+            # Spread over the first minutes, so replicas started together do not race for the lock.
+            first = datetime.now(UTC) + timedelta(
+                seconds=random.uniform(0, min(self._settings.sync_jitter, 300.0)))
+            self._scheduler.add_job(
+                self.prune, IntervalTrigger(seconds=PRUNE_INTERVAL, timezone=UTC), id=_PRUNE_JOB,
+                name="prune past the retention", next_run_time=first)
         self._scheduler.start()
         self._started = True
         if self._settings.failures_before_unready is not None:
@@ -118,7 +131,7 @@ class Daemon:
         if planned.stale:
             planned_names = {plan.name for plan in plans}
             kept = [job.args[0] for job in self._scheduler.get_jobs()
-                    if job.id != _REFRESH_JOB and job.args[0].discovered
+                    if job.id not in _HOUSEKEEPING_JOBS and job.args[0].discovered
                     and job.args[0].api_base in planned.stale and job.args[0].name not in planned_names]
             plans.extend({plan.name: plan for plan in kept}.values())
             if kept:
@@ -131,7 +144,7 @@ class Daemon:
         triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
         wanted = {f"{plan.name}/{kind.value}": (plan, kind) for plan in plans for kind in plan.lists}
         for job in self._scheduler.get_jobs():
-            if job.id == _REFRESH_JOB or (job.id in wanted and job.args[0] == wanted[job.id][0]):
+            if job.id in _HOUSEKEEPING_JOBS or (job.id in wanted and job.args[0] == wanted[job.id][0]):
                 continue
             job.remove()
             if job.id not in wanted:
@@ -207,7 +220,7 @@ class Daemon:
     def _on_skipped(self, event: JobEvent) -> None:
         """A run not started: the list's previous run was still going, or it was due too long ago."""
         job = self._scheduler.get_job(event.job_id)
-        if job is None or job.id == _REFRESH_JOB:
+        if job is None or job.id in _HOUSEKEEPING_JOBS:
             return
         plan, kind = job.args
         reason = "still_running" if event.code == EVENT_JOB_MAX_INSTANCES else "missed"
@@ -223,6 +236,23 @@ class Daemon:
                     row["finished_at"].timestamp())
         except SyncError as exc:
             log.warning("last_success_not_read", error=str(exc))
+
+    async def prune(self) -> None:
+        """Delete the change log and run records past the retention (worker/retention.py)."""
+        if self._stopping:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        try:
+            report = await prune(self._resources.pool, self._settings.retention_days)
+            self._metrics.observe_prune(report)
+        except SyncError as exc:  # try again at the next turn
+            log.error("retention_prune_failed", error=str(exc))
+        except Exception:  # the daemon outlives a broken prune, like a broken run
+            log.exception("retention_prune_crashed")
+        finally:
+            self._running.discard(task)
 
     async def readiness(self) -> str | None:
         """Why this process cannot serve, or None when it can: it has planned its domains and

@@ -9,6 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from worker.reconcile import ListResult
+from worker.retention import PruneReport
 
 # Run durations range from a second (a small list) to many minutes (millions of records).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -65,6 +66,9 @@ class Metrics:
         self.webhooks = Counter(
             "mailgun_sync_webhooks", "Webhook deliveries, by event and outcome.",
             ["event", "outcome"], registry=self.registry)
+        self.pruned = Counter(
+            "mailgun_sync_pruned_rows", "Rows deleted past SYNC_RETENTION_DAYS, by table.",
+            ["table"], registry=self.registry)
 
     def observe_run(self, result: ListResult, seconds: float) -> None:
         labels = {"domain": result.domain, "list": result.list}
@@ -88,6 +92,10 @@ class Metrics:
 
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()
+
+    def observe_prune(self, report: PruneReport) -> None:
+        for table in report.tables:
+            self.pruned.labels(table=table.table).inc(table.rows)
 
     def observe_pending(self, domain: str, kind: str, rows: int) -> None:
         self.pending.labels(domain=domain, list=kind).set(rows)

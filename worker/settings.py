@@ -25,7 +25,7 @@ ENVIRONMENT = (
     "MAILGUN_API_KEY", "MAILGUN_API_BASE", "MAILGUN_DOMAINS", "DATABASE_URL", "MAILGUN_MAX_ATTEMPTS",
     "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
-    "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE",
+    "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE", "SYNC_RETENTION_DAYS",
 )
 
 
@@ -95,6 +95,13 @@ def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], defau
     return value
 
 
+def retention_days(env: Mapping[str, str]) -> int:
+    """SYNC_RETENTION_DAYS: how long the change log and run records are kept; 0 keeps them forever.
+    Read on its own too: `prune` needs the database, not Mailgun."""
+    return _parse(env, "SYNC_RETENTION_DAYS", int, 30, lambda v: 0 <= v <= 36500,
+                  "a whole number of days from 0 (keep forever) to 36500")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     api_key: str = field(repr=False)
@@ -121,6 +128,8 @@ class Settings:
     # original timestamp, so the window is a day by default.
     webhook_signing_key: str | None = field(default=None, repr=False)
     webhook_max_age: float = 86400.0
+    # Change log and run records older than this are pruned (worker/retention.py); 0: never.
+    retention_days: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -171,4 +180,5 @@ class Settings:
             webhook_max_age=_parse(merged, "WEBHOOK_MAX_AGE", float, 86400.0,
                                    lambda v: math.isfinite(v) and 60 <= v <= 30 * 86400,
                                    "a number of seconds from 60 to 2592000"),
+            retention_days=retention_days(merged),
         )
