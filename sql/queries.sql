@@ -413,9 +413,11 @@ FROM staged;
 -- name: backfill_overtaken
 -- $1 domain, $2 list, $3 when the backfill started: has a run applied a complete pull of the list
 -- (and so removed what Mailgun no longer had), or has a removal been carried out at Mailgun, since?
--- Then its saved pages may hold records deleted meanwhile. A guarded run removed nothing.
+-- Then its saved pages may hold records deleted meanwhile. A guarded run removed nothing. Pages
+-- older than the carried-out removals are kept (30 days) cannot be checked, and are read again.
 SELECT EXISTS (SELECT 1 FROM mailgun.sync_runs WHERE domain = $1 AND list = $2 AND NOT dry_run
                                                  AND (status = 'ok' OR removed > 0) AND finished_at > $3)
+    OR $3 < now() - interval '30 days'
     OR EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 AND done_at > $3);
 
 -- name: backfill_clear
@@ -763,6 +765,22 @@ WITH candidates AS (
     ORDER BY at, id LIMIT $4
 ), gone AS (
     DELETE FROM mailgun.changes WHERE id = ANY (ARRAY(SELECT id FROM candidates)) RETURNING 1
+), last AS (
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: prune_done_removals
+-- Removals carried out at Mailgun, kept to judge late webhooks and leftover spellings: never before
+-- the longest WEBHOOK_MAX_AGE (30 days) has passed, or a webhook about an older event, delivered
+-- late, could bring the address back.
+WITH candidates AS (
+    SELECT id, done_at AS at FROM mailgun.removals
+    WHERE done_at < least($1, now() - interval '30 days') AND (done_at, id) > ($2, $3)
+    ORDER BY done_at, id LIMIT $4
+), gone AS (
+    DELETE FROM mailgun.removals WHERE id = ANY (ARRAY(SELECT id FROM candidates)) RETURNING 1
 ), last AS (
     SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
 )

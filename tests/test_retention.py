@@ -67,7 +67,7 @@ async def test_pruning_removes_only_rows_older_than_the_retention(pool):
     assert await change_ages(pool) == [29, 29, 29]
     assert await run_ids(pool) == {recent}
     assert superseded not in await run_ids(pool)
-    assert {(t.table, t.rows) for t in report.tables} == {("changes", 5), ("sync_runs", 2)}
+    assert {(t.table, t.rows) for t in report.tables} == {("changes", 5), ("sync_runs", 2), ("removals", 0)}
     assert report.rows == 7 and not report.skipped
 
 
@@ -98,7 +98,7 @@ async def test_a_table_larger_than_one_batch_is_pruned_completely_batch_by_batch
 
     report = await prune(pool, 30, batch_rows=100)
 
-    changes, runs = report.tables
+    changes, runs, _ = report.tables
     assert (changes.table, changes.rows, changes.batches) == ("changes", 1_050, 11)
     assert (runs.table, runs.rows, runs.batches) == ("sync_runs", 24, 1)
     assert await change_ages(pool) == [1] * 20
@@ -113,7 +113,7 @@ async def test_a_second_pass_finds_nothing_left(pool):
     again = await prune(pool, 30, batch_rows=100)
 
     assert again.rows == 0
-    assert [t.batches for t in again.tables] == [1, 1]
+    assert [t.batches for t in again.tables] == [1, 1, 1]
 
 
 async def test_retention_zero_keeps_everything(pool):
@@ -276,7 +276,8 @@ async def test_prune_command_json_names_each_table(pool, invoke, database_url):
     assert done.code == 0, done.err
     report = done.report()
     assert (report["retention_days"], report["rows"], report["skipped"]) == (30, 4, False)
-    assert [(t["table"], t["rows"]) for t in report["tables"]] == [("changes", 4), ("sync_runs", 0)]
+    assert [(t["table"], t["rows"]) for t in report["tables"]] == [
+        ("changes", 4), ("sync_runs", 0), ("removals", 0)]
 
 
 async def test_prune_command_with_retention_zero_prunes_nothing_and_says_so(pool, invoke, database_url):
@@ -317,3 +318,21 @@ async def test_prune_command_without_a_database_url_names_it(invoke):
 
     assert done.code == 2
     assert done.err.startswith("mailgun-sync: DATABASE_URL: ")
+
+
+async def test_removals_carried_out_are_pruned_with_the_history_but_never_before_30_days(pool):
+    async def removal(address: str, done_days_ago: int | None) -> None:
+        await pool.execute(
+            "INSERT INTO mailgun.removals (domain, list, address, removed_at, sent_at, done_at)"
+            " VALUES ($1, 'bounces', $2, now() - make_interval(days => $3), now(),"
+            " now() - make_interval(days => $4))", DOMAIN, address, (done_days_ago or 0) + 1, done_days_ago)
+
+    await removal("old@example.com", 40)
+    await removal("recent@example.com", 10)  # past a 1-day retention, but a late webhook may still come
+    await removal("queued@example.com", None)  # not carried out yet
+
+    report = await prune(pool, 1)
+
+    assert {t.table: t.rows for t in report.tables}["removals"] == 1
+    left = {r["address"] for r in await pool.fetch("SELECT address FROM mailgun.removals")}
+    assert left == {"recent@example.com", "queued@example.com"}

@@ -10,4 +10,6 @@
 CREATE INDEX IF NOT EXISTS changes_at ON mailgun.changes (at, id);
 CREATE INDEX IF NOT EXISTS sync_runs_finished ON mailgun.sync_runs (finished_at, id);
 -- The newest run of each (domain, list) and status, which pruning keeps, in one index lookup.
+-- Removals carried out at Mailgun (kept at least 30 days, see prune_done_removals).
+CREATE INDEX IF NOT EXISTS removals_done ON mailgun.removals (done_at, id) WHERE done_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sync_runs_latest_by_status ON mailgun.sync_runs (domain, list, status, finished_at);
