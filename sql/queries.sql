@@ -6,6 +6,11 @@
 --   {r_cols}/{m_cols} the same columns of `r` (remote) and `m` (mirror), {set_cols} `col = r.col, ...`,
 --   {address}/{address_key} the mirror's address column and its key (the allowlist's `value`).
 -- Values are always $n parameters. Every query about one list takes $1 = domain.
+--
+-- A key computed here, lower(address COLLATE "C"), carries the collation "C"; compared with a
+-- stored key it is cast back (COLLATE "default"), the stored keys' own, or their indexes go unused.
+-- Unsubscribe tags are sorted COLLATE "C" (code-point order, as the worker sorts Mailgun's), so
+-- that two arrays of one set are equal whatever the database's default collation.
 
 -- name: create_migrations_table
 CREATE SCHEMA IF NOT EXISTS mailgun;
@@ -43,10 +48,12 @@ SELECT set_config('mailgun_sync.writer', 'worker', true);
 -- name: create_staging
 -- Session-private tables for one reconcile: `staging` takes the pull as it arrives (the key is
 -- lower(address), computed by the worker where it can be, else NULL; created_at is text, cast
--- once later); `diff` holds only the rows that need an action.
+-- once later; `skipped` marks a record Mailgun has that the mirror cannot hold, staged by its
+-- address only so that the mirror's row of that address is left alone); `diff` holds only the
+-- rows that need an action.
 DROP TABLE IF EXISTS pg_temp.staging, pg_temp.staging_unique, pg_temp.diff;
 CREATE TEMP TABLE staging (key text, address text NOT NULL, code text, error text, created_at text,
-                           tags text[]);
+                           tags text[], skipped boolean NOT NULL);
 CREATE TEMP TABLE diff (key text NOT NULL, action text NOT NULL, address text, code text, error text,
                         created_at timestamptz, tags text[]);
 
@@ -61,12 +68,12 @@ SELECT EXISTS (SELECT 1 FROM staging GROUP BY coalesce(key, lower(address COLLAT
 -- One row per address, every key filled in: the latest record wins; repeated unsubscribes (the
 -- legacy API lists one row per tag) join their tags.
 CREATE TEMP TABLE staging_unique AS
-SELECT DISTINCT ON (k) k AS key, address, code, error, created_at, tags
+SELECT DISTINCT ON (k) k AS key, address, code, error, created_at, tags, skipped
 FROM (SELECT coalesce(key, lower(address COLLATE "C")) AS k, * FROM staging) AS s
 ORDER BY k, created_at::timestamptz DESC NULLS LAST;
 UPDATE staging_unique u SET tags = merged.tags
 FROM (
-    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag ORDER BY tag) AS tags
+    SELECT coalesce(key, lower(address COLLATE "C")) AS key, array_agg(DISTINCT tag COLLATE "C" ORDER BY tag COLLATE "C") AS tags
     FROM staging CROSS JOIN LATERAL unnest(tags) AS tag
     GROUP BY 1 HAVING count(*) > 1
 ) AS merged
@@ -97,17 +104,30 @@ SET work_mem = '256MB';
 --   remove  a synced row Mailgun no longer has (same age rule)
 --   adopt   a pending or rejected row Mailgun has: it becomes synced with Mailgun's data
 --   push    a pending row Mailgun does not have
+--   requeue a record the application removed, still at Mailgun after the removal was carried out
+-- A skipped record (Mailgun has it, the mirror cannot hold it) asks for nothing: its address is
+-- not gone from Mailgun, and its data cannot be taken.
 INSERT INTO diff
 SELECT DISTINCT ON (key) * FROM (
     SELECT coalesce(r.key, m.key) AS key,
            CASE
+               WHEN r.skipped THEN NULL
                WHEN m.key IS NULL THEN
-                   -- A record the application removed locally, whose deletion at Mailgun is still
-                   -- queued, is not brought back.
-                   CASE WHEN NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = $1
-                                         AND x.list = '{list}' AND x.address_key = r.key
-                                         AND x.tag = '')
-                        THEN 'insert' END
+                   -- A record the application removed locally is not brought back: not while its
+                   -- deletion at Mailgun is queued, nor when Mailgun still lists a record older
+                   -- than the removal after the removal was carried out (another spelling of the
+                   -- address, say): that one is queued for deletion in turn. A record of the same
+                   -- second as the removal may be newer, and is kept.
+                   CASE (SELECT CASE WHEN x.done_at IS NULL THEN 'queued'
+                                     WHEN r.created_at < date_trunc('second', x.removed_at) THEN 'requeue'
+                                END
+                         FROM mailgun.removals x WHERE x.domain = $1 AND x.list = '{list}'
+                                                   AND x.address_key = r.key COLLATE "default"
+                                                   AND x.tag = '')
+                       WHEN 'queued' THEN NULL
+                       WHEN 'requeue' THEN 'requeue'
+                       ELSE 'insert'
+                   END
                WHEN r.key IS NULL THEN
                    CASE WHEN m.sync_state = 'synced' AND m.synced_at < $2 THEN 'remove'
                         WHEN m.sync_state = 'pending' THEN 'push' END
@@ -119,7 +139,7 @@ SELECT DISTINCT ON (key) * FROM (
     FROM (
         SELECT coalesce(key, lower(address COLLATE "C")) AS key, address, coalesce(code, '550') AS code,
                coalesce(error, '') AS error, coalesce(created_at::timestamptz, now()) AS created_at,
-               coalesce(tags, '{*}') AS tags
+               coalesce(tags, '{*}') AS tags, skipped
         FROM staging
     ) AS r
     FULL JOIN (
@@ -142,7 +162,8 @@ SELECT count(*) FILTER (WHERE action = 'insert') AS inserts,
        count(*) FILTER (WHERE action = 'remove') AS removals,
        (SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced') AS synced_rows,
        count(*) FILTER (WHERE action = 'adopt') AS adoptions,
-       count(*) FILTER (WHERE action = 'push') AS pushes
+       count(*) FILTER (WHERE action = 'push') AS pushes,
+       count(*) FILTER (WHERE action = 'requeue') AS requeues
 FROM diff;
 
 -- name: tag_pushes
@@ -177,7 +198,7 @@ WITH adopted AS (
     UPDATE {table} m
     SET address = r.address,
         tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
         sync_state = CASE WHEN m.sync_state = 'rejected' OR r.tags @> m.tags THEN 'synced'
                           ELSE 'pending' END::mailgun.sync_state,
@@ -228,6 +249,14 @@ WITH inserted AS (
 )
 SELECT count(*) FROM logged;
 
+-- name: requeue_removals
+-- $1 domain. Removals carried out whose record Mailgun still lists (see build_diff) are queued
+-- again under the spelling Mailgun lists, for the next run to send.
+UPDATE mailgun.removals x SET address = r.address, sent_at = NULL, done_at = NULL, last_error = NULL
+FROM diff r
+WHERE r.action = 'requeue' AND x.domain = $1 AND x.list = '{list}' AND x.address_key = r.key
+  AND x.tag = '' AND x.done_at IS NOT NULL;
+
 -- name: remove_vanished
 -- $1 domain, $2 run id, $3 when the pull started. Only ever run after a complete pull.
 WITH removed AS (
@@ -254,6 +283,18 @@ WHERE domain = $1 AND sync_state = 'pending' AND {address_key} > $2 AND updated_
 ORDER BY {address_key}
 LIMIT $3;
 
+-- name: mark_sending
+-- $1 domain, $2 addresses, $3 versions: pending rows about to be sent, written down before the
+-- request leaves (Mailgun may hold them from then on, answered or not), so that an application's
+-- DELETE meanwhile is carried out at Mailgun. Only rows unchanged since they were read are sent;
+-- each is returned with its new version.
+UPDATE {table} m SET sent_at = clock_timestamp()
+FROM unnest($2::text[], $3::text[]) AS p(address, version)
+WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") COLLATE "default"
+  AND m.{address} = p.address
+  AND m.xmin::text = p.version AND m.sync_state = 'pending'
+RETURNING m.{address} AS address, m.xmin::text AS version;
+
 -- name: mark_pushed
 -- $1 domain, $2 run id, $3 addresses, $4 versions: rows Mailgun confirmed with a 2xx. Mailgun keeps
 -- whole seconds, so the row does too, or the next pull would see a changed record.
@@ -262,7 +303,8 @@ WITH pushed AS (
     SET sync_state = 'synced', sync_error = NULL, synced_at = now(),
         created_at = date_trunc('second', m.created_at)
     FROM unnest($3::text[], $4::text[]) AS p(address, version)
-    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
+    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") COLLATE "default"
+      AND m.{address} = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
     RETURNING m.{address} AS address
 ), logged AS (
@@ -277,7 +319,8 @@ SELECT count(*) FROM logged;
 WITH refused AS (
     UPDATE {table} m SET sync_state = 'rejected', sync_error = p.reason
     FROM unnest($3::text[], $4::text[], $5::text[]) AS p(address, version, reason)
-    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") AND m.{address} = p.address
+    WHERE m.domain = $1 AND m.{address_key} = lower(p.address COLLATE "C") COLLATE "default"
+      AND m.{address} = p.address
       AND m.xmin::text = p.version AND m.sync_state = 'pending'
     RETURNING m.{address} AS address, p.reason
 ), logged AS (
@@ -290,10 +333,11 @@ SELECT count(*) FROM logged;
 -- name: record_run
 -- $1 run id, $2 domain, $3 list, $4 status, $5 dry run,
 -- $6..$13 pulled, inserted, updated, removed, adopted, pushed, rejected, deleted,
--- $14 error, $15 started, $16 finished
+-- $14 error, $15 started, $16 finished, $17 skipped
 INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated, removed,
-                               adopted, pushed, rejected, deleted, error, started_at, finished_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16);
+                               adopted, pushed, rejected, deleted, error, started_at, finished_at,
+                               skipped)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17);
 
 -- name: database_now
 SELECT clock_timestamp();
@@ -334,7 +378,7 @@ FROM {table} WHERE domain = $1;
 -- name: latest_runs
 -- The last recorded run of every (domain, list).
 SELECT DISTINCT ON (domain, list) domain, list, status, pulled, inserted, updated, removed, adopted,
-       pushed, rejected, deleted, error, started_at, finished_at
+       pushed, rejected, deleted, skipped, error, started_at, finished_at
 FROM mailgun.sync_runs
 ORDER BY domain, list, finished_at DESC;
 
@@ -355,10 +399,26 @@ SET last_address = $3, pages = backfill_progress.pages + 1, records = backfill_p
     updated_at = clock_timestamp();
 
 -- name: backfill_stage
--- $1 domain, $2 list: a completed backfill's pages fill this session's staging table.
-INSERT INTO staging (key, address, code, error, created_at, tags)
-SELECT key, address, code, error, created_at, tags FROM mailgun.backfill_pages
-WHERE domain = $1 AND list = $2;
+-- $1 domain, $2 list: a completed backfill's pages fill this session's staging table; returns the
+-- records staged and the placeholders of skipped ones among them.
+WITH staged AS (
+    INSERT INTO staging (key, address, code, error, created_at, tags, skipped)
+    SELECT key, address, code, error, created_at, tags, skipped FROM mailgun.backfill_pages
+    WHERE domain = $1 AND list = $2
+    RETURNING skipped
+)
+SELECT count(*) FILTER (WHERE NOT skipped) AS records, count(*) FILTER (WHERE skipped) AS skipped
+FROM staged;
+
+-- name: backfill_overtaken
+-- $1 domain, $2 list, $3 when the backfill started: has a run applied a complete pull of the list
+-- (and so removed what Mailgun no longer had), or has a removal been carried out at Mailgun, since?
+-- Then its saved pages may hold records deleted meanwhile. A guarded run removed nothing. Pages
+-- older than the carried-out removals are kept (30 days) cannot be checked, and are read again.
+SELECT EXISTS (SELECT 1 FROM mailgun.sync_runs WHERE domain = $1 AND list = $2 AND NOT dry_run
+                                                 AND (status = 'ok' OR removed > 0) AND finished_at > $3)
+    OR $3 < now() - interval '30 days'
+    OR EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 AND done_at > $3);
 
 -- name: backfill_clear
 -- $1 domain, $2 list
@@ -382,8 +442,16 @@ SELECT $1, format('local%s@example.com', lpad(i::text, 8, '0')), '550', 'bounced
        '2026-03-03 10:00:00+00'::timestamptz, 'pending'::mailgun.sync_state, NULL
 FROM generate_series(0, $3 - 1) AS i;
 
+-- name: bench_delete_locally
+-- $1 domain, $2 N: the application deletes N synced rows that Mailgun has (its triggers queue their
+-- removals at Mailgun).
+DELETE FROM mailgun.bounces
+WHERE domain = $1 AND address IN (SELECT format('user%s@example.com', lpad(i::text, 8, '0'))
+                                  FROM generate_series(1, $2 + $2 / 99) AS i WHERE i % 100 <> 0
+                                  LIMIT $2);
+
 -- name: bench_reset_mirror
-TRUNCATE mailgun.bounces, mailgun.changes, mailgun.sync_runs;
+TRUNCATE mailgun.bounces, mailgun.changes, mailgun.sync_runs, mailgun.removals;
 
 -- name: bench_vacuum
 VACUUM ANALYZE mailgun.bounces;
@@ -415,6 +483,17 @@ SHOW server_version;
 -- {database}: a name the caller generated ([a-z0-9_]); throwaway databases for benchmarks and tests.
 CREATE DATABASE "{database}";
 
+-- name: icu_databases_supported
+-- Whether this server can create a database that sorts text by ICU's en-US rules, as many managed
+-- servers do by default (PostgreSQL 15 or later, built with ICU).
+SELECT current_setting('server_version_num')::int >= 150000
+       AND EXISTS (SELECT 1 FROM pg_collation WHERE collprovider = 'i' AND collname = 'en-US-x-icu');
+
+-- name: create_database_icu
+-- {database} as for create_database, but its default collation is ICU's en-US instead of C: for
+-- tests that the mirror behaves the same whatever the database's collation.
+CREATE DATABASE "{database}" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US';
+
 -- name: drop_database
 DROP DATABASE IF EXISTS "{database}" WITH (FORCE);
 
@@ -432,18 +511,60 @@ SELECT count(*) FROM mailgun.bounces WHERE domain = $1 AND sync_state = 'pending
 SELECT status, count(*) AS n FROM mailgun.sync_runs GROUP BY status;
 
 -- name: queued_removals
--- $1 domain, $2 list: deletions at Mailgun the application asked for, oldest first; `tag` is ''
--- for a whole record, else the one unsubscribe tag to drop.
-SELECT id, address, address_key, tag FROM mailgun.removals WHERE domain = $1 AND list = $2 ORDER BY id;
+-- $1 domain, $2 list: deletions at Mailgun the application asked for and not yet carried out,
+-- oldest first; `tag` is '' for a whole record, else the one unsubscribe tag to drop.
+SELECT id, address, address_key, tag, removed_at FROM mailgun.removals
+WHERE domain = $1 AND list = $2 AND done_at IS NULL ORDER BY id;
 
 -- name: count_synced
 SELECT count(*) FROM {table} WHERE domain = $1 AND sync_state = 'synced';
 
--- name: removal_done
--- $1 removal id, $2 run id, $3 domain, $4 list: Mailgun confirmed it (2xx) or no longer had it (404).
-WITH done AS (DELETE FROM mailgun.removals WHERE id = $1 RETURNING address, tag)
+-- name: removals_sending
+-- $1 removal ids: written down before their DELETEs leave, so that a webhook arriving meanwhile
+-- knows Mailgun may be losing the record. Returns the ids still queued: one cancelled since it was
+-- read (the address added again) is not sent.
+UPDATE mailgun.removals x SET sent_at = clock_timestamp()
+FROM unnest($1::bigint[]) AS i(id)
+WHERE x.id = i.id AND x.done_at IS NULL
+RETURNING x.id;
+
+-- name: removals_done
+-- $1 run id, $2 domain, $3 list, $4 removal ids, $5 addresses, $6 tags, $7 removed_at: Mailgun
+-- confirmed these DELETEs (2xx) or no longer had the address (its own 404). Each is kept as
+-- carried out; one cancelled while its DELETE was in flight (a newer webhook, or the address added
+-- again) is put back on record as carried out, since the DELETE happened all the same.
+WITH input AS (
+    SELECT * FROM unnest($4::bigint[], $5::text[], $6::text[], $7::timestamptz[])
+                  AS i(id, address, tag, removed_at)
+), done AS (
+    UPDATE mailgun.removals x SET done_at = clock_timestamp(), last_error = NULL
+    FROM input i WHERE x.id = i.id AND x.done_at IS NULL
+    RETURNING x.id
+), recorded AS (
+    INSERT INTO mailgun.removals AS x (domain, list, address, tag, removed_at, sent_at, done_at)
+    SELECT $2, $3, i.address, i.tag, i.removed_at, clock_timestamp(), clock_timestamp()
+    FROM input i WHERE i.id NOT IN (SELECT id FROM done)
+    ON CONFLICT (domain, list, address_key, tag) DO UPDATE SET done_at = excluded.done_at
+    WHERE x.done_at IS NOT NULL
+)
 INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail)
-SELECT $2, $3, $4, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM done;
+SELECT $1, $2, $3, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM input;
+
+-- name: resend_after_removal
+-- $1 domain, $2 addresses, $3 tags: after those DELETEs, a synced row the mirror holds again for
+-- the address (a webhook newer than the application's removal wrote it while the DELETE was in
+-- flight) may be one Mailgun just lost: it turns pending, so the push sends it back (an add is an
+-- upsert at Mailgun) or the pull adopts it.
+UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
+FROM unnest($2::text[], $3::text[]) AS r(address, tag)
+WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") COLLATE "default" AND m.sync_state = 'synced';
+
+-- name: resend_after_removal@unsubscribes
+-- As `resend_after_removal`; a tag removal counts only if the row has the tag again.
+UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
+FROM unnest($2::text[], $3::text[]) AS r(address, tag)
+WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") COLLATE "default" AND m.sync_state = 'synced'
+  AND (r.tag = '' OR r.tag = ANY (m.tags));
 
 -- name: removals_superseded
 -- $1 removal ids: tag removals of records deleted whole; nothing was sent for them.
@@ -457,41 +578,52 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 -- $1 a JSON array of webhook events of this list, at most one per address (the writer puts a
 -- repeat in a later round of the same transaction), each with its signature's token and time.
 --   * Each token is recorded; an event whose token was seen before is a replay and writes nothing.
---   * An event no newer than a queued local removal of its address is superseded: the
---     application's removal stands. A newer one means Mailgun suppressed the address again: the
---     removal is cancelled and the row written.
+--   * An event no newer than a local removal of its address (queued or carried out) is superseded:
+--     the application's removal stands. A newer one means Mailgun suppressed the address again: a
+--     queued removal is cancelled and the row written.
 --   * Rows are written synced (Mailgun has them), at the clock's time: a reconcile whose pull
 --     started before neither updates nor removes them. A pending or rejected row is adopted.
+--   * Unless Mailgun may have lost the record since: a DELETE of the address was in flight, or was
+--     confirmed only after the event happened (within a minute, for the two clocks). Then the row
+--     is written pending, and the next run adopts it or sends it back.
 -- Returns every token's outcome: stored, replay or superseded.
 WITH input AS (
-    SELECT e.*, lower(e.address COLLATE "C") AS key
+    SELECT e.*, lower(e.address COLLATE "C") COLLATE "default" AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
-                                            code text, error text, created_at timestamptz, tags text[],
-                                            event_id text, change_id uuid)
+                                            code text, error text, created_at timestamptz,
+                                            occurred_at timestamptz, tags text[], event_id text,
+                                            change_id uuid)
 ), fresh AS (
     INSERT INTO mailgun.webhook_tokens (token, signed_at)
     SELECT token, signed_at FROM input
     ON CONFLICT (token) DO NOTHING
     RETURNING token
 ), accepted AS (
-    SELECT i.* FROM input i JOIN fresh USING (token)
+    SELECT i.*,
+           EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
+                   AND x.address_key = i.key AND x.sent_at IS NOT NULL
+                   AND (x.done_at IS NULL OR x.done_at + interval '1 minute' >= i.occurred_at)) AS in_doubt
+    FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
-                      AND x.address_key = i.key AND x.removed_at >= i.created_at)
+                      AND x.address_key = i.key AND x.removed_at >= i.occurred_at)
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
-    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key
+    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
 ), before AS (
     SELECT m.domain, m.address_key, m.sync_state
     FROM {table} m JOIN accepted r ON m.domain = r.domain AND m.address_key = r.key
 ), updated AS (
     UPDATE {table} m
-    SET {set_cols}, sync_state = 'synced', sync_error = NULL, synced_at = clock_timestamp()
+    SET {set_cols}, sync_state = CASE WHEN r.in_doubt THEN 'pending' ELSE 'synced' END::mailgun.sync_state,
+        sync_error = NULL, synced_at = clock_timestamp()
     FROM accepted r
     WHERE m.domain = r.domain AND m.address_key = r.key
     RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
 ), inserted AS (
     INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
-    SELECT r.domain, r.address, {r_cols}, 'synced', clock_timestamp() FROM accepted r
+    SELECT r.domain, r.address, {r_cols},
+           CASE WHEN r.in_doubt THEN 'pending' ELSE 'synced' END::mailgun.sync_state, clock_timestamp()
+    FROM accepted r
     WHERE NOT EXISTS (SELECT 1 FROM before b WHERE b.domain = r.domain AND b.address_key = r.key)
     ON CONFLICT (domain, address_key) DO NOTHING
     RETURNING domain, address, address_key
@@ -516,23 +648,29 @@ FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
 -- takes the event's tags. Of the queued removals, only the whole record's and those of the
 -- event's tags are weighed against it: the application's drop of another tag stands.
 WITH input AS (
-    SELECT e.*, lower(e.address COLLATE "C") AS key
+    SELECT e.*, lower(e.address COLLATE "C") COLLATE "default" AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
-                                            code text, error text, created_at timestamptz, tags text[],
-                                            event_id text, change_id uuid)
+                                            code text, error text, created_at timestamptz,
+                                            occurred_at timestamptz, tags text[], event_id text,
+                                            change_id uuid)
 ), fresh AS (
     INSERT INTO mailgun.webhook_tokens (token, signed_at)
     SELECT token, signed_at FROM input
     ON CONFLICT (token) DO NOTHING
     RETURNING token
 ), accepted AS (
-    SELECT i.* FROM input i JOIN fresh USING (token)
+    SELECT i.*,
+           EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
+                   AND x.address_key = i.key AND x.sent_at IS NOT NULL
+                   AND (x.done_at IS NULL OR x.done_at + interval '1 minute' >= i.occurred_at)
+                   AND (x.tag = '' OR x.tag = ANY (i.tags))) AS in_doubt
+    FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
-                      AND x.address_key = i.key AND x.removed_at >= i.created_at
+                      AND x.address_key = i.key AND x.removed_at >= i.occurred_at
                       AND (x.tag = '' OR x.tag = ANY (i.tags)))
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
-    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key
+    WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
       AND (x.tag = '' OR x.tag = ANY (r.tags))
 ), before AS (
     SELECT m.domain, m.address_key, m.sync_state
@@ -540,10 +678,10 @@ WITH input AS (
 ), updated AS (
     UPDATE {table} m
     SET tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
         created_at = r.created_at,
-        sync_state = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN 'pending'
-                          ELSE 'synced' END::mailgun.sync_state,
+        sync_state = CASE WHEN r.in_doubt OR (m.sync_state = 'pending' AND NOT r.tags @> m.tags)
+                          THEN 'pending' ELSE 'synced' END::mailgun.sync_state,
         sync_error = NULL,
         synced_at = CASE WHEN m.sync_state = 'pending' AND NOT r.tags @> m.tags THEN m.synced_at
                          ELSE clock_timestamp() END
@@ -552,7 +690,9 @@ WITH input AS (
     RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
 ), inserted AS (
     INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
-    SELECT r.domain, r.address, {r_cols}, 'synced', clock_timestamp() FROM accepted r
+    SELECT r.domain, r.address, {r_cols},
+           CASE WHEN r.in_doubt THEN 'pending' ELSE 'synced' END::mailgun.sync_state, clock_timestamp()
+    FROM accepted r
     WHERE NOT EXISTS (SELECT 1 FROM before b WHERE b.domain = r.domain AND b.address_key = r.key)
     ON CONFLICT (domain, address_key) DO NOTHING
     RETURNING domain, address, address_key
@@ -578,3 +718,137 @@ DELETE FROM mailgun.webhook_tokens WHERE signed_at < $1;
 -- name: bench_webhook_rows
 SELECT (SELECT count(*) FROM mailgun.bounces) + (SELECT count(*) FROM mailgun.complaints)
      + (SELECT count(*) FROM mailgun.unsubscribes);
+
+-- name: discovery_listed
+-- $1 api_base, $2 the enabled domains of a complete listing.
+INSERT INTO mailgun.discovered_domains (api_base, domains, listed_at, checked_at, error)
+VALUES ($1, $2, now(), now(), NULL)
+ON CONFLICT (api_base) DO UPDATE SET domains = EXCLUDED.domains, listed_at = now(), checked_at = now(),
+                                     error = NULL;
+
+-- name: discovery_failed
+-- $1 api_base, $2 why the listing failed; the domains of the last complete listing stay.
+INSERT INTO mailgun.discovered_domains (api_base, checked_at, error) VALUES ($1, now(), $2)
+ON CONFLICT (api_base) DO UPDATE SET checked_at = now(), error = EXCLUDED.error;
+
+-- name: discovery_state
+SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_domains ORDER BY api_base;
+
+-- name: last_successes
+-- When each (domain, list) last ended ok.
+SELECT domain, list, max(finished_at) AS finished_at FROM mailgun.sync_runs WHERE status = 'ok'
+GROUP BY domain, list;
+
+-- name: retention_cutoff
+-- $1 days: rows older than this moment, by the database's clock, are past the retention.
+SELECT clock_timestamp() - make_interval(days => $1);
+
+-- name: try_lock_retention
+-- Session-level, in a key space of its own: one process prunes at a time, the others skip.
+SELECT pg_try_advisory_lock(hashtext('mailgun-sync:retention'), 0);
+
+-- name: unlock_retention
+SELECT pg_advisory_unlock(hashtext('mailgun-sync:retention'), 0);
+
+-- Every prune_* query deletes one batch of a table's rows past the retention, oldest first, and
+-- is run in a transaction of its own: $1 the cutoff, $2 and $3 the (time, id) the previous batch
+-- stopped at, $4 the batch size. It returns how many rows past the cutoff the batch looked at
+-- (fewer than $4: the last batch) and how many it deleted, and the (time, id) of the last row it
+-- looked at, where the next batch starts. Rows are found through an index on
+-- (time, id) and deleted by primary key, so a batch costs the same at the start of a table of
+-- millions as at its end.
+
+-- name: prune_changes
+WITH candidates AS (
+    SELECT id, at FROM mailgun.changes
+    WHERE at < $1 AND (at, id) > ($2, $3)
+    ORDER BY at, id LIMIT $4
+), gone AS (
+    DELETE FROM mailgun.changes WHERE id = ANY (ARRAY(SELECT id FROM candidates)) RETURNING 1
+), last AS (
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: prune_done_removals
+-- Removals carried out at Mailgun, kept to judge late webhooks and leftover spellings: never before
+-- the longest WEBHOOK_MAX_AGE (30 days) has passed, or a webhook about an older event, delivered
+-- late, could bring the address back.
+WITH candidates AS (
+    SELECT id, done_at AS at FROM mailgun.removals
+    WHERE done_at < least($1, now() - interval '30 days') AND (done_at, id) > ($2, $3)
+    ORDER BY done_at, id LIMIT $4
+), gone AS (
+    DELETE FROM mailgun.removals WHERE id = ANY (ARRAY(SELECT id FROM candidates)) RETURNING 1
+), last AS (
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: prune_sync_runs
+-- The newest run of each (domain, list) and status stays whatever its age: `status` and the
+-- metrics read a list's last run, and its last `ok` one says when it last succeeded. That newest
+-- time is looked up once per (domain, list, status) of the batch, not once per row.
+WITH candidates AS (
+    SELECT id, finished_at AS at, domain, list, status FROM mailgun.sync_runs
+    WHERE finished_at < $1 AND (finished_at, id) > ($2, $3)
+    ORDER BY finished_at, id LIMIT $4
+), newest AS MATERIALIZED (
+    SELECT g.domain, g.list, g.status,
+           (SELECT max(n.finished_at) FROM mailgun.sync_runs n
+            WHERE n.domain = g.domain AND n.list = g.list AND n.status = g.status) AS at
+    FROM (SELECT DISTINCT domain, list, status FROM candidates) AS g
+), gone AS (
+    DELETE FROM mailgun.sync_runs
+    WHERE id = ANY (ARRAY(SELECT c.id FROM candidates c JOIN newest n USING (domain, list, status)
+                          WHERE c.at < n.at))
+    RETURNING 1
+), last AS (
+    SELECT at, id FROM candidates ORDER BY at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
+       (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: bench_prune_fill_changes
+-- $1 old rows, $2 fresh rows: a change log as webhooks leave it, in time order with one change id
+-- each: $1 rows from 61 to 31 days old (past a 30-day retention), then $2 of the last 29 days.
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source, at)
+SELECT md5(i::text)::uuid, 'mg.bench.example', 'bounces', format('user%s@example.com', i), 'insert',
+       'bench', 'webhook',
+       CASE WHEN i < $1::bigint THEN now() - interval '61 days' + i * (interval '30 days' / greatest($1::bigint, 1))
+            ELSE now() - interval '29 days' + (i - $1::bigint) * (interval '29 days' / greatest($2::bigint, 1)) END
+FROM generate_series(0, $1::bigint + $2::bigint - 1) AS i;
+
+-- name: bench_prune_fill_runs
+-- $1 runs of 25 domains' 4 lists over the last 61 days, oldest first.
+INSERT INTO mailgun.sync_runs (run_id, domain, list, status, started_at, finished_at)
+SELECT md5('run' || i)::uuid, format('mg%s.bench.example', i % 25),
+       (ARRAY['bounces', 'unsubscribes', 'complaints', 'allowlist'])[1 + i / 25 % 4], 'ok', t.at, t.at
+FROM generate_series(0, $1::bigint - 1) AS i,
+     LATERAL (SELECT now() - interval '61 days' + i * (interval '61 days' / greatest($1::bigint, 1)) AS at) AS t;
+
+-- name: bench_prune_drop_indexes
+-- The retention migration's indexes, dropped so that the benchmark can time building them.
+DROP INDEX mailgun.changes_at, mailgun.sync_runs_finished, mailgun.sync_runs_latest_by_status;
+
+-- name: bench_prune_vacuum
+VACUUM ANALYZE mailgun.changes, mailgun.sync_runs;
+
+-- name: bench_checkpoint
+-- Written out before measuring, so that the fill's checkpoint does not land in the measurement
+-- (needs a superuser or pg_checkpoint; skipped without).
+CHECKPOINT;
+
+-- name: bench_prune_write
+-- $1 change id, $2 address: one webhook's change row, committed on its own.
+INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail, source)
+VALUES ($1, 'mg.bench.example', 'complaints', $2, 'insert', 'bench-writer', 'webhook');
+
+-- name: bench_prune_left
+-- $1 the retention's cutoff: what the benchmark's pruning left.
+SELECT count(*) FILTER (WHERE at < $1) AS old,
+       count(*) FILTER (WHERE at >= $1 AND detail = 'bench') AS fresh,
+       count(*) FILTER (WHERE detail = 'bench-writer') AS written
+FROM mailgun.changes;

@@ -432,3 +432,28 @@ async def test_a_backfill_of_a_list_being_reconciled_is_skipped(
     assert await committed(pool) is None
     assert len([r for r in emulator.requests if r.method == "GET" and r.path.endswith("/bounces")
                 and r.query.get("page") != "last"]) == 4
+
+
+async def test_a_resumed_backfill_does_not_bring_back_what_was_deleted_since_its_pages_were_read(
+        pool, emulator, store, make_client, make_reconciler, sleeps):
+    found = seed_bounces(emulator, 250)
+    await pool.executemany(
+        "INSERT INTO mailgun.bounces (domain, address, created_at, sync_state, synced_at)"
+        " VALUES ($1, $2, $3, 'synced', $4)",
+        [(DOMAIN, r["address"], parse_timestamp(r["created_at"]), AN_HOUR_AGO)
+         for r in emulator.records(DOMAIN, BOUNCES)])
+    # The backfill commits its first page, then stops.
+    emulator.fail_next(503, times=None, page="next")
+    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
+    assert (await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    assert found[5] in await committed_addresses(pool)
+    emulator.faults.clear()
+    # Meanwhile the application deletes a record of that page, and a run carries it out.
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = $1", found[5])
+    assert (await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).deleted == 1
+
+    resumed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (resumed.status, resumed.pulled, resumed.inserted) == ("ok", 249, 0)
+    assert found[5] not in await rows(pool, BOUNCES)
+    assert found[5] not in remote_bounces(emulator)

@@ -23,15 +23,14 @@ def corrupt(emulator, stored: str, **fields: object) -> None:
     row.update(fields)
 
 
+# A field of another JSON type than the API's is a page not in Mailgun's shape: nothing on it can
+# be trusted. (Values the mirror cannot hold are skipped instead: test_unholdable_records.py.)
 @pytest.mark.parametrize(("fields", "named"), [
-    ({"address": "x" * 10_000 + "@example.com"}, "an address of 10012 characters"),
-    ({"address": "nul\x00byte@example.com"}, "NUL character"),
-    ({"error": "nul\x00byte"}, "'error' holds a NUL character"),
     ({"code": {"nested": 550}}, "field 'code' is dict"),
-    ({"created_at": "the day before yesterday"}, "unreadable timestamp"),
     ({"created_at": 1700000000}, "field 'created_at' is int"),
-], ids=["10000 characters", "NUL in address", "NUL in error", "code object", "odd date", "date number"])
-async def test_a_malformed_record_from_mailgun_fails_the_list_and_changes_nothing(
+    ({"address": 5}, "no text 'address'"),
+], ids=["code object", "date number", "address number"])
+async def test_a_record_not_in_the_api_shape_fails_the_list_and_changes_nothing(
         pool, emulator, make_reconciler, fields, named):
     emulator.seed(DOMAIN, BOUNCES, [{"address": f"ok{i}@example.com"} for i in range(5)])
     await insert_row(pool, BOUNCES, DOMAIN, "kept@example.com", state="synced")

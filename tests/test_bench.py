@@ -27,3 +27,23 @@ def test_bench_reports_worker_and_baseline_figures_as_json():
         assert run["peak_rss_mb"] > 0
     assert report["speedup"] > 0
     assert {"pull", "diff", "apply", "push"} <= set(worker["steps"])
+
+
+def test_bench_prune_reports_the_pruning_and_the_writer_alone_and_meanwhile_as_json():
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--log-level", "WARNING", "bench-prune", "--old", "25000",
+         "--fresh", "2000", "--runs", "400", "--baseline-seconds", "0.5", "--json"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["ok"]
+    prune = report["prune"]
+    assert prune["tables"]["changes"]["rows"] == 25000
+    assert prune["tables"]["changes"]["batches"] == 3
+    assert 0 < prune["tables"]["sync_runs"]["rows"] < 400
+    assert prune["rows_per_s"] > 0 and prune["longest_statement_ms"] > 0
+    assert report["left"] == {"old": 0, "fresh": 2000, "written": report["left"]["written"]}
+    for phase in ("alone", "while_pruning"):
+        writer = report["writer"][phase]
+        assert writer["writes"] > 0 and writer["errors"] == 0
+        assert writer["latency_ms"]["p99"] >= writer["latency_ms"]["p50"] > 0

@@ -33,7 +33,7 @@ def env(emulator, database_url, pool) -> dict[str, str]:
         "MAILGUN_API_BASE": str(emulator.base_url),
         "MAILGUN_DOMAINS": DOMAIN,
         "DATABASE_URL": database_url,
-        "MAILGUN_BACKOFF_MAX": "0",
+        "MAILGUN_BACKOFF_MAX": "0.01",
     }
 
 
@@ -193,6 +193,7 @@ BAD_SETTINGS = [  # (variable, value); None: not set at all
     ("MAILGUN_MAX_ATTEMPTS", "abc"),
     ("MAILGUN_MAX_ATTEMPTS", "0"),
     ("MAILGUN_BACKOFF_MAX", "soon"),
+    ("MAILGUN_BACKOFF_MAX", "0"),
     ("SYNC_MAX_DELETE_FRACTION", "2"),
     ("MAILGUN_API_BASE", "http://example.com"),
     ("MAILGUN_API_BASE", "not a url"),
@@ -238,7 +239,7 @@ async def test_a_malformed_flag_exits_2_with_one_line_naming_it(invoke, env, emu
 
 async def test_flags_override_malformed_environment_settings(invoke, env, emulator):
     outcome = await invoke(
-        "run", "--json", "--max-attempts", "2", "--backoff-max", "0", "--api-base", str(emulator.base_url),
+        "run", "--json", "--max-attempts", "2", "--backoff-max", "0.01", "--api-base", str(emulator.base_url),
         "--database-url", env["DATABASE_URL"],
         env={**env, "MAILGUN_MAX_ATTEMPTS": "abc", "MAILGUN_BACKOFF_MAX": "soon",
              "MAILGUN_API_BASE": "http://example.com", "DATABASE_URL": DEAD_DATABASE})

@@ -44,8 +44,9 @@ async def test_pull_reads_2345_records_from_the_legacy_v2_offset_api(emulator, m
     emulator.seed(DOMAIN, kind, wire_records(kind, 2345))
     records = await pull(make_client(page_limit=300, api_version="v2"), kind)
     assert len({r.address for r in records}) == len(records) == 2345
+    # Each page after the first is asked from the last record read, which it must hold.
     skips = [r.query.get("skip") for r in emulator.requests]
-    assert skips == [None, *[str(n) for n in range(300, 2345, 300)]]
+    assert skips == [None, *[str(n) for n in range(299, 2344, 299)]]
 
 
 @pytest.mark.parametrize("emulator_settings", [EmulatorSettings(paging_style="offset")])
@@ -222,3 +223,29 @@ async def test_delete_can_remove_one_unsubscribe_tag(emulator, client):
     assert await client.delete(DOMAIN, SuppressionList.UNSUBSCRIBES, "u@example.com", tag="news")
     [record] = await pull(client, SuppressionList.UNSUBSCRIBES)
     assert record.tags == ("*",)
+
+
+async def test_an_empty_last_page_does_not_vouch_for_a_pull_that_ended_early(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 10))
+    # The third page says "nothing", and so does the last page asked to confirm it: two answers
+    # that disagree with the records already read, not an end.
+    emulator.inject(Fault(action="items_null", page="next", skip=1))
+    emulator.inject(Fault(action="items_null", page="last"))
+    with pytest.raises(errors.PagingError, match="the list's last page is empty; the pull is incomplete"):
+        await pull(make_client(page_limit=3))
+
+
+@pytest.mark.parametrize(("kind", "seeded", "expected"), [
+    (SuppressionList.BOUNCES, {"address": "a@example.com", "code": "550", "error": "gone"},
+     {"code": "550", "error": "gone"}),
+    (SuppressionList.COMPLAINTS, {"address": "a@example.com"}, {}),
+    (SuppressionList.UNSUBSCRIBES, {"address": "a@example.com", "tags": ["*", "news"]},
+     {"tags": ("*", "news")}),
+], ids=["bounce", "complaint", "unsubscribe"])
+async def test_get_reads_the_v2_single_record_shapes(emulator, make_client, kind, seeded, expected):
+    emulator.seed(DOMAIN, kind, [seeded])
+    client = make_client(api_version="v2")
+    record = await client.get(DOMAIN, kind, "a@example.com")
+    assert record is not None and record.address == "a@example.com"
+    assert {name: getattr(record, name) for name in expected} == expected
+    assert await client.get(DOMAIN, kind, "other@example.com") is None

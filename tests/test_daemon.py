@@ -17,18 +17,19 @@ from tests.support.mirror import rows
 from worker.daemon import Daemon, build_http_app, build_trigger, fixed_plans
 from worker.domains import DomainPlan
 from worker.emulator import Fault
-from worker.errors import ConfigError
+from worker.errors import ConfigError, DatabaseError
 from worker.lifespan import Resources
 from worker.metrics import Metrics
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.settings import Settings
+from worker.store import MirrorStore
 
 BOUNCES = SuppressionList.BOUNCES
 
 
 def daemon_settings(emulator, **changes) -> Settings:
     options = {"api_key": API_KEY, "api_base": str(emulator.base_url), "domains": (DOMAIN,),
-               "sync_interval": 1.0, "sync_jitter": 0.0, "failures_before_unready": 2, **changes}
+               "sync_interval": 1.0, "sync_jitter": 0.0, **changes}
     return Settings(**options)
 
 
@@ -61,8 +62,8 @@ def test_interval_schedule_with_jitter(emulator):
 def test_cron_schedule_counts_weekdays_from_sunday_like_crontab(emulator):
     trigger = build_trigger(daemon_settings(emulator, sync_cron="*/15 2 * * 1-5"))
     assert isinstance(trigger, CronTrigger)
-    assert str(trigger.fields[4]) == "mon-fri"  # day_of_week
-    assert str(trigger.fields[6]) == "*/15"  # minute
+    assert str(trigger.fields[4]) == "mon,tue,wed,thu,fri"  # day_of_week
+    assert str(trigger.fields[6]) == "0,15,30,45"  # minute
 
 
 @pytest.mark.parametrize("cron", ["* * *", "61 * * * *", "* * * * funday"])
@@ -87,12 +88,14 @@ async def test_every_list_is_reconciled_on_schedule_again_and_again(daemon, emul
 async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics, aiohttp_client):
     http = await aiohttp_client(build_http_app(daemon, metrics))
     assert (await http.get("/healthz")).status == 200
-    assert (await http.get("/readyz")).status == 200
+    starting = await http.get("/readyz")
+    assert starting.status == 503 and "starting" in await starting.text()
     before = await (await http.get("/metrics")).text()
     assert 'mailgun_sync_runs_total{domain="mg.example.com"' not in before
 
     emulator.seed(DOMAIN, BOUNCES, [{"address": f"m{i}@example.com"} for i in range(7)])
     await daemon.start()
+    assert (await http.get("/readyz")).status == 200
 
     async def metrics_show_a_run() -> bool:
         text = await (await http.get("/metrics")).text()
@@ -107,7 +110,7 @@ async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics,
     assert 'mailgun_sync_run_duration_seconds_count{domain="mg.example.com",list="bounces"}' in text
 
 
-async def test_readiness_fails_once_a_list_keeps_failing_and_names_it(
+async def test_a_list_that_keeps_failing_leaves_the_daemon_ready_and_shows_in_the_metrics(
         emulator, pool, store, make_client, metrics, aiohttp_client):
     from worker.retry import RetryPolicy
 
@@ -118,31 +121,101 @@ async def test_readiness_fails_once_a_list_keeps_failing_and_names_it(
     emulator.fail_next(503, times=None, list="bounces")
     await daemon.start()
     try:
-        async def unready() -> bool:
-            return (await http.get("/readyz")).status == 503
+        async def failed_three_times() -> bool:
+            return (failures(metrics) or 0) >= 3
 
-        await wait_for(unready)
-        body = await (await http.get("/readyz")).text()
-        assert "mg.example.com/bounces" in body
+        await wait_for(failed_three_times)
+        # Readiness is about this process: the webhooks of every domain still reach it.
+        assert (await http.get("/readyz")).status == 200
         text = await (await http.get("/metrics")).text()
         assert 'mailgun_sync_http_requests_total{method="GET",status="503"}' in text
         assert 'mailgun_sync_runs_total{domain="mg.example.com",list="bounces",status="failed"}' in text
         emulator.faults.clear()
 
-        async def ready_again() -> bool:
-            return (await http.get("/readyz")).status == 200
+        async def recovered() -> bool:
+            return failures(metrics) == 0
 
-        await wait_for(ready_again)
+        await wait_for(recovered)
     finally:
         await daemon.drain(grace=5)
 
 
+def failures(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("mailgun_sync_consecutive_failures",
+                                             {"domain": DOMAIN, "list": "bounces"})
+
+
 async def test_readiness_fails_when_the_database_is_unreachable(daemon, metrics, pool, aiohttp_client):
     http = await aiohttp_client(build_http_app(daemon, metrics))
+    await daemon.start()
     await pool.close()
     response = await http.get("/readyz")
     assert response.status == 503
     assert "database unreachable" in await response.text()
+
+
+async def test_the_last_success_is_known_from_the_run_log_before_this_process_succeeds(
+        emulator, pool, store, make_client, metrics):
+    from datetime import UTC, datetime, timedelta
+    from uuid import uuid4
+
+    from worker.retry import RetryPolicy
+
+    earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    await store.record_run(uuid4(), DOMAIN, BOUNCES, status="ok", dry_run=False, counts=[0] * 8, skipped=0,
+                           error=None, started=earlier - timedelta(seconds=5), finished=earlier)
+    emulator.fail_next(503, times=None, list="bounces")
+    client = make_client(retry=RetryPolicy(max_attempts=1))
+    daemon = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
+                    metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
+    await daemon.start()
+    try:
+        assert metrics.registry.get_sample_value(
+            "mailgun_sync_last_success_timestamp_seconds",
+            {"domain": DOMAIN, "list": "bounces"}) == earlier.timestamp()
+    finally:
+        await daemon.drain(grace=5)
+
+
+async def test_a_run_skipped_because_the_last_one_is_still_going_is_counted(
+        emulator, pool, store, client, metrics):
+    emulator.inject(Fault(action="delay", delay_s=2.5, times=1, list="bounces"))
+    daemon = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
+                    metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
+    await daemon.start()
+    try:
+        async def skipped() -> bool:
+            return (metrics.registry.get_sample_value(
+                "mailgun_sync_runs_skipped_total",
+                {"domain": DOMAIN, "list": "bounces", "reason": "still_running"}) or 0) >= 1
+
+        await wait_for(skipped)
+    finally:
+        await daemon.drain(grace=5)
+
+
+class PendingCountFails(MirrorStore):
+    """The mirror, but counting a list's pending rows fails as a lost connection would."""
+
+    async def count_states(self, domain: str, kind: SuppressionList) -> tuple[int, int]:
+        raise DatabaseError("PostgreSQL could not be reached while counting: connection lost")
+
+
+async def test_a_failure_to_count_pending_rows_after_an_ok_run_is_not_a_failed_run(
+        emulator, pool, client, metrics):
+    daemon = Daemon(daemon_settings(emulator, sync_interval=3600),
+                    Resources(pool=pool, store=PendingCountFails(pool), mailgun=client),
+                    metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
+    await daemon.start()
+    try:
+        async def ran() -> bool:
+            return metrics.registry.get_sample_value(
+                "mailgun_sync_runs_total", {"domain": DOMAIN, "list": "bounces", "status": "ok"}) == 1
+
+        await wait_for(ran)
+        assert failures(metrics) == 0
+    finally:
+        await daemon.drain(grace=5)
 
 
 def daemon_env(emulator, database_url, **extra) -> dict[str, str]:

@@ -128,3 +128,67 @@ def test_the_regions_overlay_mounts_a_valid_sync_config_where_sync_config_points
     patches = "".join(p["patch"] for p in kustomization["patches"])
     assert "SYNC_CONFIG=/etc/mailgun-sync/sync.toml" in literals
     assert patches.count("mountPath: /etc/mailgun-sync") == 2
+
+
+OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+WORKLOADS = ("Deployment", "CronJob", "Job")
+
+
+def rendered(directory: Path) -> list[dict[str, Any]]:
+    """The manifests `kubectl apply -k directory` would apply."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is needed to render the overlays")
+    done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["spec"]
+    return (spec["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else spec)["template"]["spec"]
+
+
+def worker_configuration(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a worker container is given: image, settings sources, and the files mounted for them."""
+    [container] = pod_spec(doc)["containers"]
+    volumes = {v["name"]: v for v in pod_spec(doc).get("volumes", [])}
+    return {
+        "namespace": doc["metadata"].get("namespace"),
+        "image": container["image"],
+        "envFrom": container.get("envFrom"),
+        "env": container.get("env", [])[:2],  # the API key and the database URL, from the Secret
+        "mounts": sorted((m["mountPath"], volumes[m["name"]].get("configMap", {}).get("name", ""))
+                         for m in container.get("volumeMounts", [])),
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_every_workload_of_an_overlay_and_its_backfill_gets_the_same_configuration(overlay):
+    assert (overlay / "backfill" / "kustomization.yaml").is_file(), "each overlay has its backfill"
+    installation = rendered(overlay)
+    backfill = rendered(overlay / "backfill")
+    assert [d["kind"] for d in backfill] == ["Job"]
+    workloads = [d for d in installation + backfill if d["kind"] in WORKLOADS
+                 and pod_spec(d)["containers"][0].get("args", [None])[0] != "migrate"]
+    assert sorted(d["metadata"]["name"] for d in workloads) == \
+        ["mailgun-sync", "mailgun-sync-backfill", "mailgun-sync-run"]
+
+    configurations = {d["metadata"]["name"]: worker_configuration(d) for d in workloads}
+    first = next(iter(configurations.values()))
+    assert first["namespace"], "the installation's namespace"
+    assert not first["image"].endswith(":latest") and ":" in first["image"], "a pinned image"
+    for name, configuration in configurations.items():
+        assert configuration == first, name
+
+    # SYNC_CONFIG, where set, points into a directory mounted from a ConfigMap the installation has.
+    config_maps = {d["metadata"]["name"]: d for d in installation if d["kind"] == "ConfigMap"}
+    config_file = config_maps["mailgun-sync"]["data"].get("SYNC_CONFIG")
+    if config_file:
+        [(_, mounted)] = [m for m in first["mounts"] if config_file.startswith(m[0] + "/")]
+        assert Path(config_file).name in config_maps[mounted]["data"]
+    # Every image in the installation (the migrating init container too) is the same one.
+    images = {c["image"] for d in installation if d["kind"] in WORKLOADS
+              for c in pod_spec(d).get("initContainers", []) + pod_spec(d)["containers"]}
+    assert images == {first["image"]}

@@ -327,3 +327,54 @@ async def test_the_control_endpoint_releases_held_requests(emulator, api):
         assert (await (await control.get("/_emulator/state")).json())["held"] == 1
         assert await (await control.post("/_emulator/release")).json() == {"released": 1}
     assert (await page).status == 200
+
+
+# Reference §2.5 (line 144): GO14 decoded GET /v2/<domain>/bounces/<addr> as {"bounce": {...}};
+# line 149: a v2 complaint came wrapped, with its count; line 148: an unsubscribe as a list envelope.
+async def test_v2_single_record_gets_answer_in_the_v2_shapes(emulator, api):
+    emulator.seed(DOMAIN, "bounces", [{"address": "a@example.com", "code": "550"}])
+    emulator.seed(DOMAIN, "complaints", [{"address": "baz@example.com"}])
+    emulator.seed(DOMAIN, "unsubscribes", [{"address": "u@example.com", "tags": ["*", "news"]}])
+    bounce = await body(await api.get(f"/v2/{DOMAIN}/bounces/a@example.com"))
+    assert list(bounce) == ["bounce"]
+    assert (bounce["bounce"]["address"], bounce["bounce"]["code"]) == ("a@example.com", 550)
+    complaint = await body(await api.get(f"/v2/{DOMAIN}/complaints/baz@example.com"))
+    assert list(complaint) == ["complaint"] and complaint["complaint"]["count"] == 1
+    unsubscribe = await body(await api.get(f"/v2/{DOMAIN}/unsubscribes/u@example.com"))
+    assert unsubscribe["total_count"] == 2
+    assert [i["tag"] for i in unsubscribe["items"]] == ["*", "news"]
+    v3 = await body(await api.get(f"/v3/{DOMAIN}/bounces/a@example.com"))
+    assert v3["address"] == "a@example.com"
+
+
+# Reference §2.5 (line 150): "Version 2 of our Bounce API only allowed a maximum limit of 300";
+# line 148: the legacy unsubscribes documentation says "(100 max)".
+async def test_v2_pages_are_capped_at_300_and_unsubscribes_at_100(emulator, api):
+    seed_bounces(emulator, 1200)
+    emulator.seed(DOMAIN, "unsubscribes", [{"address": f"u{i:03}@example.com"} for i in range(150)])
+    page = await body(await api.get(f"/v2/{DOMAIN}/bounces", params={"limit": "1000"}))
+    assert (len(page["items"]), page["total_count"]) == (300, 1200)
+    page = await body(await api.get(f"/v2/{DOMAIN}/unsubscribes", params={"limit": "1000"}))
+    assert len(page["items"]) == 100
+    page = await body(await api.get(f"/v3/{DOMAIN}/bounces", params={"limit": "1000"}))
+    assert len(page["items"]) == 1000
+
+
+# Reference §5.2 (line 301): a 401 is text/plain "Forbidden" with Www-Authenticate: Basic realm="MG API".
+async def test_an_injected_401_is_the_recorded_one(emulator, api):
+    emulator.fail_next(401)
+    response = await api.get(f"/v3/{DOMAIN}/bounces")
+    assert response.status == 401
+    assert response.headers["Www-Authenticate"] == 'Basic realm="MG API"'
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert await response.read() == b"Forbidden"
+
+
+# Reference §5.5 (line 329): the Domains API has its own limit, "no more than 300 requests per
+# minute, per account": the account's domain listing does not spend the suppression lists' budget.
+async def test_the_domain_listing_has_a_budget_of_its_own(emulator, api):
+    listed = await api.get("/v3/domains")
+    assert listed.headers["X-Request-Limit"] == "300"
+    assert listed.headers["X-Request-Remaining"] == "299"
+    page = await api.get(f"/v3/{DOMAIN}/bounces")
+    assert page.headers["X-Request-Remaining"] == str(emulator.settings.rate_limit - 1)

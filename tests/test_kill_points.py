@@ -51,7 +51,9 @@ async def test_a_run_killed_anywhere_converges_on_the_next(point, pool, emulator
     emulator.faults.clear()
     # PostgreSQL ends the dead worker's session, and with it the list's lock, as soon as it
     # notices the closed connection.
-    while await pool.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"):
+    while await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"):
         assert asyncio.get_running_loop().time() < deadline, "the dead worker's lock was never released"
         await asyncio.sleep(0.02)
     stored_before = {r["address"] for r in emulator.records(DOMAIN, BOUNCES)}

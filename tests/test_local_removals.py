@@ -3,11 +3,14 @@ it at Mailgun, under the same guard as removals the other way."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import DOMAIN
 from tests.support.mirror import changes, insert_row, rows
+from tests.support.waiting import wait_for
+from worker.emulator import Fault
 from worker.records import SuppressionList
 
 BOUNCES = SuppressionList.BOUNCES
@@ -41,7 +44,7 @@ async def test_a_synced_row_deleted_locally_is_deleted_at_mailgun(pool, emulator
     assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["keep@example.com"]
     assert list(await rows(pool, BOUNCES)) == ["keep@example.com"]
     assert ("bounces", "drop+tag@example.com", "delete") in await changes(pool)
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
 async def test_deleting_a_pending_row_just_cancels_its_push(pool, emulator, make_reconciler):
@@ -58,7 +61,7 @@ async def test_a_removal_mailgun_no_longer_has_is_done(pool, emulator, make_reco
     emulator.remove(DOMAIN, BOUNCES, "gone@example.com")
     result = await run(make_reconciler)
     assert (result.status, result.deleted) == ("ok", 1)
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
 async def test_a_removal_mailgun_refuses_stays_queued_with_the_reason(pool, emulator, make_reconciler):
@@ -120,7 +123,7 @@ async def test_a_dry_run_counts_local_removals_and_sends_none(pool, emulator, ma
     result = await run(make_reconciler, dry_run=True)
     assert result.deleted == 1
     assert deletes(emulator) == []
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 1
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 1
 
 
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
@@ -152,7 +155,7 @@ async def test_a_tag_dropped_locally_is_dropped_at_mailgun_and_the_rest_kept(
     row = (await rows(pool, UNSUBSCRIBES))["reader@example.com"]
     assert (row["tags"], row["sync_state"]) == (["news"], "synced")
     assert await pool.fetchval("SELECT detail FROM mailgun.changes WHERE action = 'delete'") == "tag promo"
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
 async def test_a_tag_dropped_and_put_back_before_the_run_is_not_dropped(pool, emulator, make_reconciler):
@@ -190,7 +193,7 @@ async def test_deleting_the_row_after_dropping_a_tag_deletes_the_record(pool, em
     assert result.status == "ok"
     assert emulator.records(DOMAIN, UNSUBSCRIBES) == []
     assert await rows(pool, UNSUBSCRIBES) == {}
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
 async def test_a_synced_row_changed_locally_then_deleted_is_still_deleted_at_mailgun(
@@ -242,4 +245,97 @@ async def test_a_deleted_unsubscribe_is_deleted_whole_in_one_request(pool, emula
 
     assert (result.status, result.deleted) == ("ok", 1)
     assert [r.query for r in emulator.requests if r.method == "DELETE"] == [{}]
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
+
+
+# ---- a DELETE answered 404 for another reason, a row deleted while its push is in flight -----------
+
+async def test_a_delete_answered_domain_not_found_keeps_the_removal_queued(pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["keep@example.com", "drop@example.com"])
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'drop@example.com'")
+    # The wrong region, or a domain Mailgun does not know: not "this address is not on the list".
+    emulator.fail_next(404, method="DELETE", message=f"Domain not found: {DOMAIN}")
+
+    failed = await run(make_reconciler)
+
+    assert (failed.status, failed.deleted) == ("failed", 0)
+    assert f"Domain not found: {DOMAIN}" in str(failed.error)
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 1
+
+    again = await run(make_reconciler)
+
+    assert (again.status, again.deleted, again.inserted) == ("ok", 1, 0)
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["keep@example.com"]
+    assert list(await rows(pool, BOUNCES)) == ["keep@example.com"]
+
+
+async def test_a_404_with_another_text_is_checked_with_a_get_before_the_removal_is_done(
+        pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["keep@example.com", "gone@example.com", "still@example.com"])
+    dropped = "'gone@example.com', 'still@example.com'"
+    emulator.remove(DOMAIN, BOUNCES, "gone@example.com")  # already gone at Mailgun
+    await pool.execute(f"DELETE FROM mailgun.bounces WHERE address IN ({dropped})")
+    emulator.fail_next(404, times=2, method="DELETE", message="Not Found")
+
+    result = await run(make_reconciler)
+
+    # Mailgun's GET says "not found in bounces table" for one: done. It still lists the other.
+    assert (result.status, result.deleted) == ("failed", 1)
+    assert "404" in str(result.error)
+    queued = await pool.fetchval("SELECT address FROM mailgun.removals WHERE done_at IS NULL")
+    assert queued == "still@example.com"
+    assert await run(make_reconciler) is not None
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["keep@example.com"]
+
+
+async def test_a_pending_row_deleted_while_its_batch_is_in_flight_ends_at_neither_side(
+        pool, emulator, make_reconciler):
+    await insert_row(pool, BOUNCES, DOMAIN, "sent@example.com")
+    # Mailgun stores the batch, then holds its answer while the application deletes the row.
+    emulator.inject(Fault(action="delay_after", delay_s=0.5, method="POST"))
+    running = asyncio.create_task(run(make_reconciler))
+    await wait_for(lambda: [r for r in emulator.requests if r.method == "POST"])
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'sent@example.com'")
+    first = await running
+    assert first.status == "ok", first.error
+
+    second = await run(make_reconciler)
+
+    assert (second.status, second.deleted, second.inserted) == ("ok", 1, 0)
+    assert emulator.records(DOMAIN, BOUNCES) == []
+    assert await rows(pool, BOUNCES) == {}
+
+
+async def test_an_address_mailgun_holds_in_two_spellings_is_deleted_in_both(pool, emulator, make_reconciler):
+    emulator.seed(DOMAIN, BOUNCES, [
+        {"address": "Twice@example.com", "created_at": "Mon, 02 Mar 2026 10:00:00 UTC"},
+        {"address": "twice@example.com", "created_at": "Tue, 03 Mar 2026 10:00:00 UTC"}])
+    assert (await run(make_reconciler)).inserted == 1  # one mailbox: the latest record wins
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address_key = 'twice@example.com'")
+
+    first = await run(make_reconciler)
+
+    # The spelling deleted was one of two; the other, older than the removal, is not brought back
+    # but deleted by the next run.
+    assert (first.status, first.deleted, first.inserted) == ("ok", 1, 0)
+    assert await rows(pool, BOUNCES) == {}
+    second = await run(make_reconciler)
+    assert (second.status, second.deleted, second.inserted) == ("ok", 1, 0)
+    assert emulator.records(DOMAIN, BOUNCES) == []
+    assert (await run(make_reconciler)).counts()[1:] == (0, 0, 0, 0, 0, 0, 0)
+
+
+async def test_a_tag_removal_answered_404_with_another_text_is_done_when_the_tag_is_gone(
+        pool, emulator, make_reconciler):
+    emulator.seed(DOMAIN, "unsubscribes", [{"address": "u@example.com", "tags": ["news"],
+                                            "created_at": "Mon, 02 Mar 2026 10:00:00 UTC"}])
+    await insert_row(pool, "unsubscribes", DOMAIN, "u@example.com", state="synced", synced_at=AN_HOUR_AGO,
+                     tags=["news", "promo"], created_at=datetime(2026, 3, 2, 10, tzinfo=UTC))
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")  # drops `promo`
+    emulator.fail_next(404, method="DELETE", message="Not Found")
+
+    result = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, SuppressionList.UNSUBSCRIBES)
+
+    # Mailgun lists the address, but without the tag: the removal is done.
+    assert (result.status, result.deleted) == ("ok", 1), result.error
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0

@@ -272,7 +272,7 @@ class ModelMachine(RuleBasedStateMachine):
     async def _removal_queued(self, kind: SuppressionList, key: str) -> bool:
         queued: bool = await self.world.app_pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 "
-            "AND address_key = $3 AND tag = '')", DOMAIN, kind.value, key)
+            "AND address_key = $3 AND tag = '' AND done_at IS NULL)", DOMAIN, kind.value, key)
         return queued
 
     def _in_flight_post(self, kind: SuppressionList, key: str) -> bool:
@@ -633,7 +633,8 @@ class ModelMachine(RuleBasedStateMachine):
                     f"I6: {kind.value} {key}: the mirror has {row} but Mailgun {record}")
         states = {row["sync_state"] for row in mirror.values()}
         assert states <= {"synced"}, f"I6: rows left {states - {'synced'}} after two fault-free runs"
-        assert not await self.world.app_pool.fetchval("SELECT count(*) FROM mailgun.removals"), (
+        assert not await self.world.app_pool.fetchval(
+                "SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL"), (
             "I6: local deletions still queued after two fault-free runs")
 
     def _check_final(self, kind: SuppressionList, key: str, remote: dict[str, Any],

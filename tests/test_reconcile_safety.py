@@ -182,3 +182,21 @@ async def test_two_workers_with_different_settings_push_nothing_twice(pool, emul
     counts = collections.Counter(posted_addresses(emulator))
     assert set(counts) == set(local)
     assert max(counts.values()) == 1
+
+
+async def test_items_null_mid_list_and_an_empty_last_page_remove_nothing(pool, emulator, make_client,
+                                                                         make_reconciler):
+    await seed_synced(pool, emulator, 30)
+    before = await snapshot(pool)
+    # The second page and the last page both come back `items: null`: read as an end, the rows
+    # after the first page would be removed (3 of 30, under the deletion guard).
+    emulator.inject(Fault(action="items_null", page="next", skip=8))
+    emulator.inject(Fault(action="items_null", page="last"))
+
+    result = await make_reconciler(client=make_client(page_limit=9)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert result.status == "failed"
+    assert "the list's last page is empty" in str(result.error)
+    assert (result.removed, result.inserted, result.updated) == (0, 0, 0)
+    assert {k: v for k, v in (await snapshot(pool)).items() if k != "sync_runs"} == \
+        {k: v for k, v in before.items() if k != "sync_runs"}

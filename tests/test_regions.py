@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import API_KEY
 from tests.support.mirror import rows
 from worker.daemon import build_trigger
-from worker.domains import DomainPlan, parse_sync_config, plan_domains
+from worker.domains import DomainPlan, Planned, parse_sync_config, plan_domains
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError
 from worker.records import SYNCED_LISTS, SuppressionList
@@ -42,7 +42,7 @@ async def eu() -> AsyncIterator[MailgunEmulator]:
 @pytest.fixture
 def env(us, database_url, pool, tmp_path) -> dict[str, str]:
     return {"MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(us.base_url), "DATABASE_URL": database_url,
-            "MAILGUN_BACKOFF_MAX": "0", "SYNC_CONFIG": str(tmp_path / "sync.toml")}
+            "MAILGUN_BACKOFF_MAX": "0.01", "SYNC_CONFIG": str(tmp_path / "sync.toml")}
 
 
 def write_config(env: dict[str, str], text: str) -> None:
@@ -165,7 +165,7 @@ async def test_a_domain_named_in_the_file_keeps_its_settings_when_also_discovere
 
     assert plans == [
         DomainPlan(US_DOMAIN, str(us.base_url), (COMPLAINTS,), None, "0 * * * *"),
-        DomainPlan("mg.found.example.com", str(us.base_url), SYNCED_LISTS),
+        DomainPlan("mg.found.example.com", str(us.base_url), SYNCED_LISTS, discovered=True),
     ]
     assert (await plan_domains(settings, lambda base: client, only=["mg.other.example.com"],
                                lists=[BOUNCES])).domains == [
@@ -188,7 +188,7 @@ def test_regions_by_name_and_schedules_per_domain():
     assert (second.api_base, second.interval, second.cron) == (US_API_BASE, None, "*/5 * * * 1-5")
     settings = Settings(api_key=API_KEY, sync_interval=900, sync_jitter=0)
     assert build_trigger(settings, first).interval.total_seconds() == 600
-    assert str(build_trigger(settings, second).fields[4]) == "mon-fri"
+    assert str(build_trigger(settings, second).fields[4]) == "mon,tue,wed,thu,fri"
 
 
 @pytest.mark.parametrize(("text", "named"), [
@@ -230,8 +230,8 @@ async def test_the_daemon_syncs_each_region_and_picks_up_domains_added_later(
     eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
     planned = [DomainPlan(US_DOMAIN, str(us.base_url), (BOUNCES,))]
 
-    async def planner() -> list[DomainPlan]:
-        return list(planned)
+    async def planner() -> Planned:
+        return Planned(list(planned), [])
 
     clients = {str(region.base_url): make_client(api_base=region.base_url) for region in (us, eu)}
     resources = Resources(pool=pool, store=store, mailgun=clients[str(us.base_url)],
@@ -325,7 +325,9 @@ async def test_a_bad_weekday_in_a_domains_cron_exits_2_before_anything_runs(invo
     write_config(env, f'[[domains]]\nname = "{US_DOMAIN}"\ncron = "0 0 * * 8"\n')
     outcome = await invoke("run", env=env)
     assert outcome.code == 2
-    assert f"SYNC_CONFIG ({US_DOMAIN})" in outcome.err
+    [line] = outcome.err.splitlines()
+    assert line.startswith(f"mailgun-sync: SYNC_CONFIG: {env['SYNC_CONFIG']} [[domains]] #1 ({US_DOMAIN}): ")
+    assert "cron: weekday 8 is outside 0-7" in line
     assert not us.requests
 
 
@@ -339,22 +341,24 @@ async def test_a_refresh_moves_a_domain_to_its_new_region_and_forgets_dropped_fa
     eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
     planned = [DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))]  # the wrong region
 
-    async def planner() -> list[DomainPlan]:
-        return list(planned)
+    async def planner() -> Planned:
+        return Planned(list(planned), [])
 
     clients = {str(r.base_url): make_client(api_base=r.base_url, retry=RetryPolicy(max_attempts=1))
                for r in (us, eu)}
     resources = Resources(pool=pool, store=store, mailgun=clients[str(us.base_url)],
                           regional=clients.__getitem__)
-    settings = Settings(api_key=API_KEY, api_base=str(us.base_url), sync_interval=1, sync_jitter=0,
-                        failures_before_unready=1)
-    daemon = Daemon(settings, resources, Metrics(), planner)
+    settings = Settings(api_key=API_KEY, api_base=str(us.base_url), sync_interval=1, sync_jitter=0)
+    metrics = Metrics()
+    daemon = Daemon(settings, resources, metrics, planner)
     await daemon.start()
-    try:
-        async def unready() -> bool:
-            return await daemon.readiness() is not None
 
-        await wait_until(unready)
+    async def failing() -> bool:
+        return (metrics.registry.get_sample_value(
+            "mailgun_sync_consecutive_failures", {"domain": EU_DOMAIN, "list": "bounces"}) or 0) > 0
+
+    try:
+        await wait_until(failing)
         planned[0] = DomainPlan(EU_DOMAIN, str(eu.base_url), (BOUNCES,))
         await daemon.refresh_domains()
         await wait_until(lambda: ran(pool, EU_DOMAIN))
@@ -362,9 +366,11 @@ async def test_a_refresh_moves_a_domain_to_its_new_region_and_forgets_dropped_fa
 
         planned[0] = DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))
         await daemon.refresh_domains()
-        await wait_until(unready)
+        await wait_until(failing)
         planned.clear()
         await daemon.refresh_domains()
+        assert metrics.registry.get_sample_value(
+            "mailgun_sync_consecutive_failures", {"domain": EU_DOMAIN, "list": "bounces"}) is None
         assert await daemon.readiness() is None
     finally:
         await daemon.drain(grace=5)

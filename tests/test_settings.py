@@ -41,6 +41,12 @@ def test_webhooks_are_off_without_a_signing_key_and_the_window_is_a_day():
     assert Settings.from_env({**BASE, "WEBHOOK_MAX_AGE": "3600"}).webhook_max_age == 3600.0
 
 
+def test_change_log_and_runs_are_kept_30_days_by_default_and_0_keeps_them_forever():
+    assert Settings.from_env(BASE).retention_days == 30
+    assert Settings.from_env({**BASE, "SYNC_RETENTION_DAYS": "0"}).retention_days == 0
+    assert Settings.from_env(BASE, SYNC_RETENTION_DAYS=90).retention_days == 90
+
+
 @pytest.mark.parametrize(("env", "setting"), [
     ({}, "MAILGUN_API_KEY"),
     ({"MAILGUN_API_KEY": "  "}, "MAILGUN_API_KEY"),
@@ -48,6 +54,7 @@ def test_webhooks_are_off_without_a_signing_key_and_the_window_is_a_day():
     ({**BASE, "MAILGUN_MAX_ATTEMPTS": "0"}, "MAILGUN_MAX_ATTEMPTS"),
     ({**BASE, "MAILGUN_BACKOFF_MAX": "-1"}, "MAILGUN_BACKOFF_MAX"),
     ({**BASE, "MAILGUN_BACKOFF_MAX": "nan"}, "MAILGUN_BACKOFF_MAX"),
+    ({**BASE, "MAILGUN_BACKOFF_MAX": "0"}, "MAILGUN_BACKOFF_MAX"),
     ({**BASE, "SYNC_MAX_DELETE_FRACTION": "1.5"}, "SYNC_MAX_DELETE_FRACTION"),
     ({**BASE, "MAILGUN_DOMAINS": "not a domain"}, "MAILGUN_DOMAINS"),
     ({**BASE, "MAILGUN_API_BASE": "ftp://api.mailgun.net"}, "MAILGUN_API_BASE"),
@@ -56,6 +63,8 @@ def test_webhooks_are_off_without_a_signing_key_and_the_window_is_a_day():
     ({**BASE, "MAILGUN_API_BASE": "https://api.mailgun.net/v3/mg.a.com/bounces"}, "MAILGUN_API_BASE"),
     ({**BASE, "WEBHOOK_MAX_AGE": "10"}, "WEBHOOK_MAX_AGE"),
     ({**BASE, "WEBHOOK_MAX_AGE": "inf"}, "WEBHOOK_MAX_AGE"),
+    ({**BASE, "SYNC_RETENTION_DAYS": "-1"}, "SYNC_RETENTION_DAYS"),
+    ({**BASE, "SYNC_RETENTION_DAYS": "a month"}, "SYNC_RETENTION_DAYS"),
 ])
 def test_a_missing_or_malformed_setting_is_named(env, setting):
     with pytest.raises(ConfigError) as caught:

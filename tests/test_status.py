@@ -23,7 +23,7 @@ BOUNCES = SuppressionList.BOUNCES
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
 COMPLAINTS = SuppressionList.COMPLAINTS
 LISTS = ("bounces", "unsubscribes", "complaints", "allowlist")
-COUNTS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
+COUNTS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted", "skipped")
 FIELDS = {"domain", "list", "last_run_at", "status", *COUNTS, "pending_rows", "rejected_rows", "error"}
 
 
@@ -114,7 +114,7 @@ async def test_status_json_gives_each_lists_last_run_counts_pending_and_rejected
     assert (bounces["status"], bounces["error"]) == ("ok", None)
     assert {c: bounces[c] for c in COUNTS} == {
         "pulled": 3, "inserted": 3, "updated": 0, "removed": 0, "adopted": 0, "pushed": 1, "rejected": 1,
-        "deleted": 0}
+        "deleted": 0, "skipped": 0}
     assert (bounces["pending_rows"], bounces["rejected_rows"]) == (0, 1)
     assert unsubscribes["status"] == "failed"
     assert unsubscribes["error"].startswith("pull incomplete, nothing changed:")

@@ -100,7 +100,8 @@ async def test_webhooks_in_flight_at_sigterm_are_answered_only_once_stored(emula
 
     async with aiohttp.ClientSession() as session:
         sending = [asyncio.create_task(send(session, d)) for d in deliveries]
-        await asyncio.sleep(0.05)
+        # Stopped once the first answer is back, with the rest still arriving or in flight.
+        await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
         assert await stop(daemon) == 0
         answers = await asyncio.gather(*sending)
 

@@ -300,7 +300,7 @@ async def test_an_event_older_than_a_local_removal_leaves_the_removal_standing(h
 
     assert answer == (200, "superseded")
     assert await rows(pool, COMPLAINTS) == {}
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 1
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 1
 
 
 async def test_an_event_newer_than_a_local_removal_cancels_it(http, pool):
@@ -312,7 +312,7 @@ async def test_an_event_newer_than_a_local_removal_cancels_it(http, pool):
     assert await deliver(http, event("complained", "again@example.com", DOMAIN)) == (200, "stored")
 
     assert (await rows(pool, COMPLAINTS))["again@example.com"]["sync_state"] == "synced"
-    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
 async def test_an_unsubscribe_event_leaves_a_local_drop_of_another_tag_standing(http, pool):
@@ -347,7 +347,7 @@ async def test_events_for_one_address_in_one_batch_apply_in_arrival_order(pool):
     def unsubscribe(tags: tuple[str, ...], token: str) -> WebhookEvent:
         now = datetime.now(UTC).replace(microsecond=0)
         return WebhookEvent(kind=UNSUBSCRIBES, event="unsubscribed", domain=DOMAIN, address="o@example.com",
-                            created_at=now, token=token, signed_at=now, event_id=token, tags=tags)
+                            occurred_at=now, token=token, signed_at=now, event_id=token, tags=tags)
 
     batch = [unsubscribe(("a",), "t1"), unsubscribe(("b",), "t2"), unsubscribe(("b",), "t2")]
     assert [len(r[UNSUBSCRIBES]) for r in rounds(batch)[0]] == [1, 1]
@@ -379,7 +379,7 @@ async def test_an_event_the_database_refuses_fails_alone_and_the_rest_of_its_bat
 async def test_a_failed_batch_is_written_again_event_by_event(pool):
     now = datetime.now(UTC).replace(microsecond=0)
     events = [WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=address,
-                           created_at=now, token=f"token-{address}", signed_at=now, event_id="")
+                           occurred_at=now, token=f"token-{address}", signed_at=now, event_id="")
               for address in ("a@example.com", "refused@example.com", "b@example.com")]
     await pool.execute("ALTER TABLE mailgun.complaints ADD CONSTRAINT test_refuses_one"
                        " CHECK (address <> 'refused@example.com')")
@@ -398,7 +398,7 @@ async def test_a_failed_batch_is_written_again_event_by_event(pool):
 async def test_stopping_the_writer_writes_everything_queued_first(pool):
     now = datetime.now(UTC).replace(microsecond=0)
     events = [WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=f"q{i}@example.com",
-                           created_at=now, token=f"queued-{i}", signed_at=now, event_id="")
+                           occurred_at=now, token=f"queued-{i}", signed_at=now, event_id="")
               for i in range(7)]
     writer = WebhookWriter(WebhookStore(pool), max_age=86400, max_batch=2)
     writer.start()

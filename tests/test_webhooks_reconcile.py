@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
+from tests.support.waiting import wait_for
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
 from worker.emulator import Fault
 from worker.records import SuppressionList
@@ -32,14 +33,6 @@ async def http(pool, client, emulator, aiohttp_client):
                         webhook_signing_key=SIGNING_KEY)
     async with webhook_app(pool, client, settings) as app:
         yield await aiohttp_client(app)
-
-
-async def wait_for(condition) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out waiting")
 
 
 async def reconcile(make_reconciler, kind=BOUNCES):
@@ -101,3 +94,61 @@ async def test_a_webhook_row_mailgun_does_not_have_is_removed_by_a_later_reconci
     result = await reconcile(make_reconciler, SuppressionList.COMPLAINTS)
     assert (result.status, result.removed, result.pushed) == ("ok", 1, 0)
     assert await rows(pool, SuppressionList.COMPLAINTS) == {}
+
+
+# ---- a webhook newer than an application's removal ----------------------------------------------
+
+async def synced_bounce(pool, emulator, address: str, seconds: int) -> None:
+    emulator.seed(DOMAIN, BOUNCES, [{"address": address, "code": "550", "created_at": wire_time(seconds)}])
+    await insert_row(pool, BOUNCES, DOMAIN, address, state="synced",
+                     synced_at=datetime.now(UTC) - timedelta(hours=1),
+                     created_at=datetime.fromtimestamp(seconds, UTC))
+
+
+async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_wins_on_both_sides(
+        http, pool, emulator, make_reconciler):
+    await synced_bounce(pool, emulator, "back@example.com", EVENT_TIME - 3600)
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'back@example.com'")
+    # The run's DELETE is held by Mailgun; meanwhile the address bounces again at Mailgun, and the
+    # webhook says so. Mailgun then carries out the DELETE, which takes the new bounce with it.
+    emulator.inject(Fault(action="delay", delay_s=0.5, method="DELETE"))
+    run = asyncio.create_task(reconcile(make_reconciler))
+    await wait_for(lambda: any(r.method == "DELETE" for r in emulator.requests))
+    now = time.time()
+    emulator.seed(DOMAIN, BOUNCES, [{"address": "back@example.com", "code": "550",
+                                     "created_at": wire_time(int(now))}])
+    assert await deliver(http, event("failed", "back@example.com", DOMAIN, timestamp=now)) == (200, "stored")
+    first = await run
+    assert first.status == "ok", first.error
+    second = await reconcile(make_reconciler)
+
+    # The newest event is Mailgun's bounce: both sides have the address.
+    assert second.status == "ok", second.error
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["back@example.com"]
+    assert (await rows(pool, BOUNCES))["back@example.com"]["sync_state"] == "synced"
+
+
+async def test_a_webhook_later_in_the_same_second_as_a_removal_is_newer(http, pool, emulator):
+    await synced_bounce(pool, emulator, "same@example.com", EVENT_TIME - 3600)
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'same@example.com'")
+    removed_at = await pool.fetchval("SELECT removed_at FROM mailgun.removals")
+    # An event a few milliseconds after the removal, within the same whole second.
+    later = removed_at.timestamp() + 0.001
+
+    answer = await deliver(http, event("failed", "same@example.com", DOMAIN, timestamp=later))
+
+    assert answer == (200, "stored")
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
+
+
+async def test_a_webhook_older_than_a_carried_out_removal_stays_superseded(http, pool, emulator,
+                                                                           make_reconciler):
+    await synced_bounce(pool, emulator, "old@example.com", EVENT_TIME - 3600)
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'old@example.com'")
+    removed_at = await pool.fetchval("SELECT removed_at FROM mailgun.removals")
+    assert (await reconcile(make_reconciler)).deleted == 1
+
+    # Delivered late (Mailgun retries for hours), about an event from before the removal.
+    late = event("failed", "old@example.com", DOMAIN, timestamp=removed_at.timestamp() - 5)
+    assert await deliver(http, late) == (200, "superseded")
+    assert await rows(pool, BOUNCES) == {}

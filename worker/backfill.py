@@ -65,8 +65,18 @@ class Backfiller(Reconciler):
 
     async def _pull(self, session: ListSession, result: ListResult) -> datetime:
         saved = await session.backfill_progress()
+        if saved and await session.backfill_overtaken(saved.started_at):
+            # A run or a removal at Mailgun since these pages were read: they may list records
+            # deleted meanwhile, which applying them would bring back. Start over.
+            log.info("backfill_restarted", reason="the list changed since its pages were read",
+                     pages=saved.pages)
+            await session.clear_backfill()
+            saved = None
         after = saved.last_address if saved else None
         records, pages = (saved.records, saved.pages) if saved else (0, 0)
+        # Skipped records whose address does not fit the mirror leave no placeholder with the
+        # pages: counted as read by this process (a resumed backfill misses earlier ones).
+        unheld = 0
         resumed = pages
         if saved:
             log.info("backfill_resumed", after=after, pages=pages, records=records)
@@ -75,12 +85,14 @@ class Backfiller(Reconciler):
         try:
             async for page in self._mailgun.pages(session.domain, session.kind, after=after):
                 await session.backfill_page(page)
-                records += len(page.records)
+                records += page.held
+                unheld += sum(1 for s in page.skipped if not s.held)
                 pages += 1
                 self._progress.page(session.domain, session.kind.value, records, pages, resumed)
         finally:
             self._progress.done()
-        result.pulled = await session.stage_backfill()
+        staged = await session.stage_backfill()
+        result.pulled, result.skipped = staged.records, staged.skipped + unheld
         return started
 
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:

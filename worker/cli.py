@@ -34,8 +34,10 @@ from worker.metrics import Metrics
 from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.report import list_status, render_status, render_table
-from worker.settings import US_API_BASE, Settings, domain_names
+from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
+from worker.retention import prune
+from worker.retention import render as render_prune
+from worker.settings import US_API_BASE, Settings, domain_names, retention_days
 from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
@@ -64,6 +66,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="parallel keyset ranges for a large list (env SYNC_PULL_RANGES, default 16)")
     parser.add_argument("--max-delete-fraction", dest="SYNC_MAX_DELETE_FRACTION", metavar="F",
                         help="largest share of a list a run may remove (env SYNC_MAX_DELETE_FRACTION, 0.1)")
+
+
+def _add_retention_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-days", dest="SYNC_RETENTION_DAYS", metavar="DAYS",
+                        help="days the change log and run records are kept, 0 for ever "
+                        "(env SYNC_RETENTION_DAYS, default 30)")
 
 
 def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scope_flags(daemon)
     daemon.add_argument("--interval", dest="SYNC_INTERVAL", metavar="SECONDS",
                         help="seconds between runs of each list (env SYNC_INTERVAL, default 900)")
+    _add_retention_flag(daemon)
     daemon.add_argument("--cron", dest="SYNC_CRON", metavar="EXPR",
                         help="a crontab schedule instead of the interval (env SYNC_CRON)")
     daemon.add_argument("--jitter", dest="SYNC_JITTER", metavar="SECONDS",
@@ -122,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
 
+    prune = commands.add_parser(
+        "prune", help="delete change log and run records older than the retention, in small batches")
+    _add_retention_flag(prune)
+    prune.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                       help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+    prune.add_argument("--json", action="store_true", help="print one JSON object")
+
     migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
     migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                              help="PostgreSQL URL of the mirror (env DATABASE_URL)")
@@ -137,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bounces at the emulator (default 100000)")
     bench.add_argument("--pending", type=int, metavar="N",
                        help="pending local additions to push (default 1 %% of --records)")
+    bench.add_argument("--deletions", type=int, default=0, metavar="N",
+                       help="also have the application delete N synced rows, deleted at Mailgun by the run")
     bench.add_argument("--page-latency-ms", type=float, default=0.0, metavar="L",
                        help="added to every request to the emulator, as a round trip to Mailgun")
     bench.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
@@ -177,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="a server to create the benchmark's own database on "
                                 "(default: local or embedded)")
     bench_webhooks.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench_prune = commands.add_parser(
+        "bench-prune", help="measure pruning a large change log, and a writer's latency meanwhile")
+    bench_prune.add_argument("--old", type=int, default=5_000_000, metavar="N",
+                             help="change rows past the 30-day retention (default 5000000)")
+    bench_prune.add_argument("--fresh", type=int, metavar="N",
+                             help="change rows within it, kept (default a tenth of --old)")
+    bench_prune.add_argument("--runs", type=int, metavar="N",
+                             help="run records over 61 days (default a hundredth of --old)")
+    bench_prune.add_argument("--rate", type=float, default=200.0, metavar="R",
+                             help="the concurrent writer's inserts per second (default 200)")
+    bench_prune.add_argument("--baseline-seconds", type=float, default=10.0, metavar="S",
+                             help="how long the writer runs alone first (default 10)")
+    bench_prune.add_argument("--database-url", metavar="URL",
+                             help="a server to create the benchmark's own database on "
+                             "(default: local or embedded)")
+    bench_prune.add_argument("--json", action="store_true", help="print one JSON object")
 
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
@@ -224,7 +259,7 @@ def selected_lists(args: argparse.Namespace) -> list[SuppressionList] | None:
 
 async def domain_plans(args: argparse.Namespace, settings: Settings, resources: Resources) -> Planned:
     return await plan_domains(settings, resources.mailgun_for, only=args.domains or (),
-                              lists=selected_lists(args))
+                              lists=selected_lists(args), memory=resources.store)
 
 
 async def reconcile_plans(plans: Sequence[DomainPlan], resources: Resources,
@@ -275,8 +310,8 @@ async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     metrics = Metrics()
     async with open_resources(settings, observer=metrics) as resources:
         await require_schema(resources.pool)
-        async def planner() -> list[DomainPlan]:
-            return (await domain_plans(args, settings, resources)).domains
+        async def planner() -> Planned:
+            return await domain_plans(args, settings, resources)
 
         await serve(settings, resources, metrics, planner)
     return EXIT_OK
@@ -312,8 +347,23 @@ async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     async with open_pool(url, max_size=2) as pool:
         await require_schema(pool)
         report = await list_status(MirrorStore(pool), configured_domains(env))
-    sys.stdout.write(orjson.dumps({"lists": report}).decode() + "\n" if args.json
-                     else render_status(report))
+        regions = await discovery_status(MirrorStore(pool))
+    sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions}).decode() + "\n" if args.json
+                     else render_status(report) + render_discovery(regions))
+    return EXIT_OK
+
+
+async def prune_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    merged = {**env, **{k: v for k, v in _overrides(args).items() if v is not None}}
+    days = retention_days(merged)
+    url = merged.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    async with open_pool(url, max_size=1) as pool:
+        await require_schema(pool)
+        report = await prune(pool, days)
+    sys.stdout.write(orjson.dumps(report.as_json()).decode() + "\n" if args.json
+                     else render_prune(report))
     return EXIT_OK
 
 
@@ -391,12 +441,14 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await backfill_command(args, env)
         if args.command == "status":
             return await status_command(args, env)
+        if args.command == "prune":
+            return await prune_command(args, env)
         if args.command == "bench":
             from worker.benchmark.run import render, run_benchmark
 
             report = await run_benchmark(
                 records=args.records, pending=args.pending, page_latency_ms=args.page_latency_ms,
-                baseline=args.baseline, database_url=args.database_url)
+                baseline=args.baseline, database_url=args.database_url, deletions=args.deletions)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
             return EXIT_OK
         if args.command == "webhook-test":
@@ -410,6 +462,15 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                 database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
                              else render_webhooks(report))
+            return EXIT_OK if report["ok"] else EXIT_FAILED
+        if args.command == "bench-prune":
+            from worker.benchmark import prune as bench_prune
+
+            report = await bench_prune.run_benchmark(
+                old=args.old, fresh=args.fresh, runs=args.runs, rate=args.rate,
+                baseline_seconds=args.baseline_seconds, database_url=args.database_url)
+            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
+                             else bench_prune.render(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "soak":
             from worker.benchmark import soak as soaking

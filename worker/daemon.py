@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import signal
 import time
 import uuid
@@ -21,59 +20,56 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from worker.domains import DomainPlan
+from worker.cron import parse_cron
+from worker.domains import DomainPlan, Planned
 from worker.errors import ConfigError, DatabaseError, SyncError
 from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
+from worker.retention import prune
 from worker.settings import Settings
 from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 
-_CRON_WEEKDAYS = {"0": "sun", "7": "sun", "1": "mon", "2": "tue", "3": "wed", "4": "thu", "5": "fri",
-                  "6": "sat"}
-
-
 def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTrigger:
-    """The domain's own schedule if it has one, else `SYNC_CRON` (standard crontab, Sunday = 0)
+    """The domain's own schedule if it has one, else `SYNC_CRON` (crontab, read as cron reads it)
     if set, else every `SYNC_INTERVAL` seconds."""
     interval, cron, setting = settings.sync_interval, settings.sync_cron, "SYNC_CRON"
     if plan is not None and (plan.interval is not None or plan.cron is not None):
         interval, cron, setting = plan.interval or interval, plan.cron, f"SYNC_CONFIG ({plan.name})"
+    jitter = settings.sync_jitter or None
     if cron is None:
-        return IntervalTrigger(seconds=interval, jitter=settings.sync_jitter or None, timezone=UTC)
-    fields = cron.split()
-    if len(fields) != 5:
-        raise ConfigError(setting, f"{cron!r} needs 5 fields: minute hour day month weekday")
-    minute, hour, day, month, weekday = fields
-    # APScheduler 3 numbers weekdays from Monday; crontab from Sunday. Names mean the same in both.
-    weekday = re.sub(r"\d", lambda m: _CRON_WEEKDAYS.get(m.group(), m.group()), weekday)
+        return IntervalTrigger(seconds=interval, jitter=jitter, timezone=UTC)
     try:
-        return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
-                           jitter=settings.sync_jitter or None, timezone=UTC)
+        return parse_cron(cron).trigger(jitter=jitter)
     except ValueError as exc:
-        raise ConfigError(setting, f"{cron!r}: {exc}") from None
+        raise ConfigError(setting, str(exc)) from None
 
 
 # The domains to sync, asked again every DISCOVERY_REFRESH seconds: domains discovered in the
 # account or added to SYNC_CONFIG since are picked up without a restart.
-Planner = Callable[[], Awaitable[Sequence[DomainPlan]]]
+Planner = Callable[[], Awaitable[Planned]]
 DISCOVERY_REFRESH = 3600.0
 _REFRESH_JOB = "refresh-domains"
+# Rows past SYNC_RETENTION_DAYS are pruned this often; a replica that finds another one pruning
+# skips its turn.
+PRUNE_INTERVAL = 3600.0
+_PRUNE_JOB = "prune-retention"
+_HOUSEKEEPING_JOBS = (_REFRESH_JOB, _PRUNE_JOB)
 
 
 def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
-    async def planner() -> Sequence[DomainPlan]:
-        return plans
+    async def planner() -> Planned:
+        return Planned(list(plans), [])
     return planner
 
 
@@ -92,6 +88,7 @@ class Daemon:
             "misfire_grace_time": max(1, int(settings.sync_interval))})
         self._running: set[asyncio.Task[Any]] = set()
         self._failures: dict[tuple[str, str], int] = {}
+        self._started = False
         self._stopping = False
         # The domains scheduled now; read by the webhook endpoint on every request.
         self._domains: tuple[str, ...] = ()
@@ -99,11 +96,25 @@ class Daemon:
     async def start(self) -> None:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
         so that replicas started together do not all reach for the same list at once."""
+        await self.seed_metrics()
         self._schedule(await self._planner())
+        self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._scheduler.add_job(
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
             id=_REFRESH_JOB, name="refresh the domains to sync")
+        if self._settings.retention_days > 0:
+            # Spread over the first minutes, so replicas started together do not race for the lock.
+            first = datetime.now(UTC) + timedelta(
+                seconds=random.uniform(0, min(self._settings.sync_jitter, 300.0)))
+            self._scheduler.add_job(
+                self.prune, IntervalTrigger(seconds=PRUNE_INTERVAL, timezone=UTC), id=_PRUNE_JOB,
+                name="prune past the retention", next_run_time=first)
         self._scheduler.start()
+        self._started = True
+        if self._settings.failures_before_unready is not None:
+            log.warning("setting_has_no_effect", setting="SYNC_FAILURES_BEFORE_UNREADY",
+                        detail="readiness no longer depends on failing lists; alert on "
+                               "mailgun_sync_consecutive_failures instead")
         log.info("daemon_started", domains=self.domains(),
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
@@ -111,19 +122,35 @@ class Daemon:
         """The domains scheduled now."""
         return self._domains
 
-    def _schedule(self, plans: Sequence[DomainPlan]) -> None:
+    def _schedule(self, planned: Planned) -> None:
         """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
-        schedule changed, drop those no longer planned (and forget their failures)."""
+        schedule changed, drop those no longer planned (and forget their failures). A region
+        whose listing failed keeps the domains scheduled from it (the planner's last known ones
+        and those scheduled now): only a complete listing removes a domain."""
+        plans = list(planned.domains)
+        if planned.stale:
+            planned_names = {plan.name for plan in plans}
+            kept = [job.args[0] for job in self._scheduler.get_jobs()
+                    if job.id not in _HOUSEKEEPING_JOBS and job.args[0].discovered
+                    and job.args[0].api_base in planned.stale and job.args[0].name not in planned_names]
+            plans.extend({plan.name: plan for plan in kept}.values())
+            if kept:
+                log.warning("stale_domains_kept", regions=list(planned.stale),
+                            domains=sorted({plan.name for plan in kept}))
+        for api_base in planned.discovered:
+            self._metrics.discovery_stale.labels(api_base=api_base).set(int(api_base in planned.stale))
+        self._metrics.domain_refreshes.labels(outcome="stale" if planned.stale else "ok").inc()
         # Every trigger first: a bad schedule changes nothing.
         triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
         wanted = {f"{plan.name}/{kind.value}": (plan, kind) for plan in plans for kind in plan.lists}
         for job in self._scheduler.get_jobs():
-            if job.id == _REFRESH_JOB or (job.id in wanted and job.args[0] == wanted[job.id][0]):
+            if job.id in _HOUSEKEEPING_JOBS or (job.id in wanted and job.args[0] == wanted[job.id][0]):
                 continue
             job.remove()
             if job.id not in wanted:
                 plan, kind = job.args
                 self._failures.pop((plan.name, kind.value), None)
+                self._metrics.forget_list(plan.name, kind.value)
                 log.info("list_unscheduled", job=job.id)
         now = datetime.now(UTC)
         for job_id, (plan, kind) in wanted.items():
@@ -141,6 +168,7 @@ class Daemon:
         try:
             self._schedule(await self._planner())
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
+            self._metrics.domain_refreshes.labels(outcome="failed").inc()
             log.error("domains_not_refreshed", error=str(exc))
         except Exception:  # the daemon outlives a broken refresh, like a broken run
             log.exception("domains_refresh_crashed")
@@ -164,38 +192,78 @@ class Daemon:
             result = await self._reconciler(plan).reconcile(uuid.uuid4(), domain, kind)
             seconds = time.perf_counter() - clock
             if result.status in (FAILED, GUARDED):
-                self._failures[key] = self._failures.get(key, 0) + 1
+                self._failed(key)
             elif result.status == OK:
-                self._failures[key] = 0
-            # The pending count first, so a scrape never shows a run without it.
+                self._failed(key, reset=True)
+            # The pending count first, so a scrape never shows a run without it; a count that
+            # fails says nothing about the run.
             try:
                 pending, _ = await self._resources.store.count_states(domain, kind)
                 self._metrics.observe_pending(domain, kind.value, pending)
-            finally:
-                self._metrics.observe_run(result, seconds)
+            except SyncError as exc:
+                log.warning("pending_rows_not_counted", domain=domain, list=kind.value, error=str(exc))
+            self._metrics.observe_run(result, seconds)
         except SyncError as exc:
-            self._failures[key] = self._failures.get(key, 0) + 1
+            self._failed(key)
             log.error("scheduled_run_failed", domain=domain, list=kind.value, error=str(exc))
         except Exception:  # the per-run guard: one broken run must not stop the daemon
-            self._failures[key] = self._failures.get(key, 0) + 1
+            self._failed(key)
             log.exception("scheduled_run_crashed", domain=domain, list=kind.value)
         finally:
             self._running.discard(task)
 
-    def failing_lists(self) -> list[str]:
-        limit = self._settings.failures_before_unready
-        return sorted(f"{d}/{k}" for (d, k), n in self._failures.items() if n > limit)
+    def _failed(self, key: tuple[str, str], *, reset: bool = False) -> None:
+        """Count a list's runs that did not end ok in a row (for metrics and alerts)."""
+        self._failures[key] = 0 if reset else self._failures.get(key, 0) + 1
+        self._metrics.observe_failures(*key, self._failures[key])
+
+    def _on_skipped(self, event: JobEvent) -> None:
+        """A run not started: the list's previous run was still going, or it was due too long ago."""
+        job = self._scheduler.get_job(event.job_id)
+        if job is None or job.id in _HOUSEKEEPING_JOBS:
+            return
+        plan, kind = job.args
+        reason = "still_running" if event.code == EVENT_JOB_MAX_INSTANCES else "missed"
+        self._metrics.runs_skipped.labels(domain=plan.name, list=kind.value, reason=reason).inc()
+        log.warning("scheduled_run_skipped", domain=plan.name, list=kind.value, reason=reason)
+
+    async def seed_metrics(self) -> None:
+        """The last success of each list from the mirror's run log, so the gauge (and an alert on
+        its age) does not wait for this process's first success."""
+        try:
+            for row in await self._resources.store.last_successes():
+                self._metrics.last_success.labels(domain=row["domain"], list=row["list"]).set(
+                    row["finished_at"].timestamp())
+        except SyncError as exc:
+            log.warning("last_success_not_read", error=str(exc))
+
+    async def prune(self) -> None:
+        """Delete the change log and run records past the retention (worker/retention.py)."""
+        if self._stopping:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        try:
+            report = await prune(self._resources.pool, self._settings.retention_days)
+            self._metrics.observe_prune(report)
+        except SyncError as exc:  # try again at the next turn
+            log.error("retention_prune_failed", error=str(exc))
+        except Exception:  # the daemon outlives a broken prune, like a broken run
+            log.exception("retention_prune_crashed")
+        finally:
+            self._running.discard(task)
 
     async def readiness(self) -> str | None:
-        """Why the daemon is not ready, or None when it is."""
+        """Why this process cannot serve, or None when it can: it has planned its domains and
+        PostgreSQL answers. A failing list does not make it unready (that would take the webhooks
+        of every domain down with it): list health is in the metrics and `status`."""
+        if not self._started:
+            return "starting: planning the domains to sync"
         try:
             await self._resources.store.ping(within=2.0)
         except DatabaseError as exc:
             return f"database unreachable: {exc}"
-        failing = self.failing_lists()
-        if failing:
-            return (f"failing more than {self._settings.failures_before_unready} runs in a row: "
-                    + ", ".join(failing))
         return None
 
     async def drain(self, grace: float) -> None:

@@ -22,6 +22,7 @@ import asyncpg
 
 from worker.embedded import embedded_postgres
 from worker.emulator import MailgunEmulator
+from worker.emulator.recorded import RECORDED_BOUNCES, RECORDED_UNSUBSCRIBES
 from worker.mailgun import MailgunClient
 from worker.migrate import migrate
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
@@ -72,6 +73,9 @@ def _people(rng: random.Random, count: int) -> Iterator[str]:
 
 def demo_seed(rng: random.Random) -> dict[str, list[dict[str, Any]]]:
     lists: dict[str, list[dict[str, Any]]] = {k: list(v) for k, v in SEED_SAMPLES.items()}
+    # Records as Mailgun really returned them, an unsubscribe with an empty address among them.
+    lists["bounces"] += RECORDED_BOUNCES
+    lists["unsubscribes"] += RECORDED_UNSUBSCRIBES
     for address in _people(rng, 240):
         code, error = rng.choice(_BOUNCE_ERRORS)
         lists["bounces"].append({"address": address, "code": code, "error": error})

@@ -11,8 +11,9 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from worker.cron import parse_cron
 from worker.errors import ConfigError, MailgunError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
@@ -34,6 +35,7 @@ class DomainPlan:
     lists: tuple[SuppressionList, ...] = SYNCED_LISTS
     interval: float | None = None
     cron: str | None = None
+    discovered: bool = False  # found by listing the account's domains, not named
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,22 @@ class Discovery:
 @dataclass(frozen=True)
 class Planned:
     """The domains to sync, and why some may be missing: a region whose domains could not be
-    listed (the others, and the domains named explicitly, are synced all the same)."""
+    listed (its last known domains, the other regions' and the ones named explicitly are synced
+    all the same). `discovered` names every region asked, `stale` those whose listing failed."""
 
     domains: list[DomainPlan]
     failures: list[str]
+    discovered: tuple[str, ...] = ()
+    stale: tuple[str, ...] = ()
+
+
+class DiscoveryMemory(Protocol):
+    """Where each region's last complete listing is kept (the mirror's database)."""
+
+    async def record_discovery(self, api_base: str, domains: Sequence[str] | None,
+                               error: str | None = None) -> None: ...
+
+    async def discovery_state(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -120,8 +134,13 @@ def _schedule(table: Mapping[str, Any], where: str, inherited: Schedule = (None,
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float)
                                  or not 1 <= interval <= 7 * 86400):
         raise _fail(where, f"interval {interval!r} is not a number of seconds from 1 to 604800")
-    if cron is not None and (not isinstance(cron, str) or len(cron.split()) != 5):
-        raise _fail(where, f"cron {cron!r} needs 5 fields: minute hour day month weekday")
+    if cron is not None:
+        if not isinstance(cron, str):
+            raise _fail(where, f"cron {cron!r} is not a crontab schedule text")
+        try:
+            parse_cron(cron)
+        except ValueError as exc:
+            raise _fail(where, f"cron: {exc}") from None
     return (float(interval) if interval is not None else None), cron
 
 
@@ -199,11 +218,13 @@ def read_sync_config(path: str, *, default_api_base: str) -> SyncConfig:
 
 async def plan_domains(settings: Settings, client_for: Callable[[str], MailgunClient], *,
                        only: Sequence[str] = (),
-                       lists: Iterable[SuppressionList] | None = None) -> Planned:
+                       lists: Iterable[SuppressionList] | None = None,
+                       memory: DiscoveryMemory | None = None) -> Planned:
     """Every domain to sync, in order: the configuration file's, then `MAILGUN_DOMAINS`', then the
     discovered ones (a domain named explicitly keeps its own settings). `only` (from --domain)
     narrows to those names, a discovered one keeping its region; `lists` (from --list) narrows
-    every domain's lists."""
+    every domain's lists. With a `memory`, each complete listing is kept, and a region whose
+    listing fails contributes the domains of its last complete one."""
     config = read_sync_config(settings.config_file, default_api_base=settings.api_base) \
         if settings.config_file else SyncConfig()
     plans = {plan.name: plan for plan in config.domains}
@@ -211,8 +232,12 @@ async def plan_domains(settings: Settings, client_for: Callable[[str], MailgunCl
         for name in settings.domains:
             plans.setdefault(name, DomainPlan(name, settings.api_base))
     failures: list[str] = []
+    discovered: tuple[str, ...] = ()
+    stale: list[str] = []
     if config.discover is not None and (not only or any(name not in plans for name in only)):
-        found, failures = await discover(config.discover, client_for, known=set(plans))
+        discovered = config.discover.api_bases
+        found, failures, stale = await discover(config.discover, client_for, known=set(plans),
+                                                memory=memory)
         for plan in found:
             plans[plan.name] = plan
     if only:
@@ -229,30 +254,42 @@ async def plan_domains(settings: Settings, client_for: Callable[[str], MailgunCl
     if not result:
         raise ConfigError("MAILGUN_DOMAINS", "no domain to sync: set MAILGUN_DOMAINS, pass --domain, "
                                              "or name domains in SYNC_CONFIG")
-    return Planned(result, failures)
+    return Planned(result, failures, discovered, tuple(stale))
 
 
 async def discover(discovery: Discovery, client_for: Callable[[str], MailgunClient], *,
-                   known: set[str]) -> tuple[list[DomainPlan], list[str]]:
+                   known: set[str], memory: DiscoveryMemory | None = None,
+                   ) -> tuple[list[DomainPlan], list[str], list[str]]:
     """The account's enabled domains in each region, but for the excluded and the `known` ones;
-    and the regions that could not be listed (each is reported, the others still count)."""
+    why some regions could not be listed; and those regions. Only a complete listing counts: a
+    region whose listing fails keeps the domains of its last complete one (from `memory`)."""
     found: list[DomainPlan] = []
     failures: list[str] = []
+    stale: list[str] = []
     excluded = {name.lower() for name in discovery.exclude}
     seen = {name.lower() for name in known}
+    remembered = {row["api_base"]: row for row in await memory.discovery_state()} if memory else {}
     for api_base in discovery.api_bases:
         try:
-            domains = await client_for(api_base).account_domains()
+            names = [d.name for d in await client_for(api_base).account_domains() if not d.disabled]
         except MailgunError as exc:
-            failures.append(f"discovery at {api_base} failed: {exc}")
-            log.error("discovery_failed", api_base=api_base, error=str(exc))
-            continue
-        for domain in domains:
-            name = domain.name.lower()
-            if domain.disabled or name in excluded or name in seen:
+            last = remembered.get(api_base)
+            names = list(last["domains"]) if last else []
+            kept = (f"; keeping the {len(names)} domains listed at {last['listed_at']:%Y-%m-%d %H:%M:%S} UTC"
+                    if last and last["listed_at"] else "; no earlier listing to keep")
+            failures.append(f"discovery at {api_base} failed: {exc}{kept}")
+            stale.append(api_base)
+            log.error("discovery_failed", api_base=api_base, error=str(exc), kept_domains=names)
+            if memory is not None:
+                await memory.record_discovery(api_base, None, str(exc))
+        else:
+            if memory is not None:
+                await memory.record_discovery(api_base, names)
+        for name in names:
+            if name.lower() in excluded or name.lower() in seen:
                 continue
-            seen.add(name)
-            found.append(DomainPlan(domain.name, api_base, discovery.lists, discovery.interval,
-                                    discovery.cron))
-    log.info("domains_discovered", domains=[plan.name for plan in found])
-    return found, failures
+            seen.add(name.lower())
+            found.append(DomainPlan(name, api_base, discovery.lists, discovery.interval,
+                                    discovery.cron, discovered=True))
+    log.info("domains_discovered", domains=[plan.name for plan in found], stale_regions=stale)
+    return found, failures, stale

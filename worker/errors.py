@@ -83,6 +83,11 @@ class PagingOrderError(PagingError):
     pager instead."""
 
 
+class ListShiftedError(PagingError):
+    """Records moved between the offsets of a legacy (`skip`) pull, so one may have gone unread;
+    read the list again."""
+
+
 class DatabaseError(SyncError):
     """PostgreSQL refused the operation or could not be reached."""
 

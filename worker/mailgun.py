@@ -28,11 +28,14 @@ from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
     Record,
+    SkippedRecord,
     StagingRow,
     SuppressionList,
+    UnholdableRecordError,
     batch_item,
     form_fields,
     parse_record,
+    single_item,
     staging_rows,
 )
 from worker.retry import Retryable, RetryPolicy, server_wait_hint
@@ -65,17 +68,36 @@ def _where(domain: str, kind: SuppressionList | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Page:
     """One page of a list in the server's order: its items as received, checked and normalised
-    into staging rows, and the URL it came from."""
+    into staging rows (placeholders of held skipped records among them), the records skipped
+    because the mirror cannot hold them, and the URL it came from."""
 
     number: int
     url: str
     kind: SuppressionList
     items: list[Any]
     rows: list[StagingRow]
+    skipped: list[SkippedRecord] = field(default_factory=list)
 
     @property
     def records(self) -> list[Record]:
-        return [parse_record(self.kind, item) for item in self.items]
+        """The records the mirror can hold."""
+        found = []
+        for item in self.items:
+            try:
+                found.append(parse_record(self.kind, item))
+            except UnholdableRecordError:
+                continue
+        return found
+
+    @property
+    def held(self) -> int:
+        """How many of the page's records the mirror takes (placeholders not counted)."""
+        return len(self.rows) - sum(1 for s in self.skipped if s.held)
+
+    @property
+    def last_address(self) -> str:
+        """The address of the page's last record, where the next page continues."""
+        return str(self.items[-1][self.kind.address_field])
 
 
 @dataclass(slots=True)
@@ -137,6 +159,20 @@ class _Unobserved:
         pass
 
 
+# Mailgun's answer for an address a list does not hold (reference, section 5.3); compared without
+# case or a trailing full stop.
+NOT_LISTED = {
+    SuppressionList.BOUNCES: "address not found in bounces table",
+    SuppressionList.UNSUBSCRIBES: "address not found in unsubscribers table",
+    SuppressionList.COMPLAINTS: "no spam complaints found for this address",
+    SuppressionList.ALLOWLIST: "address/domain not found in whitelists table",
+}
+
+
+def _not_listed(kind: SuppressionList, reply: _Reply) -> bool:
+    return reply.message().strip().rstrip(".").lower() == NOT_LISTED[kind]
+
+
 def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
@@ -172,6 +208,10 @@ class MailgunClient:
         self._version = api_version
         self._observer = observer or _Unobserved()
         self._budget = RequestBudget(reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
+        # The Domains API is limited on its own (reference §5.5): its answers must not make the
+        # suppression lists wait, nor theirs the domain listing.
+        self._domains_budget = RequestBudget(
+            reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
@@ -243,7 +283,7 @@ class MailgunClient:
                 number += 1
                 page = self._page(number, url, kind, items, domain)
                 if trace is not None and number == 1:
-                    trace.first = page.rows[0][1]
+                    trace.first = page.items[0][kind.address_field]
                 if ordered:
                     page, past = self._within(page, previous, until, domain)
                     if trace is not None and past is not None:
@@ -271,7 +311,8 @@ class MailgunClient:
         A complete pull ends on Mailgun's very last record, or beyond it if the tail changed
         meanwhile; "beyond" must hold both in code-point and in case-blind order, the two orders
         Mailgun may keep. A pager that read nothing after `after` is right only if nothing lies
-        beyond `after`.
+        beyond `after`. A pager that read records is never vouched for by an empty last page: that
+        is two answers disagreeing (say `items: null` mid-list and again at the end).
         """
         url = f"{base}?page=last&{tail}"
         payload = await self._get_page(url, domain, kind)
@@ -279,18 +320,20 @@ class MailgunClient:
         final = None
         if isinstance(items, list) and items and isinstance(items[-1], dict):
             final = items[-1].get(kind.address_field)
+        bound = last if last is not None else after
         if final is None:
-            if last is None and after is None:
-                return  # an empty list, by both accounts
+            if last is None:
+                return  # this pager read nothing, and by both accounts nothing lies at the end
             if items:
                 raise errors.MalformedPageError(f"{domain} {kind.value}: the last page is unreadable",
                                                 url=url)
-        bound = last if last is not None else after
-        if bound is None:
-            complete = final is None
-        else:
-            complete = final is None or (isinstance(final, str) and final <= bound
-                                         and final.lower() <= bound.lower())
+            # Records were read, yet the last page is empty: the two answers disagree, and only a
+            # last page that shows where the list ends may vouch for a pull.
+            raise errors.PagingError(
+                f"{domain} {kind.value}: records were read up to {last!r}, but the list's last page "
+                "is empty; the pull is incomplete", url=url)
+        complete = bound is not None and isinstance(final, str) and final <= bound \
+            and final.lower() <= bound.lower()
         if not complete:
             raise errors.PagingError(
                 f"{domain} {kind.value}: the list ended after {last or after or 'nothing'!r}, but "
@@ -300,18 +343,21 @@ class MailgunClient:
     def _within(page: Page, previous: str | None, until: str | None,
                 domain: str) -> tuple[Page, str | None]:
         """The page's records up to `until` (all without one), after checking they increase
-        strictly; and the first record past `until`, if any."""
-        addresses = [row[1] for row in page.rows]
+        strictly (skipped ones too); and the first record past `until`, if any."""
+        addresses = [item[page.kind.address_field] for item in page.items]
         for address in addresses:
             if previous is not None and not address > previous:
                 raise errors.PagingOrderError(
-                    f"{domain} {page.kind.value}: {address!r} came after {previous!r}; the records "
-                    "are not in code-point order", url=page.url)
+                    f"{domain} {page.kind.value}: {address[:200]!r} came after {previous[:200]!r}; "
+                    "the records are not in code-point order", url=page.url)
             previous = address
         keep = len(addresses) if until is None else bisect.bisect_right(addresses, until)
         if keep == len(addresses):
             return page, None
-        return (Page(page.number, page.url, page.kind, page.items[:keep], page.rows[:keep]),
+        assert until is not None
+        rows = page.rows[:bisect.bisect_right([row[1] for row in page.rows], until)]
+        skipped = [s for s in page.skipped if s.address <= until]
+        return (Page(page.number, page.url, page.kind, page.items[:keep], rows, skipped),
                 addresses[keep])
 
     async def ranged_pages(self, domain: str, kind: SuppressionList,
@@ -383,39 +429,62 @@ class MailgunClient:
 
     async def _offset_pages(self, first: dict[str, Any], base: str, domain: str,
                             kind: SuppressionList) -> AsyncIterator[Page]:
-        """The legacy form: `{"total_count", "items"}` walked with `skip`."""
-        payload, url, skip, number = first, f"{base}?limit={self._page_limit}", 0, 0
-        while True:
-            items = payload.get("items")
-            total = payload.get("total_count")
-            if items is None or items == []:
-                if isinstance(total, int) and skip < total:
-                    raise errors.PagingError(
-                        f"{domain} {kind.value}: the list ended after {skip} of its {total} records; "
-                        "the pull is incomplete", url=url)
-                return
-            if not isinstance(total, int) or not isinstance(items, list):
+        """The legacy form: `{"total_count", "items"}` walked with `skip`.
+
+        Offsets move when records before them come or go mid-pull: a deletion would slide an
+        unread record below the offset, never to be read, and the pull would look complete. So
+        every page after the first is asked from one record back and must hold the last record
+        already read: what follows it is contiguous with what was read. Records added before
+        that record come before it on the page and are left out (a keyset pull does not see
+        them either). A page without it raises ListShiftedError: the list is read again.
+        """
+        payload, url, offset, number = first, f"{base}?limit={self._page_limit}", 0, 0
+        anchor: object = None  # the last item read, which the next page must hold
+        for _ in range(self._max_pages):
+            items, total = payload.get("items"), payload.get("total_count")
+            if items is None:
+                items = []
+            if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: a legacy page needs a number `total_count` and a list "
                     "of `items`", url=url)
-            number += 1
-            yield self._page(number, url, kind, items, domain)
-            skip += len(items)
-            if skip >= total:
-                return
-            if number >= self._max_pages:
+            before, offset = offset, max(offset - 1, 0) + len(items)
+            if not items and before < total:
                 raise errors.PagingError(
-                    f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
-            url = f"{base}?skip={skip}&limit={self._page_limit}"
+                    f"{domain} {kind.value}: the list ended after {before} of its {total} records; "
+                    "the pull is incomplete", url=url)
+            if anchor is not None:
+                if anchor not in items:
+                    raise errors.ListShiftedError(
+                        f"{domain} {kind.value}: the list changed during the pull (the page no longer "
+                        "holds the last record read); a record may have slid past the offset", url=url)
+                items = items[items.index(anchor) + 1:]
+            if items:
+                number += 1
+                yield self._page(number, url, kind, items, domain)
+                anchor = items[-1]
+            elif offset < total and offset <= before:  # nothing new, yet the count says more
+                raise errors.PagingError(
+                    f"{domain} {kind.value}: the list ended after {offset} of its {total} records; "
+                    "the pull is incomplete", url=url)
+            if offset >= total:
+                return
+            url = f"{base}?skip={offset - 1}&limit={self._page_limit}"
             payload = await self._get_page(url, domain, kind)
+        raise errors.PagingError(f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
 
     def _page(self, number: int, url: str, kind: SuppressionList, items: list[Any],
               domain: str) -> Page:
         try:
-            return Page(number, url, kind, items, staging_rows(kind, items))
+            rows, skipped = staging_rows(kind, items)
         except MalformedRecordError as exc:
             raise errors.MalformedPageError(
                 f"{domain} {kind.value}: a record on the page is malformed: {exc}", url=url) from exc
+        if skipped:
+            # Mailgun has these records; the mirror cannot hold them. Said once a page, not a record.
+            log.warning("records_skipped", domain=domain, list=kind.value, count=len(skipped), url=url,
+                        examples=[f"{s.address[:80]!r}: {s.reason}" for s in skipped[:5]])
+        return Page(number, url, kind, items, rows, skipped)
 
     def _next_url(self, payload: dict[str, Any], url: str, fetched: set[str], last: object,
                   domain: str, kind: SuppressionList, base: str) -> tuple[str, str]:
@@ -456,6 +525,7 @@ class MailgunClient:
         """Every domain of the account in this client's region (`GET /v3/domains`, offset paging:
         `skip` and `limit`, with `total_count`). Reads to the end or raises."""
         found: list[AccountDomain] = []
+        first_total: int | None = None
         for _ in range(self._max_pages):
             url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={len(found)}"
             payload = await self._get_page(url, "", None)
@@ -472,13 +542,25 @@ class MailgunClient:
                 state = str(item.get("state") or "")
                 disabled = item.get("is_disabled") is True or state == "disabled"
                 found.append(AccountDomain(name, state, disabled))
-            if not items or len(found) >= total:
+            # A listing that shifts or stops short could miss a domain, which would then be
+            # dropped: only a complete one is returned.
+            first_total = total if first_total is None else first_total
+            if total != first_total:
+                raise errors.PagingError(
+                    f"the account's domains: total_count changed from {first_total} to {total} "
+                    "while listing", url=url)
+            if len(found) >= total:
                 return found
+            if not items:
+                raise errors.PagingError(
+                    f"the account's domains: the listing ended at {len(found)} of {total}", url=url)
         raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:
+        budget = self._domains_budget if kind is None else self._budget
+
         async def attempt() -> dict[str, Any]:
-            reply = await self._send("GET", url)
+            reply = await self._send("GET", url, budget=budget)
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
             try:
@@ -499,17 +581,18 @@ class MailgunClient:
             raise
 
     async def get(self, domain: str, kind: SuppressionList, address: str) -> Record | None:
-        """One record, or None when Mailgun does not list the address."""
+        """One record, or None when Mailgun does not list the address (its own answer for that,
+        not any 404)."""
         url = self.address_url(domain, kind, address)
 
         async def attempt() -> Record | None:
             reply = await self._send("GET", url)
-            if reply.status == 404:
+            if reply.status == 404 and _not_listed(kind, reply):
                 return None
             if reply.status != 200:
                 raise self._error(reply, domain, kind)
             try:
-                return parse_record(kind, orjson.loads(reply.body))
+                return parse_record(kind, single_item(kind, orjson.loads(reply.body)))
             except (orjson.JSONDecodeError, MalformedRecordError) as exc:
                 raise errors.MalformedPageError(
                     f"{domain} {kind.value}: unreadable record for {address!r}: {exc}",
@@ -580,16 +663,30 @@ class MailgunClient:
 
     async def delete(self, domain: str, kind: SuppressionList, address: str,
                      *, tag: str | None = None) -> bool:
-        """Remove an address (or one unsubscribe tag). False when Mailgun did not have it."""
+        """Remove an address (or one unsubscribe tag). False when Mailgun did not have it.
+
+        Only Mailgun's own "not found in this list" answer means that: a 404 for another reason (a
+        domain it does not know, a wrong region) raises, so the removal stays queued. Mailgun's
+        texts for a DELETE are recorded for bounces only; any other 404 text is checked with a GET
+        of the address, whose texts are documented for every list."""
         url = self.address_url(domain, kind, address)
         if tag is not None:
             url += f"?tag={quote_plus(tag)}"
         reply = await self._retrying(partial(self._send, "DELETE", url), "DELETE", url, domain, kind)
-        if reply.status == 404:
-            return False
         if 200 <= reply.status < 300:
             return True
+        if reply.status == 404 and (_not_listed(kind, reply)
+                                    or await self._absent(domain, kind, address, tag)):
+            return False
         raise self._error(reply, domain, kind)
+
+    async def _absent(self, domain: str, kind: SuppressionList, address: str, tag: str | None) -> bool:
+        """Whether Mailgun does not list the address (or, for a tag, the address with that tag)."""
+        try:
+            record = await self.get(domain, kind, address)
+        except errors.MailgunError:
+            return False  # the DELETE's own answer is the error to report
+        return record is None or (tag is not None and tag not in record.tags)
 
     # ---- transport ------------------------------------------------------------------------
 
@@ -607,8 +704,10 @@ class MailgunClient:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _send(self, method: str, url: str, *, json_body: bytes | None = None,
-                    form: dict[str, str] | None = None) -> _Reply:
-        """Send once; a retryable answer raises `Retryable`, any other is returned."""
+                    form: dict[str, str] | None = None, budget: RequestBudget | None = None) -> _Reply:
+        """Send once; a retryable answer raises `Retryable`, any other is returned. `budget`:
+        the request budget it counts in (the suppression lists' unless given)."""
+        budget = budget or self._budget
         headers = {"Authorization": self._auth}
         data: Any = None
         if json_body is not None:
@@ -617,14 +716,14 @@ class MailgunClient:
         elif form is not None:
             data = form
         status: int | None = None
-        await self._budget.spend()
+        await budget.spend()
         try:
             async with self._session.request(
                 method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False, timeout=self._timeout,
             ) as response:
                 status = response.status
-                self._budget.note(response.headers)
+                budget.note(response.headers)
                 body = await self._read_capped(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._observer.on_response(method, None)

@@ -9,6 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from worker.reconcile import ListResult
+from worker.retention import PruneReport
 
 # Run durations range from a second (a small list) to many minutes (millions of records).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -22,7 +23,8 @@ class Metrics:
             "mailgun_sync_runs", "Reconciles of one (domain, list), by outcome.",
             ["domain", "list", "status"], registry=self.registry)
         self.records = Counter(
-            "mailgun_sync_records", "Records handled, by action.",
+            "mailgun_sync_records",
+            "Records handled, by action (`skipped`: listed by Mailgun, not held by the mirror).",
             ["domain", "list", "action"], registry=self.registry)
         self.duration = Histogram(
             "mailgun_sync_run_duration_seconds", "How long one reconcile of one (domain, list) took.",
@@ -43,9 +45,30 @@ class Metrics:
         self.http_retries = Counter(
             "mailgun_sync_http_retries", "Mailgun requests tried again, by the answer that caused it.",
             ["status"], registry=self.registry)
+        self.consecutive_failures = Gauge(
+            "mailgun_sync_consecutive_failures",
+            "Runs of this (domain, list) in a row that did not end ok (failed, guarded or crashed).",
+            ["domain", "list"], registry=self.registry)
+        self.runs_skipped = Counter(
+            "mailgun_sync_runs_skipped",
+            "Scheduled runs not started: the previous run of the list was still going, or missed.",
+            ["domain", "list", "reason"], registry=self.registry)
+        self.discovery_stale = Gauge(
+            "mailgun_sync_discovery_stale",
+            "1 when the last listing of the account's domains in this region failed (the domains of "
+            "the last complete one are kept), else 0.",
+            ["api_base"], registry=self.registry)
+        self.domain_refreshes = Counter(
+            "mailgun_sync_domain_refreshes",
+            "Plans of the domains to sync, by outcome: ok, stale (a region kept its last known "
+            "domains) or failed (the schedule was kept as it was).",
+            ["outcome"], registry=self.registry)
         self.webhooks = Counter(
             "mailgun_sync_webhooks", "Webhook deliveries, by event and outcome.",
             ["event", "outcome"], registry=self.registry)
+        self.pruned = Counter(
+            "mailgun_sync_pruned_rows", "Rows deleted past SYNC_RETENTION_DAYS, by table.",
+            ["table"], registry=self.registry)
 
     def observe_run(self, result: ListResult, seconds: float) -> None:
         labels = {"domain": result.domain, "list": result.list}
@@ -54,11 +77,25 @@ class Metrics:
         for action, count in zip(RECORD_ACTIONS, result.counts(), strict=True):
             if count:
                 self.records.labels(action=action, **labels).inc(count)
+        if result.skipped:
+            self.records.labels(action="skipped", **labels).inc(result.skipped)
         if result.status == "ok":
             self.last_success.labels(**labels).set(time.time())
 
+    def observe_failures(self, domain: str, kind: str, in_a_row: int) -> None:
+        self.consecutive_failures.labels(domain=domain, list=kind).set(in_a_row)
+
+    def forget_list(self, domain: str, kind: str) -> None:
+        """A list no longer synced: its failure count would otherwise alert forever."""
+        with contextlib.suppress(KeyError):
+            self.consecutive_failures.remove(domain, kind)
+
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()
+
+    def observe_prune(self, report: PruneReport) -> None:
+        for table in report.tables:
+            self.pruned.labels(table=table.table).inc(table.rows)
 
     def observe_pending(self, domain: str, kind: str, rows: int) -> None:
         self.pending.labels(domain=domain, list=kind).set(rows)

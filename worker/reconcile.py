@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from worker.errors import DatabaseError, MailgunError, PagingOrderError, SyncError
+from worker.errors import DatabaseError, ListShiftedError, MailgunError, PagingOrderError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import MAX_BATCH, SuppressionList, record_problem
-from worker.store import ListSession, MirrorStore, PendingRow
+from worker.store import ListSession, MirrorStore, PendingRow, QueuedRemoval
 
 log = get_logger(__name__)
 
@@ -31,7 +31,14 @@ log = get_logger(__name__)
 # removals the fraction is not checked.
 GUARD_MIN_REMOVALS = 10
 
+# Reads of a list whose offsets shifted under the legacy pager, before the run fails.
+LIST_SHIFTED_ATTEMPTS = 3
+
 OK, SKIPPED, FAILED, GUARDED = "ok", "skipped", "failed", "guarded"
+
+# Removals are written down as sent, then recorded as carried out, this many at a time: a crash
+# sends at most this many DELETEs again (each answered "not found" the second time).
+REMOVALS_AT_ONCE = 500
 
 
 @dataclass(slots=True)
@@ -47,6 +54,8 @@ class ListResult:
     pushed: int = 0
     rejected: int = 0
     deleted: int = 0
+    # Records Mailgun listed that the mirror cannot hold: left out, their mirror rows untouched.
+    skipped: int = 0
     error: str | None = None
     # Seconds spent in each step (pull, diff, apply, push): logged, not part of the report.
     timings: dict[str, float] = field(default_factory=dict, repr=False)
@@ -82,6 +91,7 @@ class ReconcileOptions:
     pull_ranges: int = 16
     push_batch_size: int = MAX_BATCH
     push_read_ahead: int = 4 * MAX_BATCH
+    delete_concurrency: int = 16
 
 
 def guard_trips(removals: int, synced_rows: int, fraction: float) -> bool:
@@ -137,7 +147,7 @@ class Reconciler:
         log.info("list_reconciled", status=result.status, pulled=result.pulled,
                  inserted=result.inserted, updated=result.updated, removed=result.removed,
                  adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
-                 error=result.error, dry_run=self._options.dry_run,
+                 skipped=result.skipped, error=result.error, dry_run=self._options.dry_run,
                  seconds=round(time.perf_counter() - clock, 3), steps=result.timings)
 
     async def _pull(self, session: ListSession, result: ListResult) -> datetime:
@@ -152,12 +162,21 @@ class Reconciler:
         pivots = await session.pivots(self._options.pull_ranges)
         if pivots:
             try:
-                result.pulled = await session.stage(
+                staged = await session.stage(
                     self._mailgun.ranged_pages(domain, kind, pivots), ranged=True)
+                result.pulled, result.skipped = staged.records, staged.skipped
                 return pull_started
             except PagingOrderError as exc:
                 log.warning("ranges_abandoned", reason=str(exc))
-        result.pulled = await session.stage(self._mailgun.pages(domain, kind))
+        for attempt in range(1, LIST_SHIFTED_ATTEMPTS + 1):
+            try:
+                staged = await session.stage(self._mailgun.pages(domain, kind))
+                break
+            except ListShiftedError as exc:
+                if attempt == LIST_SHIFTED_ATTEMPTS:
+                    raise
+                log.warning("pull_restarted", reason=str(exc), attempt=attempt)
+        result.pulled, result.skipped = staged.records, staged.skipped
         return pull_started
 
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
@@ -191,7 +210,8 @@ class Reconciler:
             result.pushed = plan.pushes
             return
         with result.timed("apply"):
-            applied = await session.apply(run_id, pull_started, remove=not guarded)
+            applied = await session.apply(run_id, pull_started, remove=not guarded,
+                                          requeue=plan.requeues > 0)
         result.inserted, result.updated = applied.inserted, applied.updated
         result.removed, result.adopted = applied.removed, applied.adopted
         await self._applied(session, guarded=guarded)
@@ -231,14 +251,39 @@ class Reconciler:
             return
         if superseded:
             await session.removals_superseded(superseded)
-        for removal in sorted(whole + tags, key=lambda r: r.id):
-            try:
-                await self._mailgun.delete(session.domain, session.kind, removal.address, tag=removal.tag)
-            except MailgunError as exc:
+        todo = sorted(whole + tags, key=lambda r: r.id)
+        for start in range(0, len(todo), REMOVALS_AT_ONCE):
+            chunk = await session.removals_sending(todo[start:start + REMOVALS_AT_ONCE])
+            done, failure = await self._delete_all(session, chunk)
+            await session.removals_done(run_id, done)
+            result.deleted += len(done)
+            if failure is not None:
+                removal, exc = failure
                 await session.removal_failed(removal.id, str(exc))
-                raise
-            await session.removal_done(removal.id, run_id)
-            result.deleted += 1
+                raise exc
+
+    async def _delete_all(self, session: ListSession, removals: Sequence[QueuedRemoval]
+                          ) -> tuple[list[QueuedRemoval], tuple[QueuedRemoval, MailgunError] | None]:
+        """DELETE each at Mailgun, a bounded number at a time (the client's request budget paces
+        them); after the first failure no more are started. What was carried out, and the failure."""
+        done: list[QueuedRemoval] = []
+        failures: list[tuple[QueuedRemoval, MailgunError]] = []
+        slots = asyncio.Semaphore(self._options.delete_concurrency)
+
+        async def delete(removal: QueuedRemoval) -> None:
+            async with slots:
+                if failures:
+                    return
+                try:
+                    await self._mailgun.delete(session.domain, session.kind, removal.address,
+                                               tag=removal.tag)
+                except MailgunError as exc:
+                    failures.append((removal, exc))
+                    return
+                done.append(removal)
+
+        await asyncio.gather(*(delete(removal) for removal in removals))
+        return done, (failures[0] if failures else None)
 
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:
         """Called once a complete pull has been applied to the mirror."""
@@ -251,7 +296,7 @@ class Reconciler:
                        if (problem := record_problem(session.kind, row.record)) is not None]
             result.rejected += await session.mark_rejected(run_id, invalid)
             refused = {id(row) for row, _ in invalid}
-            valid = [row for row in rows if id(row) not in refused]
+            valid = await session.mark_sending([row for row in rows if id(row) not in refused])
             by_address = {row.record.address: row for row in valid}
             outcomes = self._mailgun.push(session.domain, session.kind, [row.record for row in valid],
                                           batch_size=self._options.push_batch_size)
@@ -268,6 +313,7 @@ class Reconciler:
         try:
             await self._store.record_run(
                 run_id, result.domain, kind, status=result.status, dry_run=False,
-                counts=result.counts(), error=result.error, started=started, finished=finished)
+                counts=result.counts(), skipped=result.skipped, error=result.error, started=started,
+                finished=finished)
         except DatabaseError as exc:
             log.error("run_not_recorded", error=str(exc))

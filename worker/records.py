@@ -71,16 +71,33 @@ class MalformedRecordError(ValueError):
     """A list item that is not a suppression record."""
 
 
+class UnholdableRecordError(MalformedRecordError):
+    """A record in the API's shape whose values the mirror cannot hold (an empty or overlong
+    address, a NUL, a date nobody can read): Mailgun has it, so it is skipped, not a broken page."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRecord:
+    """A record left out of a pull. `held` when its address fits the mirror: it was staged as a
+    placeholder, so the mirror's row of that address is neither removed nor changed."""
+
+    address: str
+    reason: str
+    held: bool
+
+
 # RFC 5321 caps a mailbox at 254 characters; anything far beyond is not an address, and a key
 # that long would not fit PostgreSQL's index rows.
 MAX_ADDRESS = 512
 
 
 def _checked_address(address: str) -> str:
+    if not address:
+        raise UnholdableRecordError("an empty address")
     if len(address) > MAX_ADDRESS:
-        raise MalformedRecordError(f"an address of {len(address)} characters (at most {MAX_ADDRESS})")
+        raise UnholdableRecordError(f"an address of {len(address)} characters (at most {MAX_ADDRESS})")
     if "\x00" in address:
-        raise MalformedRecordError(f"the address {address[:80]!r} holds a NUL character")
+        raise UnholdableRecordError(f"the address {address[:80]!r} holds a NUL character")
     return address
 
 
@@ -125,7 +142,7 @@ def parse_timestamp(text: str) -> datetime:
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
-            raise MalformedRecordError(f"unreadable timestamp {text!r}") from None
+            raise UnholdableRecordError(f"unreadable timestamp {text[:80]!r}") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -159,8 +176,10 @@ def _tags(item: Mapping[str, Any]) -> tuple[str, ...]:
     if raw is None:
         return ()
     values = [raw] if isinstance(raw, str) else raw
-    if not isinstance(values, list) or not all(isinstance(t, str) and "\x00" not in t for t in values):
+    if not isinstance(values, list) or not all(isinstance(t, str) for t in values):
         raise MalformedRecordError("field 'tags' is not a list of text")
+    if any("\x00" in t for t in values):
+        raise UnholdableRecordError("field 'tags' holds a NUL character")
     return tuple(sorted(set(values)))
 
 
@@ -181,15 +200,36 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
     if kind is SuppressionList.COMPLAINTS:
         return Record(address, _timestamp(item, "created_at"))
     return Record(address, _timestamp(item, "createdAt") or _timestamp(item, "created_at"),
-                  kind=_text(item, "type") or "address", reason=_text(item, "reason"))
+                  kind=_entry_type(item), reason=_text(item, "reason"))
 
 
-# The staging form of a record: (key, address, code, error, created_at, tags). The key is the
+def single_item(kind: SuppressionList, payload: object) -> object:
+    """The record in the answer to a single GET: v3 answers it bare; v2 wrapped a bounce as
+    `{"bounce": {...}}` and a complaint as `{"complaint": {...}}`, and answered an unsubscribe
+    with its rows, one per tag, as a list (`total_count`, `items`)."""
+    if not isinstance(payload, Mapping) or kind.address_field in payload:
+        return payload
+    wrapper = {SuppressionList.BOUNCES: "bounce", SuppressionList.COMPLAINTS: "complaint"}.get(kind)
+    if wrapper is not None and isinstance(payload.get(wrapper), Mapping):
+        return payload[wrapper]
+    items = payload.get("items")
+    if kind is SuppressionList.UNSUBSCRIBES and isinstance(items, list) and items \
+            and all(isinstance(item, Mapping) for item in items):
+        tags: list[object] = []
+        for item in items:
+            found = item.get("tags", item.get("tag"))
+            tags += found if isinstance(found, list) else [found]
+        return {**items[0], "tags": tags}
+    return payload
+
+
+# The staging form of a record: (key, address, code, error, created_at, tags, skipped). The key is the
 # address with its ASCII letters lower-cased, as the mirror's address_key (lower() under COLLATE
 # "C"); computed here for ASCII addresses, None otherwise (PostgreSQL fills it in). created_at
 # stays text for PostgreSQL to cast: Mailgun's usual form passes through untouched, anything else
 # is parsed and rendered as ISO 8601, so a million records cost no datetime objects in Python.
-StagingRow = tuple[str | None, str, str | None, str | None, str | None, list[str] | None]
+# `skipped` marks the placeholder of a record the mirror cannot hold (its other fields are None).
+StagingRow = tuple[str | None, str, str | None, str | None, str | None, list[str] | None, bool]
 
 _USUAL_TIMESTAMP = re.compile(
     r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-3]\d (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
@@ -207,7 +247,7 @@ def _timestamp_text(value: object, key: str) -> str | None:
 def _staging_text(value: object, key: str) -> str | None:
     if type(value) is str:
         if "\x00" in value:
-            raise MalformedRecordError(f"field {key!r} holds a NUL character")
+            raise UnholdableRecordError(f"field {key!r} holds a NUL character")
         return value
     if value is None:
         return value
@@ -216,8 +256,14 @@ def _staging_text(value: object, key: str) -> str | None:
     raise MalformedRecordError(f"field {key!r} is {type(value).__name__}, expected text")
 
 
-def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
-    """Normalise a page's items into staging rows, checking each as `parse_record` does.
+def _fits_mirror(address: str) -> bool:
+    return 0 < len(address) <= MAX_ADDRESS and "\x00" not in address
+
+
+def staging_rows(kind: SuppressionList, items: list[Any]) -> tuple[list[StagingRow], list[SkippedRecord]]:
+    """Normalise a page's items into staging rows, checking each as `parse_record` does; and the
+    records skipped because the mirror cannot hold them. An item not in the API's shape (not an
+    object, no text address, a field of another JSON type) raises: the page cannot be trusted.
 
     The usual values (text codes, Mailgun's timestamp form) are tested inline: this runs for
     every record of every pull.
@@ -225,6 +271,7 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
     key = kind.address_field
     bounces = kind is SuppressionList.BOUNCES
     rows: list[StagingRow] = []
+    skipped: list[SkippedRecord] = []
     append = rows.append
     usual = _USUAL_TIMESTAMP
     for item in items:
@@ -233,29 +280,43 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> list[StagingRow]:
         address = item.get(key)
         if type(address) is not str:
             raise MalformedRecordError(f"list item has no text {key!r}")
-        if len(address) > MAX_ADDRESS or "\x00" in address:
-            _checked_address(address)
         lowered = address.lower() if address.isascii() else None
-        created = item.get("created_at") if kind is not SuppressionList.ALLOWLIST \
-            else item.get("createdAt", item.get("created_at"))
-        if type(created) is not str or not usual(created):
-            created = _timestamp_text(created, "created_at")
-        if bounces:
-            code, error = item.get("code"), item.get("error")
-            if type(code) is not str or "\x00" in code:
-                code = _staging_text(code, "code")
-            if type(error) is not str or "\x00" in error:
-                error = _staging_text(error, "error")
-            append((lowered, address, code, error, created, None))
-        elif kind is SuppressionList.UNSUBSCRIBES:
-            tags = _tags(item)
-            append((lowered, address, None, None, created, list(tags) if tags else None))
-        elif kind is SuppressionList.COMPLAINTS:
-            append((lowered, address, None, None, created, None))
-        else:
-            append((lowered, address, _staging_text(item.get("type"), "type") or "address",
-                    _staging_text(item.get("reason"), "reason"), created, None))
-    return rows
+        try:
+            if not address or len(address) > MAX_ADDRESS or "\x00" in address:
+                _checked_address(address)
+            created = item.get("created_at") if kind is not SuppressionList.ALLOWLIST \
+                else item.get("createdAt", item.get("created_at"))
+            if type(created) is not str or not usual(created):
+                created = _timestamp_text(created, "created_at")
+            if bounces:
+                code, error = item.get("code"), item.get("error")
+                if type(code) is not str or "\x00" in code:
+                    code = _staging_text(code, "code")
+                if type(error) is not str or "\x00" in error:
+                    error = _staging_text(error, "error")
+                append((lowered, address, code, error, created, None, False))
+            elif kind is SuppressionList.UNSUBSCRIBES:
+                tags = _tags(item)
+                append((lowered, address, None, None, created, list(tags) if tags else None, False))
+            elif kind is SuppressionList.COMPLAINTS:
+                append((lowered, address, None, None, created, None, False))
+            else:
+                append((lowered, address, _entry_type(item), _staging_text(item.get("reason"), "reason"),
+                        created, None, False))
+        except UnholdableRecordError as exc:
+            held = _fits_mirror(address)
+            skipped.append(SkippedRecord(address, str(exc), held))
+            if held:
+                append((lowered, address, None, None, None, None, True))
+    return rows, skipped
+
+
+def _entry_type(item: Mapping[str, Any]) -> str:
+    """An allowlist entry's `type`: the mirror knows `address` and `domain` only."""
+    entry = _staging_text(item.get("type"), "type") or "address"
+    if entry not in ("address", "domain"):
+        raise UnholdableRecordError(f"an allowlist entry of type {entry[:40]!r}")
+    return entry
 
 
 def batch_item(kind: SuppressionList, record: Record) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from worker.reconcile import ListResult
 from worker.store import MIRRORED_LISTS, MirrorStore
 
 COLUMNS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
+# Records Mailgun listed that the mirror cannot hold (not part of ListResult.counts()).
+SKIPPED = "skipped"
 
 
 def render_table(results: Sequence[ListResult]) -> str:
@@ -16,10 +18,10 @@ def render_table(results: Sequence[ListResult]) -> str:
         return "nothing to reconcile\n"
     domain_width = max(len("domain"), *(len(r.domain) for r in results))
     header = f"{'domain':<{domain_width}}  {'list':<12}  {'status':<8}" + "".join(
-        f"  {c:>8}" for c in COLUMNS)
+        f"  {c:>8}" for c in (*COLUMNS, SKIPPED))
     lines = [header, "-" * len(header)]
     for r in results:
-        counts = r.counts()
+        counts = (*r.counts(), r.skipped)
         lines.append(f"{r.domain:<{domain_width}}  {r.list:<12}  {r.status:<8}"
                      + "".join(f"  {n:>8}" for n in counts))
         if r.error:
@@ -41,7 +43,7 @@ async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()
                 "domain": domain, "list": kind.value,
                 "last_run_at": run["finished_at"].isoformat() if run else None,
                 "status": run["status"] if run else None,
-                **{c: (run[c] if run else 0) for c in COLUMNS},
+                **{c: (run[c] if run else 0) for c in (*COLUMNS, SKIPPED)},
                 "pending_rows": pending, "rejected_rows": rejected,
                 "error": run["error"] if run else None,
             })
@@ -61,3 +63,27 @@ def render_status(report: Sequence[dict[str, Any]]) -> str:
         if row["error"]:
             lines.append(f"{'':<24}  last error: {row['error']}")
     return "\n".join(lines) + "\n"
+
+
+async def discovery_status(store: MirrorStore) -> list[dict[str, Any]]:
+    """Per region whose domains are discovered: the last complete listing, and whether the last
+    attempt failed (its domains are then the last complete listing's)."""
+    return [{
+        "api_base": row["api_base"], "domains": list(row["domains"]),
+        "listed_at": row["listed_at"].isoformat() if row["listed_at"] else None,
+        "checked_at": row["checked_at"].isoformat(), "stale": row["error"] is not None,
+        "error": row["error"],
+    } for row in await store.discovery_state()]
+
+
+def render_discovery(regions: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for region in regions:
+        listed = region["listed_at"][:19].replace("T", " ") if region["listed_at"] else "never"
+        line = f"discovery {region['api_base']}: {len(region['domains'])} domains, listed {listed}"
+        if region["stale"]:
+            checked = region["checked_at"][:19].replace("T", " ")
+            line += (f"; STALE: the listing at {checked} failed, the last complete one is kept: "
+                     f"{region['error']}")
+        lines.append(line)
+    return "".join(f"{line}\n" for line in lines)

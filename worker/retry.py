@@ -2,9 +2,9 @@
 
 Retried: 429, 5xx, connection errors, timeouts and unreadable bodies (raised as `Retryable`).
 The wait honours what the server says first (`Retry-After` in seconds or as an HTTP date, else the
-`X-Request-Reset` budget reset in epoch milliseconds on a 429), else exponential backoff with full
-jitter. `backoff_max` caps every single wait, the server's included, so a wrong clock or header
-cannot stall a run for hours.
+`X-Request-Reset` budget reset on a 429), else exponential backoff with full jitter. A time in the
+past is no hint (backoff, not every retry at once); `backoff_max` caps every single wait, the
+server's included, so a wrong clock or header cannot stall a run for hours.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker.budget import seconds_until_reset
 from worker.logs import get_logger
 
 log = get_logger(__name__)
@@ -50,12 +51,14 @@ def server_wait_hint(status: int, headers: Mapping[str, str], *, now: float | No
         if value.isdigit():
             return float(value)
         try:
-            return parsedate_to_datetime(value).timestamp() - now
+            wait = parsedate_to_datetime(value).timestamp() - now
         except (TypeError, ValueError, IndexError):
             pass
-    reset = headers.get("X-Request-Reset")
-    if status == 429 and reset and reset.strip().isdigit():
-        return int(reset) / 1000 - now
+        else:
+            if wait > 0:
+                return wait
+    if status == 429:
+        return seconds_until_reset(headers.get("X-Request-Reset"), now=now)
     return None
 
 

@@ -25,7 +25,7 @@ ENVIRONMENT = (
     "MAILGUN_API_KEY", "MAILGUN_API_BASE", "MAILGUN_DOMAINS", "DATABASE_URL", "MAILGUN_MAX_ATTEMPTS",
     "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
-    "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE",
+    "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE", "SYNC_RETENTION_DAYS",
 )
 
 
@@ -95,6 +95,13 @@ def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], defau
     return value
 
 
+def retention_days(env: Mapping[str, str]) -> int:
+    """SYNC_RETENTION_DAYS: how long the change log and run records are kept; 0 keeps them forever.
+    Read on its own too: `prune` needs the database, not Mailgun."""
+    return _parse(env, "SYNC_RETENTION_DAYS", int, 30, lambda v: 0 <= v <= 36500,
+                  "a whole number of days from 0 (keep forever) to 36500")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     api_key: str = field(repr=False)
@@ -113,12 +120,16 @@ class Settings:
     sync_cron: str | None = None
     sync_jitter: float = 30.0
     http_port: int = 8080
-    failures_before_unready: int = 3
+    # Deprecated, no effect: read so that configurations setting it keep working (the daemon
+    # warns). Readiness no longer depends on failing lists.
+    failures_before_unready: int | None = None
     shutdown_grace: float = 25.0
     # Webhooks: served only with a signing key. Mailgun retries a delivery for 8 hours with its
     # original timestamp, so the window is a day by default.
     webhook_signing_key: str | None = field(default=None, repr=False)
     webhook_max_age: float = 86400.0
+    # Change log and run records older than this are pruned (worker/retention.py); 0: never.
+    retention_days: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -139,9 +150,10 @@ class Settings:
             database_url=merged.get("DATABASE_URL") or None,
             max_attempts=_parse(merged, "MAILGUN_MAX_ATTEMPTS", int, 6,
                                 lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),
+            # 0 would retry (and wait for the request budget) without ever sleeping.
             backoff_max=_parse(merged, "MAILGUN_BACKOFF_MAX", float, 60.0,
-                               lambda v: math.isfinite(v) and 0 <= v <= 3600,
-                               "a number of seconds from 0 to 3600"),
+                               lambda v: math.isfinite(v) and 0 < v <= 3600,
+                               "a number of seconds above 0, at most 3600"),
             max_delete_fraction=_parse(merged, "SYNC_MAX_DELETE_FRACTION", float, 0.10,
                                        lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
@@ -158,8 +170,9 @@ class Settings:
                                "a number of seconds from 0 to 3600"),
             http_port=_parse(merged, "HTTP_PORT", int, 8080, lambda v: 0 <= v <= 65535,
                              "a port number"),
-            failures_before_unready=_parse(merged, "SYNC_FAILURES_BEFORE_UNREADY", int, 3,
-                                           lambda v: v >= 1, "a whole number of at least 1"),
+            failures_before_unready=_parse(merged, "SYNC_FAILURES_BEFORE_UNREADY", int, None,
+                                           lambda v: v is not None and v >= 1,
+                                           "a whole number of at least 1"),
             shutdown_grace=_parse(merged, "SHUTDOWN_GRACE", float, 25.0,
                                   lambda v: math.isfinite(v) and 0 <= v <= 3600,
                                   "a number of seconds from 0 to 3600"),
@@ -167,4 +180,5 @@ class Settings:
             webhook_max_age=_parse(merged, "WEBHOOK_MAX_AGE", float, 86400.0,
                                    lambda v: math.isfinite(v) and 60 <= v <= 30 * 86400,
                                    "a number of seconds from 60 to 2592000"),
+            retention_days=retention_days(merged),
         )

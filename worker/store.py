@@ -99,6 +99,7 @@ class Plan:
     synced_rows: int
     adoptions: int
     pushes: int
+    requeues: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +134,18 @@ class QueuedRemoval:
     address: str
     key: str
     tag: str | None
+    removed_at: datetime
 
 
-_COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags"]
+_COPY_COLUMNS = ["key", "address", "code", "error", "created_at", "tags", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """What a pull staged: the records the mirror takes, and those it cannot hold (skipped)."""
+
+    records: int
+    skipped: int
 
 
 class RepeatWatch:
@@ -158,7 +168,6 @@ class RepeatWatch:
         self._cased: set[str] = set()
 
     def see(self, rows: Sequence[StagingRow]) -> None:
-        self.count += len(rows)
         if self.possible:
             return
         if self._ranged:
@@ -202,17 +211,21 @@ class ListSession:
             moment: datetime = await self._db.fetchval(queries()["database_now"])
         return moment
 
-    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False) -> int:
-        """Stream every page into the staging table in one COPY; returns the records staged.
+    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False) -> Staged:
+        """Stream every page into the staging table in one COPY; returns what it staged.
 
         If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
         nothing staged.
         """
         repeats = RepeatWatch(ranged=ranged)
+        skipped = 0
 
         async def rows() -> AsyncIterator[StagingRow]:
+            nonlocal skipped
             async for page in pages:
                 repeats.see(page.rows)
+                repeats.count += page.held
+                skipped += len(page.skipped)
                 for row in page.rows:
                     yield row
 
@@ -222,7 +235,7 @@ class ListSession:
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
             await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
             await self._finish_staging(maybe_repeats=repeats.possible)
-        return repeats.count
+        return Staged(repeats.count, skipped)
 
     async def _finish_staging(self, *, maybe_repeats: bool) -> None:
         if maybe_repeats and await self._db.fetchval(queries()["staging_has_duplicates"]):
@@ -248,17 +261,35 @@ class ListSession:
     async def queued_removals(self) -> list[QueuedRemoval]:
         async with wrap_db_errors(f"reading removals of {self.domain} {self.kind.value}"):
             found = await self._db.fetch(queries()["queued_removals"], self.domain, self.kind.value)
-        return [QueuedRemoval(r["id"], r["address"], r["address_key"], r["tag"] or None) for r in found]
+        return [QueuedRemoval(r["id"], r["address"], r["address_key"], r["tag"] or None, r["removed_at"])
+                for r in found]
 
     async def count_synced(self) -> int:
         async with wrap_db_errors(f"counting {self.domain} {self.kind.value}"):
             synced: int = await self._db.fetchval(self._q("count_synced"), self.domain)
         return synced
 
-    async def removal_done(self, removal: int, run_id: uuid.UUID) -> None:
-        async with wrap_db_errors(f"clearing a removal of {self.domain} {self.kind.value}"):
-            await self._db.execute(queries()["removal_done"], removal, run_id, self.domain,
-                                   self.kind.value)
+    async def removals_sending(self, removals: Sequence[QueuedRemoval]) -> list[QueuedRemoval]:
+        """Write down that these DELETEs are about to leave; the ones still queued, to be sent."""
+        async with wrap_db_errors(f"noting removals of {self.domain} {self.kind.value} sent"):
+            still = {r["id"] for r in await self._db.fetch(queries()["removals_sending"],
+                                                           [r.id for r in removals])}
+        return [r for r in removals if r.id in still]
+
+    async def removals_done(self, run_id: uuid.UUID, removals: Sequence[QueuedRemoval]) -> None:
+        """Mailgun carried these out: record them, and send back any row a newer webhook wrote
+        while they were in flight (the DELETE may have removed its record at Mailgun)."""
+        if not removals:
+            return
+        addresses = [r.address for r in removals]
+        tags = [r.tag or "" for r in removals]
+        async with wrap_db_errors(f"recording removals of {self.domain} {self.kind.value}"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            await self._db.execute(queries()["removals_done"], run_id, self.domain, self.kind.value,
+                                   [r.id for r in removals], addresses, tags,
+                                   [r.removed_at for r in removals])
+            await self._db.execute(self._q("resend_after_removal"), self.domain, addresses, tags)
 
     async def removals_superseded(self, removals: Sequence[int]) -> None:
         async with wrap_db_errors(f"clearing removals of {self.domain} {self.kind.value}"):
@@ -278,21 +309,33 @@ class ListSession:
     async def backfill_page(self, page: Page) -> None:
         """Commit one page and the cursor after it together: a kill loses at most this page."""
         rows = [(self.domain, self.kind.value, *row) for row in page.rows]
+        # PostgreSQL text cannot hold a NUL: then the cursor stays at the page's last held record
+        # (a resume reads a few records again), or where it was.
+        cursor = page.last_address if "\x00" not in page.last_address else \
+            (page.rows[-1][1] if page.rows else None)
         async with wrap_db_errors(f"saving a backfill page of {self.domain} {self.kind.value}"), \
                 self._db.transaction():
             await self._db.copy_records_to_table(
                 "backfill_pages", schema_name="mailgun", records=rows,
                 columns=["domain", "list", *_COPY_COLUMNS])
-            await self._db.execute(queries()["backfill_save_progress"], self.domain, self.kind.value,
-                                   page.rows[-1][1], len(page.rows))
+            if cursor is not None:
+                await self._db.execute(queries()["backfill_save_progress"], self.domain,
+                                       self.kind.value, cursor, page.held)
 
-    async def stage_backfill(self) -> int:
-        """Stage a completed backfill's pages as if they had been pulled in one go."""
+    async def stage_backfill(self) -> Staged:
+        """Stage a completed backfill's pages as if they had been pulled in one go. The skipped
+        count is of the placeholders kept with the pages (records whose address fits the mirror)."""
         async with wrap_db_errors(f"staging the backfill of {self.domain} {self.kind.value}"):
             await self._db.execute(queries()["create_staging"])
-            status = await self._db.execute(queries()["backfill_stage"], self.domain, self.kind.value)
+            row = await self._db.fetchrow(queries()["backfill_stage"], self.domain, self.kind.value)
             await self._finish_staging(maybe_repeats=True)
-        return int(status.split()[-1])
+        return Staged(row["records"], row["skipped"])
+
+    async def backfill_overtaken(self, started: datetime) -> bool:
+        async with wrap_db_errors(f"checking the backfill of {self.domain} {self.kind.value}"):
+            overtaken: bool = await self._db.fetchval(queries()["backfill_overtaken"], self.domain,
+                                                      self.kind.value, started)
+        return overtaken
 
     async def clear_backfill(self) -> None:
         async with wrap_db_errors(f"clearing the backfill of {self.domain} {self.kind.value}"):
@@ -309,15 +352,19 @@ class ListSession:
                 row["pushes"] += await self._db.fetchval(queries()["tag_pushes"], self.domain)
         return Plan(**row)
 
-    async def apply(self, run_id: uuid.UUID, pull_started: datetime, *, remove: bool) -> Applied:
-        """Apply the complete pull in one transaction: adopt, update, insert, then (unless
-        guarded) remove."""
+    async def apply(self, run_id: uuid.UUID, pull_started: datetime, *, remove: bool,
+                    requeue: bool = False) -> Applied:
+        """Apply the complete pull in one transaction: adopt, update, insert, requeue removals
+        (only when the plan has some: the removals table may be large), then (unless guarded)
+        remove."""
         async with wrap_db_errors(f"applying the pull of {self.domain} {self.kind.value}"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id, pull_started)
             updated = await self._db.fetchval(self._q("update_changed"), self.domain, run_id, pull_started)
             inserted = await self._db.fetchval(self._q("insert_remote_only"), self.domain, run_id)
+            if requeue:
+                await self._db.execute(self._q("requeue_removals"), self.domain)
             removed = 0
             if remove:
                 removed = await self._db.fetchval(
@@ -335,6 +382,20 @@ class ListSession:
                 return
             yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]
             after = rows[-1]["address_key"]
+
+    async def mark_sending(self, rows: Sequence[PendingRow]) -> list[PendingRow]:
+        """Write down that these rows are about to be sent; returns the ones unchanged since they
+        were read, with their new versions (a row changed meanwhile waits for the next run)."""
+        if not rows:
+            return []
+        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} sent"), \
+                self._db.transaction():
+            await self._db.execute(queries()["mark_worker_writes"])
+            found = await self._db.fetch(self._q("mark_sending"), self.domain,
+                                         [r.record.address for r in rows], [r.version for r in rows])
+        versions = {r["address"]: r["version"] for r in found}
+        return [PendingRow(r.record, versions[r.record.address]) for r in rows
+                if r.record.address in versions]
 
     async def mark_pushed(self, run_id: uuid.UUID, rows: Sequence[PendingRow]) -> int:
         if not rows:
@@ -397,14 +458,34 @@ class MirrorStore:
         async with wrap_db_errors("reading the last runs"):
             return [dict(r) for r in await self._pool.fetch(queries()["latest_runs"])]
 
+    async def record_discovery(self, api_base: str, domains: Sequence[str] | None,
+                               error: str | None = None) -> None:
+        """A region's complete listing (`domains`), or why it failed (`error`: the last complete
+        listing stays)."""
+        async with wrap_db_errors(f"recording the domains of {api_base}"):
+            if domains is not None:
+                await self._pool.execute(queries()["discovery_listed"], api_base, list(domains))
+            else:
+                await self._pool.execute(queries()["discovery_failed"], api_base, error)
+
+    async def discovery_state(self) -> list[dict[str, Any]]:
+        """Each region's last complete listing, and the last attempt's error if it failed."""
+        async with wrap_db_errors("reading the discovered domains"):
+            return [dict(r) for r in await self._pool.fetch(queries()["discovery_state"])]
+
+    async def last_successes(self) -> list[dict[str, Any]]:
+        """When each (domain, list) last ended ok, from the run log."""
+        async with wrap_db_errors("reading the last successes"):
+            return [dict(r) for r in await self._pool.fetch(queries()["last_successes"])]
+
     async def ping(self, within: float) -> None:
         """Raise DatabaseError unless PostgreSQL answers within `within` seconds."""
         async with wrap_db_errors("checking the connection"):
             await self._pool.fetchval(queries()["ping"], timeout=within)
 
     async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: str,
-                         dry_run: bool, counts: Sequence[int], error: str | None,
+                         dry_run: bool, counts: Sequence[int], skipped: int, error: str | None,
                          started: datetime, finished: datetime) -> None:
         async with wrap_db_errors("recording the run"):
             await self._pool.execute(queries()["record_run"], run_id, domain, kind.value, status,
-                                     dry_run, *counts, error, started, finished)
+                                     dry_run, *counts, error, started, finished, skipped)

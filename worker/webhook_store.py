@@ -35,7 +35,8 @@ STORED, REPLAY, SUPERSEDED = "stored", "replay", "superseded"
 def _row(event: WebhookEvent) -> dict[str, Any]:
     return {"token": event.token, "signed_at": event.signed_at.isoformat(), "domain": event.domain,
             "address": event.address, "code": event.code, "error": event.error,
-            "created_at": event.created_at.isoformat(), "tags": list(event.tags),
+            "created_at": event.created_at.isoformat(), "occurred_at": event.occurred_at.isoformat(),
+            "tags": list(event.tags),
             "event_id": event.event_id, "change_id": str(uuid.uuid4())}
 
 

@@ -60,13 +60,20 @@ class WebhookEvent:
     event: str
     domain: str
     address: str
-    created_at: datetime
+    # When it happened, to the fraction of a second Mailgun gives: weighed against an
+    # application's removal of the address, which may fall in the same second.
+    occurred_at: datetime
     token: str
     signed_at: datetime
     event_id: str
     code: str | None = None
     error: str | None = None
     tags: tuple[str, ...] = ()
+
+    @property
+    def created_at(self) -> datetime:
+        """The record's time: Mailgun keeps whole seconds on its records."""
+        return self.occurred_at.replace(microsecond=0)
 
     @property
     def key(self) -> tuple[SuppressionList, str, str]:
@@ -215,8 +222,7 @@ def _event_time(data: Mapping[str, Any]) -> datetime:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise WebhookPayloadError("the event has no numeric timestamp")
     try:
-        # Mailgun keeps whole seconds on its records.
-        return datetime.fromtimestamp(int(value), UTC)
+        return datetime.fromtimestamp(value, UTC)
     except (OverflowError, OSError, ValueError):
         raise WebhookPayloadError(f"the event's timestamp {value!r} is out of range") from None
 
@@ -254,7 +260,7 @@ def read_event(body: bytes, *, key: str, domains: Sequence[str], max_age: float,
     event_id = data.get("id")
     common: dict[str, Any] = {
         "kind": kind, "event": str(data["event"]), "domain": domain, "address": address,
-        "created_at": _event_time(data), "token": token, "signed_at": signed_at,
+        "occurred_at": _event_time(data), "token": token, "signed_at": signed_at,
         "event_id": _clean(event_id)[:200] if isinstance(event_id, str) else ""}
     if kind is SuppressionList.BOUNCES:
         code, error = _bounce_fields(data)

@@ -8,12 +8,16 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+import pytest
+
 from worker.embedded import embedded_postgres
 from worker.scratch import LOCAL_SERVER, database_statement, run_admin, server_answers, with_database
+from worker.sql import queries
 
 
 @dataclass(frozen=True)
@@ -45,3 +49,24 @@ def open_test_database() -> Iterator[TestDatabase]:
             yield TestDatabase(url=with_database(admin_url, name), admin_url=admin_url, name=name)
         finally:
             asyncio.run(run_admin(admin_url, database_statement("drop_database", name)))
+
+
+@contextlib.asynccontextmanager
+async def icu_database(admin_url: str) -> AsyncIterator[str]:
+    """A database of its own whose default collation is ICU's en-US (it sorts `a` before `B` and
+    `_x` before `*`, unlike code-point order), dropped afterwards; skips the test on a server that
+    cannot create one."""
+    connection = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        supported = await connection.fetchval(queries()["icu_databases_supported"])
+    finally:
+        await connection.close()
+    if not supported:
+        pytest.skip("this PostgreSQL cannot create an ICU en-US database (it needs 15 or later, "
+                    "built with ICU); the collation tests need one")
+    name = f"mailgun_sync_icu_{secrets.token_hex(4)}"
+    await run_admin(admin_url, database_statement("create_database_icu", name))
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        await run_admin(admin_url, database_statement("drop_database", name))

@@ -12,7 +12,8 @@ from worker.records import SuppressionList
 MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "allowlist", "sync_runs", "changes")
 
 
-BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals", "webhook_tokens")
+BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals", "webhook_tokens",
+                   "discovered_domains")
 
 
 async def empty_mirror(pool: asyncpg.Pool) -> None:

@@ -130,9 +130,11 @@ class Emulator:
         await self._call("POST", "generate", {"domain": DOMAIN, "list": "bounces", "count": self._records})
 
 
-async def _prepare_mirror(pool: asyncpg.Pool, records: int, pending: int) -> None:
+async def _prepare_mirror(pool: asyncpg.Pool, records: int, pending: int, deletions: int = 0) -> None:
     await pool.execute(queries()["bench_reset_mirror"])
     await pool.execute(queries()["bench_prepare_mirror"], DOMAIN, records, pending)
+    if deletions:
+        await pool.execute(queries()["bench_delete_locally"], DOMAIN, deletions)
     await pool.execute(queries()["bench_vacuum"])
 
 
@@ -141,9 +143,11 @@ def _env(emulator: Emulator, database_url: str) -> dict[str, str]:
             "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url, "SYNC_MAX_DELETE_FRACTION": "0.5"}
 
 
-async def _run_worker(emulator: Emulator, database_url: str, records: int) -> Measured:
+async def _run_worker(emulator: Emulator, database_url: str, records: int, *,
+                      allow_mass_delete: bool = False) -> Measured:
     before = await emulator.served_gets()
-    argv = [sys.executable, "-m", "worker", "run", "--list", "bounces", "--json"]
+    argv = [sys.executable, "-m", "worker", "run", "--list", "bounces", "--json",
+            *(["--allow-mass-delete"] if allow_mass_delete else [])]
     measured, out, err = await asyncio.to_thread(_measure, argv, _env(emulator, database_url))
     measured.pages = await emulator.served_gets() - before
     if out.strip():
@@ -172,15 +176,18 @@ async def _run_baseline(emulator: Emulator, database_url: str, records: int) -> 
 
 
 async def run_benchmark(*, records: int, pending: int | None = None, page_latency_ms: float = 0.0,
-                        baseline: bool | None = None, database_url: str | None = None) -> dict[str, Any]:
+                        baseline: bool | None = None, database_url: str | None = None,
+                        deletions: int = 0) -> dict[str, Any]:
+    """With `deletions`, the application has also deleted that many synced rows Mailgun has, and
+    the run (with --allow-mass-delete) deletes them at Mailgun; the baseline does no deletions."""
     pending = records // 100 if pending is None else pending
-    with_baseline = records <= BASELINE_AUTO_LIMIT if baseline is None else baseline
+    with_baseline = records <= BASELINE_AUTO_LIMIT and not deletions if baseline is None else baseline
     async with scratch_database("mailgun_sync_bench", database_url) as url, \
             open_pool(url, max_size=2) as pool, Emulator(records, page_latency_ms) as emulator:
         await migrate(pool)
         server_version = await pool.fetchval(queries()["server_version"])
-        await _prepare_mirror(pool, records, pending)
-        worker = await _run_worker(emulator, url, records)
+        await _prepare_mirror(pool, records, pending, deletions)
+        worker = await _run_worker(emulator, url, records, allow_mass_delete=deletions > 0)
         baseline_run = None
         if with_baseline:
             await emulator.regenerate()
@@ -189,7 +196,7 @@ async def run_benchmark(*, records: int, pending: int | None = None, page_latenc
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "postgresql": server_version, "system": platform.platform()},
-        "records": records, "pending": pending, "page_latency_ms": page_latency_ms,
+        "records": records, "pending": pending, "deletions": deletions, "page_latency_ms": page_latency_ms,
         "worker": asdict(worker),
         "baseline": asdict(baseline_run) if baseline_run else None,
     }
@@ -218,7 +225,11 @@ def render(report: dict[str, Any]) -> str:
     if worker["result"]:
         r = worker["result"]
         lines.append(f"worker result: {r['status']}, inserted {r['inserted']}, removed {r['removed']}, "
-                     f"pushed {r['pushed']}")
+                     f"pushed {r['pushed']}, deleted at Mailgun {r['deleted']}")
+        seconds = worker["steps"].get("delete")
+        if r["deleted"] and seconds:
+            lines.append(f"deletions at Mailgun: {r['deleted']:,} in {seconds:.2f} s, "
+                         f"{r['deleted'] / seconds:,.0f}/s")
     if "speedup" in report:
         lines.append(f"speedup over the baseline: {report['speedup']}x")
     return "\n".join(lines) + "\n"

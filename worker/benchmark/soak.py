@@ -82,9 +82,17 @@ async def run_soak(*, seconds: float, failure_rate: float = 0.05, records: int =
         "runs": runs, "converged": converged, "daemon_exit_code": exit_code,
         "rss_mb": {"after_warm_up": warm.get("rss_mb"), "end": last.get("rss_mb")},
         "open_fds": {"after_warm_up": warm.get("fds"), "end": last.get("fds")},
-        "asyncio_tasks": {"after_warm_up": warm.get("tasks"), "end": last.get("tasks")},
+        "asyncio_tasks": {"after_warm_up": _at_rest(samples[len(samples) // 5:2 * len(samples) // 5]),
+                          "end": _at_rest(samples[-max(2, len(samples) // 5):])},
         "samples": samples,
     }
+
+
+def _at_rest(samples: list[dict[str, Any]]) -> int | None:
+    """Tasks alive when no run was in flight: the fewest sampled over a stretch (a run in flight
+    holds a dozen for a moment; a leak shows at rest)."""
+    counts = [s["tasks"] for s in samples if s.get("tasks") is not None]
+    return min(counts) if counts else None
 
 
 async def _wait_converged(pool: Any, emulator: Emulator, *, deadline: float) -> bool:

@@ -33,6 +33,8 @@ from worker.records import SuppressionList
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CONTROL_PREFIX = "/_emulator"
+# Recorded with every 401 (reference §5.2).
+UNAUTHORIZED_CHALLENGE = 'Basic realm="MG API"'
 _FAULT_KEY = web.RequestKey("fault", Fault)
 
 
@@ -274,8 +276,8 @@ class MailgunEmulator:
                 return early
         if not recorded.authorized:
             return web.Response(status=401, text=messages.FORBIDDEN, content_type="text/plain",
-                                charset="utf-8", headers={"Www-Authenticate": 'Basic realm="MG API"'})
-        budget = self._spend_budget()
+                                charset="utf-8", headers={"Www-Authenticate": UNAUTHORIZED_CHALLENGE})
+        budget = self._spend_budget(domains=request.path == "/v3/domains")
         if int(budget["X-Request-Remaining"]) < 0:
             budget["X-Request-Remaining"] = "0"
             if self.settings.retry_after_on_429:
@@ -309,17 +311,21 @@ class MailgunEmulator:
             return False
         return user == "api" and key == self.api_key
 
-    def _spend_budget(self) -> dict[str, str]:
-        """A fixed window per key: the count resets when the window turns."""
-        window = self.settings.rate_window_s
+    def _spend_budget(self, *, domains: bool = False) -> dict[str, str]:
+        """A fixed window per key: the count resets when the window turns. The domain listing
+        counts in a budget of its own."""
+        settings = self.settings
+        window = settings.domains_rate_window_s if domains else settings.rate_window_s
+        limit = settings.domains_rate_limit if domains else settings.rate_limit
+        bucket = f"{self.api_key}/domains" if domains else self.api_key
         now = time.time()
         start = now - now % window
-        last_start, used = self._budget.get(self.api_key, (start, 0))
+        last_start, used = self._budget.get(bucket, (start, 0))
         used = used + 1 if last_start == start else 1
-        self._budget[self.api_key] = (start, used)
+        self._budget[bucket] = (start, used)
         return {
-            "X-Request-Limit": str(self.settings.rate_limit),
-            "X-Request-Remaining": str(self.settings.rate_limit - used),
+            "X-Request-Limit": str(limit),
+            "X-Request-Remaining": str(limit - used),
             "X-Request-Reset": str(int((start + window) * 1000)),
         }
 
@@ -356,6 +362,7 @@ class MailgunEmulator:
             headers["X-Request-Remaining"] = "0"
             headers["X-Request-Reset"] = str(int(time.time() * 1000) + fault.reset_in_ms)
         if fault.status == 401:
+            headers["Www-Authenticate"] = UNAUTHORIZED_CHALLENGE
             return web.Response(status=401, text=messages.FORBIDDEN, content_type="text/plain",
                                 charset="utf-8", headers=headers)
         text = fault.message or (messages.RATE_LIMITED if fault.status == 429 else messages.INTERNAL)
@@ -431,7 +438,9 @@ class MailgunEmulator:
         limit = self._limit(request)
         legacy = request.path.startswith("/v2/") or self.settings.paging_style == "offset"
         if legacy:
-            return self._offset_page(request, table, limit)
+            cap = self.settings.legacy_unsubscribes_max_limit \
+                if table.kind is SuppressionList.UNSUBSCRIBES else self.settings.legacy_max_limit
+            return self._offset_page(request, table, min(limit, cap))
         term = request.query.get("term", "")
         page = request.query.get("page", "")
         pivot = request.query.get("address")
@@ -591,6 +600,8 @@ class MailgunEmulator:
             row = table.get(address)
             if row is None:
                 return _message(404, messages.NOT_FOUND[table.kind])
+            if request.path.startswith("/v2/"):
+                return _json(200, _legacy_single(table.kind, row))
             return _json(200, row)
         if request.method != "DELETE":
             raise _Refusal(405, "Method Not Allowed")
@@ -704,6 +715,19 @@ class _Refusal(Exception):
 
 def _bad_request(text: str) -> _Refusal:
     return _Refusal(400, text)
+
+
+def _legacy_single(kind: SuppressionList, row: WireRecord) -> dict[str, Any]:
+    """One record as the v2 API answered a single GET (reference §2.5): a bounce or a complaint
+    wrapped in its kind's name, an unsubscribe as a list of its rows (one per tag)."""
+    rows = list(_legacy_rows(kind, [row]))
+    if kind is SuppressionList.BOUNCES:
+        return {"bounce": rows[0]}
+    if kind is SuppressionList.COMPLAINTS:
+        return {"complaint": rows[0]}
+    if kind is SuppressionList.UNSUBSCRIBES:
+        return {"total_count": len(rows), "items": rows}
+    return rows[0]
 
 
 def _legacy_rows(kind: SuppressionList, rows: Iterable[WireRecord]) -> Iterator[WireRecord]:

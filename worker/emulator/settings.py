@@ -31,8 +31,17 @@ class EmulatorSettings:
     # 2500 and windows about 30 s apart (unknown 6).
     rate_limit: int = 2500
     rate_window_s: float = 30.0
+    # The account's domain listing (`GET /v3/domains`) has a budget of its own: "no more than 300
+    # requests per minute, per account" for the Domains API (reference §5.5).
+    domains_rate_limit: int = 300
+    domains_rate_window_s: float = 60.0
     # Mailgun has never been seen sending Retry-After; True adds it to every 429.
     retry_after_on_429: bool = False
+    # Legacy (`skip`/`total_count`) pages: "a maximum limit of 300" for v2 bounces (a Mailgun
+    # staffer, reference §2.5), "(100 max)" in the legacy unsubscribes documentation; larger
+    # limits are clamped.
+    legacy_max_limit: int = 300
+    legacy_unsubscribes_max_limit: int = 100
     # /v3 list responses: keyset `paging` (today's API) or the legacy `skip`/`total_count` form.
     # /v2 always answers in the legacy form.
     paging_style: Literal["cursor", "offset"] = "cursor"
