@@ -232,15 +232,17 @@ class MailgunClient:
     async def pages(
         self, domain: str, kind: SuppressionList, *, after: str | None = None,
         until: str | None = None, ordered: bool = False, term: str = "",
-        trace: RangeTrace | None = None,
+        trace: RangeTrace | None = None, resumed: bool = False,
     ) -> AsyncGenerator[Page, None]:
         """Every page of a list, in order, following `paging.next` as Mailgun returns it.
 
         Ending normally means the list was read to its end (an empty, null or missing `items`), or,
         with `until`, past that address. Anything else raises: a PagingError for a page that cannot
         be trusted, a MailgunError for a request that failed. `after` starts behind that address
-        (keyset resume). With `until`, the range (after, until] is read. With `ordered` (implied by
-        `until`), records must come in strictly increasing code-point order, else PagingOrderError.
+        (keyset resume); `resumed` says an earlier pull read the list up to `after`, so an empty
+        last page cannot vouch for it either. With `until`, the range (after, until] is read. With
+        `ordered` (implied by `until`), records must come in strictly increasing code-point order,
+        else PagingOrderError.
         """
         ordered = ordered or until is not None
         base = self.list_url(domain, kind)
@@ -250,7 +252,7 @@ class MailgunClient:
         fetched: set[str] = set()
         number = 0
         previous = after  # the bound the next record must exceed, for the order check
-        last_read: str | None = None
+        last_read = after if resumed else None
         # The next page is requested as soon as its URL is known and checked, so Mailgun's answer
         # travels while this page is normalised and stored.
         upcoming: asyncio.Future[dict[str, Any]] | None = asyncio.ensure_future(
