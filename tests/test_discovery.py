@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import API_KEY
-from worker.daemon import Daemon
+from tests.support.webhooks import SIGNING_KEY, deliver, event
+from worker.daemon import Daemon, build_http_app
 from worker.domains import plan_domains
 from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
 from worker.lifespan import Resources
 from worker.metrics import Metrics
 from worker.retry import RetryPolicy
 from worker.settings import Settings
+from worker.webhook_endpoint import WebhookEndpoint
+from worker.webhook_store import WebhookStore, WebhookWriter
 
 NAMED = "mg.named.example.com"
 FOUND = "mg.found.example.com"
@@ -154,3 +158,26 @@ async def test_without_a_remembered_listing_the_daemon_keeps_what_it_scheduled_f
         assert daemon.domains() == (FOUND, NAMED)
     finally:
         await daemon.drain(grace=5)
+
+
+async def test_a_webhook_for_a_region_whose_first_listing_failed_is_answered_so_mailgun_retries(
+        region, settings, resources, pool, aiohttp_client):
+    settings = replace(settings, webhook_signing_key=SIGNING_KEY)
+    metrics = Metrics()
+    daemon = Daemon(settings, resources, metrics, planner_for(settings, resources))
+    writer = WebhookWriter(WebhookStore(pool), max_age=settings.webhook_max_age)
+    endpoint = WebhookEndpoint(signing_key=SIGNING_KEY, domains=daemon.domains,
+                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics,
+                               domains_complete=daemon.domains_complete)
+    http = await aiohttp_client(build_http_app(daemon, metrics, endpoint))
+    # A first start: nothing remembered of the region, and its listing fails.
+    region.fail_next(503, times=None, path_contains=DOMAINS_PATH)
+    async with writer:
+        await daemon.start()
+        try:
+            status, text = await deliver(http, event("failed", "x@example.org", FOUND))
+            # Not 406, which Mailgun never retries: the domain may be one the region lists.
+            assert status == 503, text
+            assert "incomplete" in text
+        finally:
+            await daemon.drain(grace=5)

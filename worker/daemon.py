@@ -92,6 +92,7 @@ class Daemon:
         self._stopping = False
         # The domains scheduled now; read by the webhook endpoint on every request.
         self._domains: tuple[str, ...] = ()
+        self._stale: tuple[str, ...] = ()
 
     async def start(self) -> None:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
@@ -122,12 +123,17 @@ class Daemon:
         """The domains scheduled now."""
         return self._domains
 
+    def domains_complete(self) -> bool:
+        """False while a region's last listing failed: a domain of it may be missing."""
+        return not self._stale
+
     def _schedule(self, planned: Planned) -> None:
         """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
         schedule changed, drop those no longer planned (and forget their failures). A region
         whose listing failed keeps the domains scheduled from it (the planner's last known ones
         and those scheduled now): only a complete listing removes a domain."""
         plans = list(planned.domains)
+        self._stale = planned.stale
         if planned.stale:
             planned_names = {plan.name for plan in plans}
             kept = [job.args[0] for job in self._scheduler.get_jobs()
@@ -317,7 +323,8 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         if settings.webhook_signing_key else None
     # Webhooks are taken for the domains the daemon syncs, as planned now and at each refresh.
     webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=daemon.domains,
-                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics)
+                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics,
+                               domains_complete=daemon.domains_complete)
     runner = web.AppRunner(build_http_app(daemon, metrics, webhooks), access_log=None,
                            handle_signals=False)
     await runner.setup()
