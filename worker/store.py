@@ -449,7 +449,9 @@ class MirrorStore:
                         OSError):
                     # Cancelled mid-operation (a COPY, say), the connection cannot be cleaned up:
                     # closing it ends the session, which drops the staging and releases the lock.
-                    connection.terminate()
+                    # (A connection already lost is already back in the pool.)
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        connection.terminate()
         finally:
             await self._pool.release(connection)
 
