@@ -10,18 +10,15 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from tests.conftest import API_KEY, DOMAIN
+from tests.conftest import DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from tests.support.waiting import wait_for
-from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from tests.support.webhooks import deliver, event
 from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault
 from worker.reconcile import ReconcileOptions
 from worker.records import SuppressionList
 from worker.retry import RetryPolicy
-from worker.settings import Settings
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 ALLOWLIST = SuppressionList.ALLOWLIST
@@ -42,13 +39,6 @@ async def both_have(pool, emulator, kind, address: str, **data) -> None:
 async def run(make_reconciler, kind=BOUNCES, **options):
     return await make_reconciler(**options).reconcile(uuid.uuid4(), DOMAIN, kind)
 
-
-@pytest.fixture
-async def http(pool, client, emulator, aiohttp_client):
-    settings = Settings(api_key=API_KEY, api_base=str(emulator.base_url), domains=(DOMAIN,),
-                        webhook_signing_key=SIGNING_KEY)
-    async with webhook_app(pool, client, settings) as app:
-        yield await aiohttp_client(app)
 
 
 # ---- 1. deleted, added back, deleted again before a run ------------------------------------------
@@ -118,7 +108,7 @@ async def test_a_resumed_backfill_answered_items_null_and_an_empty_last_page_rem
 # ---- 3. a deletion is later than a transaction's start --------------------------------------------
 
 async def test_a_webhook_older_than_the_applications_delete_does_not_undo_it(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     await both_have(pool, emulator, BOUNCES, "late@example.com")
     async with pool.acquire() as conn, conn.transaction():
         began = await conn.fetchval("SELECT now()")
@@ -129,7 +119,7 @@ async def test_a_webhook_older_than_the_applications_delete_does_not_undo_it(
     # webhook about that older event is delivered after the deletion.
     bounced = began + (deleted - began) / 2
     emulator.seed(DOMAIN, BOUNCES, [{"address": "late@example.com", "created_at": wire_time(bounced)}])
-    answer = await deliver(http, event("failed", "late@example.com", DOMAIN,
+    answer = await deliver(webhook_http, event("failed", "late@example.com", DOMAIN,
                                        timestamp=bounced.timestamp()))
 
     result = await run(make_reconciler)
@@ -152,7 +142,7 @@ async def session_pid(pool) -> int:
 
 
 async def test_an_address_added_back_and_bounced_again_while_its_delete_is_in_flight_survives_a_crash(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     await both_have(pool, emulator, BOUNCES, "again@example.com")
     await pool.execute("DELETE FROM mailgun.bounces WHERE address_key = 'again@example.com'")
     # The run's DELETE is held by Mailgun. Meanwhile the application adds the address back, Mailgun
@@ -165,7 +155,8 @@ async def test_an_address_added_back_and_bounced_again_while_its_delete_is_in_fl
     now = time.time()
     emulator.seed(DOMAIN, BOUNCES, [{"address": "again@example.com", "code": "550",
                                      "created_at": wire_time(datetime.fromtimestamp(now, UTC))}])
-    assert await deliver(http, event("failed", "again@example.com", DOMAIN, timestamp=now)) == (200, "stored")
+    bounced = event("failed", "again@example.com", DOMAIN, timestamp=now)
+    assert await deliver(webhook_http, bounced) == (200, "stored")
     await pool.execute("SELECT pg_terminate_backend($1)", await session_pid(pool))
     crashed = await running
     assert crashed.status == "failed"
@@ -248,14 +239,14 @@ async def test_a_delete_failing_half_way_through_a_chunk_loses_and_resurrects_no
 
 
 async def test_a_tag_put_back_and_unsubscribed_again_while_its_removal_is_in_flight_ends_on_both_sides(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     await both_have(pool, emulator, UNSUBSCRIBES, "reader@example.com", tags=["news", "promo"])
     await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}'")
     emulator.inject(Fault(action="delay", delay_s=0.8, method="DELETE"))
     running = asyncio.create_task(run(make_reconciler, UNSUBSCRIBES))
     await wait_for(lambda: any(r.method == "DELETE" for r in emulator.requests))
     now = time.time()
-    assert await deliver(http, event("unsubscribed", "reader@example.com", DOMAIN, timestamp=now,
+    assert await deliver(webhook_http, event("unsubscribed", "reader@example.com", DOMAIN, timestamp=now,
                                      tags=["promo"])) == (200, "stored")
     first = await running
     second = await run(make_reconciler, UNSUBSCRIBES)
@@ -294,7 +285,7 @@ async def test_a_pending_row_deleted_then_the_push_crashes_after_mailgun_stored_
 
 
 async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_survives_a_crash(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     await both_have(pool, emulator, BOUNCES, "back@example.com")
     await pool.execute("DELETE FROM mailgun.bounces")
     emulator.inject(Fault(action="delay", delay_s=0.8, method="DELETE"))
@@ -303,7 +294,8 @@ async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_survives
     now = time.time()
     emulator.seed(DOMAIN, BOUNCES, [{"address": "back@example.com",
                                      "created_at": wire_time(datetime.fromtimestamp(now, UTC))}])
-    assert await deliver(http, event("failed", "back@example.com", DOMAIN, timestamp=now)) == (200, "stored")
+    bounced = event("failed", "back@example.com", DOMAIN, timestamp=now)
+    assert await deliver(webhook_http, bounced) == (200, "stored")
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     await wait_for(lambda: emulator.records(DOMAIN, BOUNCES) == [])  # Mailgun carried the DELETE out
