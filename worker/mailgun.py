@@ -50,6 +50,9 @@ DEFAULT_MAX_PAGES = 1_000_000
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # `GET /v3/domains` pages by offset; 1000 is the largest page Mailgun documents for it.
 DOMAIN_PAGE = 1000
+# The longest URL sent: most servers refuse a request line over 8 KB, and a cursor is an address,
+# which Mailgun may hold at any length (one of 10,000 characters has been seen).
+MAX_URL = 4096
 # Readings of the domain listing when it shifts while being read; then discovery keeps the last
 # complete listing.
 DOMAIN_LISTING_ATTEMPTS = 3
@@ -250,8 +253,7 @@ class MailgunClient:
         ordered = ordered or until is not None
         base = self.list_url(domain, kind)
         tail = f"limit={self._page_limit}&term={quote_plus(term)}"
-        url = f"{base}?page=next&address={quote_plus(after)}&{tail}" if after is not None \
-            else f"{base}?{tail}"
+        url, reread = self._resume_url(base, tail, after) if after is not None else (f"{base}?{tail}", None)
         fetched: set[str] = set()
         number = 0
         previous = after  # the bound the next record must exceed, for the order check
@@ -282,6 +284,18 @@ class MailgunClient:
                         url=url)
                 fetched.add(url)
                 next_url, last = self._next_url(payload, url, fetched, items[-1], domain, kind, base)
+                if reread is not None:
+                    items = self._past(items, reread, kind)
+                    if not items:  # nothing but records read before: where does the list end?
+                        await self._confirm_end(base, tail, reread, after, domain, kind)
+                        return
+                    reread = None
+                if len(next_url) > MAX_URL:
+                    next_url, reread = self._resume_url(base, tail, last)
+                    if next_url in fetched:
+                        raise errors.PagingError(
+                            f"{domain} {kind.value}: records whose addresses are too long for a URL "
+                            f"begin alike ({last[:80]!r}...); paging cannot get past them", url=url)
                 beyond = until is not None and last > until
                 if not beyond and number + 1 < self._max_pages:
                     upcoming = asyncio.ensure_future(self._get_page(next_url, domain, kind))
@@ -307,6 +321,37 @@ class MailgunClient:
             if upcoming is not None:
                 upcoming.cancel()
                 await asyncio.gather(upcoming, return_exceptions=True)
+
+    @staticmethod
+    def _resume_url(base: str, tail: str, address: str) -> tuple[str, str | None]:
+        """The URL of the records after `address`, and None. When that URL is too long, the URL
+        after the longest prefix of the address that fits, and the address: the records from the
+        prefix up to the address (all starting with the prefix, so too long to hold as well) come
+        again, and are dropped by `_past`."""
+        url = f"{base}?page=next&address={quote_plus(address)}&{tail}"
+        if len(url) <= MAX_URL:
+            return url, None
+        room = MAX_URL - len(url) + len(quote_plus(address))
+        end = size = 0
+        while size + len(quote_plus(address[end])) <= room:
+            size += len(quote_plus(address[end]))
+            end += 1
+        return f"{base}?page=next&address={quote_plus(address[:end])}&{tail}", address
+
+    @staticmethod
+    def _past(items: list[Any], read: str, kind: SuppressionList) -> list[Any]:
+        """The items after the records read again from a shortened cursor: the leading ones up to
+        `read` (up to it in code-point and in case-blind order, the orders Mailgun may keep)."""
+        key = kind.address_field
+        start = 0
+        for item in items:
+            address = item.get(key) if isinstance(item, dict) else None
+            if not isinstance(address, str) or address > read or address.lower() > read.lower():
+                break
+            start += 1
+            if address == read:
+                break
+        return items[start:]
 
     async def _confirm_end(self, base: str, tail: str, last: str | None, after: str | None,
                            domain: str, kind: SuppressionList) -> None:
