@@ -117,11 +117,11 @@ SELECT DISTINCT ON (key) * FROM (
                    -- deletion at Mailgun is queued, nor when, after the removal was carried out,
                    -- Mailgun still lists the address under another spelling in a record older than
                    -- the removal: that one is queued for deletion in turn. The spelling deleted,
-                   -- listed again, was added again; a record within a minute of the removal may
-                   -- be newer (the two clocks differ). Both are kept.
+                   -- listed again, was added again; a record of the removal's second (Mailgun
+                   -- keeps whole seconds) may be newer. Both are kept.
                    CASE (SELECT CASE WHEN x.done_at IS NULL THEN 'queued'
                                      WHEN r.address <> x.address
-                                          AND r.created_at < x.removed_at - interval '1 minute' THEN 'requeue'
+                                          AND r.created_at < date_trunc('second', x.removed_at) THEN 'requeue'
                                 END
                          FROM mailgun.removals x WHERE x.domain = $1 AND x.list = '{list}'
                                                    AND x.address_key = r.key COLLATE "default"
