@@ -114,12 +114,14 @@ SELECT DISTINCT ON (key) * FROM (
                WHEN r.skipped THEN NULL
                WHEN m.key IS NULL THEN
                    -- A record the application removed locally is not brought back: not while its
-                   -- deletion at Mailgun is queued, nor when Mailgun still lists a record older
-                   -- than the removal after the removal was carried out (another spelling of the
-                   -- address, say): that one is queued for deletion in turn. A record of the same
-                   -- second as the removal may be newer, and is kept.
+                   -- deletion at Mailgun is queued, nor when, after the removal was carried out,
+                   -- Mailgun still lists the address under another spelling in a record older than
+                   -- the removal: that one is queued for deletion in turn. The spelling deleted,
+                   -- listed again, was added again; a record of the removal's second (Mailgun
+                   -- keeps whole seconds) may be newer. Both are kept.
                    CASE (SELECT CASE WHEN x.done_at IS NULL THEN 'queued'
-                                     WHEN r.created_at < date_trunc('second', x.removed_at) THEN 'requeue'
+                                     WHEN r.address <> x.address
+                                          AND r.created_at < date_trunc('second', x.removed_at) THEN 'requeue'
                                 END
                          FROM mailgun.removals x WHERE x.domain = $1 AND x.list = '{list}'
                                                    AND x.address_key = r.key COLLATE "default"
@@ -580,7 +582,8 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 --   * Each token is recorded; an event whose token was seen before is a replay and writes nothing.
 --   * An event no newer than a local removal of its address (queued or carried out) is superseded:
 --     the application's removal stands. A newer one means Mailgun suppressed the address again: a
---     queued removal is cancelled and the row written.
+--     queued removal not yet sent is cancelled and the row written (one in flight is carried out,
+--     and the row is written pending, below).
 --   * Rows are written synced (Mailgun has them), at the clock's time: a reconcile whose pull
 --     started before neither updates nor removes them. A pending or rejected row is adopted.
 --   * Unless Mailgun may have lost the record since: a DELETE of the address was in flight, or was
@@ -609,6 +612,7 @@ WITH input AS (
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
     WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
+      AND x.sent_at IS NULL
 ), before AS (
     SELECT m.domain, m.address_key, m.sync_state
     FROM {table} m JOIN accepted r ON m.domain = r.domain AND m.address_key = r.key
@@ -671,6 +675,7 @@ WITH input AS (
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
     WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
+      AND x.sent_at IS NULL
       AND (x.tag = '' OR x.tag = ANY (r.tags))
 ), before AS (
     SELECT m.domain, m.address_key, m.sync_state

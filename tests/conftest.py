@@ -155,3 +155,16 @@ async def empty_database_url(test_database: TestDatabase) -> AsyncIterator[str]:
         yield with_database(test_database.admin_url, name)
     finally:
         await run_admin(test_database.admin_url, database_statement("drop_database", name))
+
+
+@pytest.fixture
+async def webhook_http(pool: asyncpg.Pool, client: MailgunClient, emulator: MailgunEmulator,
+                       aiohttp_client: Any) -> AsyncIterator[Any]:
+    """The daemon's HTTP app taking DOMAIN's signed webhooks, on a test client."""
+    from tests.support.webhooks import SIGNING_KEY, webhook_app
+    from worker.settings import Settings
+
+    settings = Settings(api_key=API_KEY, api_base=str(emulator.base_url), domains=(DOMAIN,),
+                        webhook_signing_key=SIGNING_KEY)
+    async with webhook_app(pool, client, settings) as app:
+        yield await aiohttp_client(app)

@@ -117,6 +117,10 @@ REFUSED = [
     ("0 3 * * 1#2", "is not a number"),
     ("0 0 30 2 *", "never fires"),
     ("@reboot", "is not a schedule"),
+    ("\u0660 \u0663 * * *", "minute '\u0660' is not a number"),  # Arabic-Indic: isdigit() says yes
+    ("0 3 * * \u0661", "weekday '\u0661' is not a number"),
+    ("*/\u0662 * * * *", "the step must be a whole number above 0"),
+    ("\u00b2 * * * *", "minute '\u00b2' is not a number"),
 ]
 
 

@@ -6,7 +6,9 @@ import asyncio
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from apscheduler.triggers.cron import CronTrigger
@@ -173,6 +175,56 @@ async def test_the_last_success_is_known_from_the_run_log_before_this_process_su
         assert metrics.registry.get_sample_value(
             "mailgun_sync_last_success_timestamp_seconds",
             {"domain": DOMAIN, "list": "bounces"}) == earlier.timestamp()
+    finally:
+        await daemon.drain(grace=5)
+
+
+def last_success(metrics: Metrics, domain: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "mailgun_sync_last_success_timestamp_seconds", {"domain": domain, "list": "bounces"})
+
+
+async def test_a_list_no_longer_synced_gets_no_last_success_gauge_at_start(emulator, pool, store, client):
+    long_ago = datetime.now(UTC).replace(microsecond=0) - timedelta(days=30)
+    await store.record_run(uuid.uuid4(), "mg.retired.example.com", BOUNCES, status="ok", dry_run=False,
+                           counts=[0] * 8, skipped=0, error=None, started=long_ago, finished=long_ago)
+    metrics = Metrics()
+    daemon = Daemon(daemon_settings(emulator, sync_interval=3600),
+                    Resources(pool=pool, store=store, mailgun=client),
+                    metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
+    await daemon.start()
+    try:
+        # An alert on this gauge's age would fire for a domain the daemon does not sync.
+        assert last_success(metrics, "mg.retired.example.com") is None
+    finally:
+        await daemon.drain(grace=5)
+
+
+async def test_a_list_scheduled_by_a_refresh_gets_its_last_success_and_one_unscheduled_loses_it(
+        emulator, pool, store, make_client, metrics):
+    from worker.domains import Planned
+    from worker.retry import RetryPolicy
+
+    other = "mg.other.example.com"
+    earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    for domain in (DOMAIN, other):
+        await store.record_run(uuid.uuid4(), domain, BOUNCES, status="ok", dry_run=False, counts=[0] * 8,
+                               skipped=0, error=None, started=earlier, finished=earlier)
+    emulator.fail_next(503, times=None, list="bounces")  # no run succeeds: the gauge is the log's
+    client = make_client(retry=RetryPolicy(max_attempts=1))
+    planned = [DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]
+
+    async def planner() -> Planned:
+        return Planned(list(planned), [])
+
+    daemon = Daemon(daemon_settings(emulator, sync_interval=3600),
+                    Resources(pool=pool, store=store, mailgun=client), metrics, planner)
+    await daemon.start()
+    try:
+        assert (last_success(metrics, DOMAIN), last_success(metrics, other)) == (earlier.timestamp(), None)
+        planned[:] = [DomainPlan(other, client.api_base, (BOUNCES,))]
+        await daemon.refresh_domains()
+        assert (last_success(metrics, DOMAIN), last_success(metrics, other)) == (None, earlier.timestamp())
     finally:
         await daemon.drain(grace=5)
 

@@ -329,6 +329,19 @@ async def test_the_control_endpoint_releases_held_requests(emulator, api):
     assert (await page).status == 200
 
 
+async def test_control_endpoint_declares_and_removes_a_domain_of_the_listing(emulator, api):
+    async def listed() -> list[str]:
+        return [item["name"] for item in (await body(await api.get("/v3/domains")))["items"]]
+
+    async with aiohttp.ClientSession(base_url=emulator.base_url) as control:
+        assert (await control.post("/_emulator/domains/mg.other.example.com")).status == 200
+        assert "mg.other.example.com" in await listed()
+        assert (await control.delete("/_emulator/domains/mg.other.example.com")).status == 200
+        assert "mg.other.example.com" not in await listed()
+        assert (await api.get("/v3/mg.other.example.com/bounces")).status == 404
+        assert (await control.delete("/_emulator/domains/mg.other.example.com")).status == 404
+
+
 # Reference §2.5 (line 144): GO14 decoded GET /v2/<domain>/bounces/<addr> as {"bounce": {...}};
 # line 149: a v2 complaint came wrapped, with its count; line 148: an unsubscribe as a list envelope.
 async def test_v2_single_record_gets_answer_in_the_v2_shapes(emulator, api):

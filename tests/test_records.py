@@ -18,6 +18,7 @@ from worker.records import (
     form_fields,
     parse_record,
     parse_timestamp,
+    staging_rows,
 )
 
 MOMENT = datetime(2011, 10, 13, 18, 2, tzinfo=UTC)
@@ -45,6 +46,26 @@ def test_a_numeric_offset_keeps_its_instant():
 def test_an_unreadable_timestamp_is_malformed():
     with pytest.raises(MalformedRecordError, match="unreadable timestamp"):
         parse_timestamp("yesterday-ish")
+
+
+@pytest.mark.parametrize("text", [
+    "Sat, 31 Feb 2026 12:00:00 UTC", "Sun, 29 Feb 2026 12:00:00 UTC", "Wed, 31 Apr 2026 12:00:00 UTC",
+    "Mon, 00 Jan 2026 12:00:00 UTC", "Mon, 05 Jan 2026 24:00:00 UTC", "Mon, 05 Jan 2026 12:60:00 UTC",
+    "Mon, 05 Jan 2026 12:00:60 UTC", "Mon, 05 Jan 0000 12:00:00 UTC",
+])
+def test_a_date_in_the_usual_form_that_does_not_exist_is_a_skipped_record(text):
+    rows, skipped = staging_rows(SuppressionList.BOUNCES, [{"address": "a@example.com", "created_at": text}])
+    assert [s.address for s in skipped] == ["a@example.com"]
+    assert rows[0][-1] is True  # a placeholder: the mirror's row is left as it is
+
+
+@pytest.mark.parametrize("text", [
+    "Tue, 29 Feb 2028 12:00:00 UTC", "Mon, 01 Jan 0001 00:00:00 UTC", "Fri, 31 Dec 9999 23:59:59 GMT",
+    "Thu, 30 Apr 2026 12:00:00 UTC",
+])
+def test_a_date_in_the_usual_form_that_exists_is_staged(text):
+    rows, skipped = staging_rows(SuppressionList.BOUNCES, [{"address": "a@example.com", "created_at": text}])
+    assert skipped == [] and parse_timestamp(rows[0][4] or "") == parse_timestamp(text)
 
 
 @pytest.mark.parametrize("code", ["550", 550])

@@ -69,7 +69,7 @@ def test_a_reset_is_read_in_milliseconds_seconds_or_as_seconds_from_now():
     assert seconds_until_reset("1774529969", now=now) == pytest.approx(9.0)
     assert seconds_until_reset("30", now=now) == 30.0
     # In the past, zero, or unreadable: no hint at all.
-    for value in ("1774529000000", "1774529000", "0", "soon", "-5", "", None):
+    for value in ("1774529000000", "1774529000", "0", "soon", "-5", "", None, "\u00b2", "\u0663\u0660"):
         assert seconds_until_reset(value, now=now) is None
 
 
@@ -79,6 +79,13 @@ def test_a_429_whose_reset_is_past_or_in_seconds_gives_a_hint_only_when_ahead():
     assert server_wait_hint(429, {"X-Request-Reset": str(int((now - 5) * 1000))}, now=now) is None
     past = "Thu, 01 Jan 2015 00:00:00 GMT"
     assert server_wait_hint(503, {"Retry-After": past}, now=now) is None
+
+
+async def test_budget_headers_in_digits_other_than_ascii_are_ignored():
+    budget = RequestBudget(max_wait=5, sleep=SleepLog())
+    budget.note({"X-Request-Remaining": "\u00b2", "X-Request-Reset": "\u00b2"})
+    budget.note({"X-Request-Remaining": "-\u00b2", "X-Request-Reset": "1"})
+    await budget.spend()
 
 
 async def test_parallel_requests_on_a_spent_budget_each_wait_once_for_the_same_turn():

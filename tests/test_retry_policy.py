@@ -51,6 +51,15 @@ async def test_server_waits_are_capped_at_backoff_max(emulator, make_client, sle
     assert sleeps.waits == [2.0]
 
 
+@pytest.mark.parametrize("retry_after", ["\u00b2", "\u0663", "-3", "3.5s"])
+async def test_a_retry_after_that_is_not_a_number_is_ignored_not_a_crash(
+        emulator, client, sleeps, retry_after):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": "a@example.com"}])
+    emulator.fail_next(429, retry_after=retry_after)  # `²` is a digit to str.isdigit(), not to float()
+    assert [r.address for r in await pull(client)] == ["a@example.com"]
+    assert len(sleeps.waits) == 1
+
+
 async def test_without_a_hint_backoff_is_exponential_with_full_jitter(emulator, make_client, sleeps):
     emulator.fail_next(502, times=5)
     policy = RetryPolicy(max_attempts=6, backoff_base=1.0, backoff_max=60.0, sleep=sleeps)

@@ -57,6 +57,22 @@ async def test_a_record_the_mirror_cannot_hold_is_skipped_and_the_others_sync(
     assert "ok4@example.com" in await rows(pool, BOUNCES)
 
 
+@pytest.mark.parametrize("created_at", [
+    "Sat, 31 Feb 2026 12:00:00 UTC",   # a day the month does not have
+    "Sun, 29 Feb 2026 12:00:00 UTC",   # not a leap year
+    "Mon, 00 Jan 2026 12:00:00 UTC",
+    "Mon, 05 Jan 2026 25:00:00 UTC",
+    "Mon, 05 Jan 0000 12:00:00 UTC",
+])
+async def test_a_date_in_mailguns_usual_form_that_does_not_exist_is_skipped_not_a_failed_list(
+        pool, emulator, make_reconciler, created_at):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"ok{i}@example.com"} for i in range(5)])
+    emulator.tables.table(DOMAIN, BOUNCES).get("ok2@example.com")["created_at"] = created_at
+    result = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert (result.status, result.error) == ("ok", None)
+    assert (result.inserted, result.skipped) == (4, 1)
+
+
 @pytest.mark.parametrize("fields", [
     {"error": "smtp; 550 \x00"},
     {"created_at": "Thu, 99 Foo 2026"},

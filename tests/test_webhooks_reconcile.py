@@ -9,15 +9,12 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from tests.conftest import API_KEY, DOMAIN
+from tests.conftest import DOMAIN
 from tests.support.mirror import insert_row, rows
 from tests.support.waiting import wait_for
-from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from tests.support.webhooks import deliver, event
 from worker.emulator import Fault
 from worker.records import SuppressionList
-from worker.settings import Settings
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 EVENT_TIME = int(time.time()) - 60
@@ -27,20 +24,13 @@ def wire_time(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%a, %d %b %Y %H:%M:%S UTC")
 
 
-@pytest.fixture
-async def http(pool, client, emulator, aiohttp_client):
-    settings = Settings(api_key=API_KEY, api_base=str(emulator.base_url), domains=(DOMAIN,),
-                        webhook_signing_key=SIGNING_KEY)
-    async with webhook_app(pool, client, settings) as app:
-        yield await aiohttp_client(app)
-
 
 async def reconcile(make_reconciler, kind=BOUNCES):
     return await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, kind)
 
 
 async def test_a_webhook_between_the_pull_and_the_apply_of_a_run_survives_it(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     # The mirror holds a bounce Mailgun no longer lists: left alone, the run would remove it.
     await insert_row(pool, BOUNCES, DOMAIN, "again@example.com", state="synced",
                      synced_at=datetime.now(UTC) - timedelta(hours=1))
@@ -51,7 +41,7 @@ async def test_a_webhook_between_the_pull_and_the_apply_of_a_run_survives_it(
 
     # Meanwhile Mailgun bounces that address again, and a new one, and says so.
     for address in ("again@example.com", "new@example.com"):
-        answer = await deliver(http, event("failed", address, DOMAIN, timestamp=EVENT_TIME, code=550))
+        answer = await deliver(webhook_http, event("failed", address, DOMAIN, timestamp=EVENT_TIME, code=550))
         assert answer == (200, "stored")
     assert not run.done()
     result = await run
@@ -63,11 +53,11 @@ async def test_a_webhook_between_the_pull_and_the_apply_of_a_run_survives_it(
 
 
 async def test_the_next_reconcile_agrees_with_the_webhooks_and_pushes_nothing_back(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     for address in ("one@example.com", "two@example.com"):
         bounce = event("failed", address, DOMAIN, timestamp=EVENT_TIME, code=550)
-        assert (await deliver(http, bounce))[0] == 200
-    assert (await deliver(http, event("unsubscribed", "u@example.com", DOMAIN, timestamp=EVENT_TIME,
+        assert (await deliver(webhook_http, bounce))[0] == 200
+    assert (await deliver(webhook_http, event("unsubscribed", "u@example.com", DOMAIN, timestamp=EVENT_TIME,
                                       tags=["news"])))[0] == 200
     # What Mailgun's lists hold after those events.
     emulator.seed(DOMAIN, BOUNCES, [{"address": a, "code": "550", "error": "550 5.1.1 mailbox unavailable",
@@ -87,9 +77,9 @@ async def test_the_next_reconcile_agrees_with_the_webhooks_and_pushes_nothing_ba
 
 
 async def test_a_webhook_row_mailgun_does_not_have_is_removed_by_a_later_reconcile(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     """The reconcile is the backstop: Mailgun's lists win over anything a webhook wrote."""
-    assert (await deliver(http, event("complained", "test@example.com", DOMAIN)))[0] == 200
+    assert (await deliver(webhook_http, event("complained", "test@example.com", DOMAIN)))[0] == 200
     await asyncio.sleep(0.01)
     result = await reconcile(make_reconciler, SuppressionList.COMPLAINTS)
     assert (result.status, result.removed, result.pushed) == ("ok", 1, 0)
@@ -106,7 +96,7 @@ async def synced_bounce(pool, emulator, address: str, seconds: int) -> None:
 
 
 async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_wins_on_both_sides(
-        http, pool, emulator, make_reconciler):
+        webhook_http, pool, emulator, make_reconciler):
     await synced_bounce(pool, emulator, "back@example.com", EVENT_TIME - 3600)
     await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'back@example.com'")
     # The run's DELETE is held by Mailgun; meanwhile the address bounces again at Mailgun, and the
@@ -117,7 +107,8 @@ async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_wins_on_
     now = time.time()
     emulator.seed(DOMAIN, BOUNCES, [{"address": "back@example.com", "code": "550",
                                      "created_at": wire_time(int(now))}])
-    assert await deliver(http, event("failed", "back@example.com", DOMAIN, timestamp=now)) == (200, "stored")
+    bounced = event("failed", "back@example.com", DOMAIN, timestamp=now)
+    assert await deliver(webhook_http, bounced) == (200, "stored")
     first = await run
     assert first.status == "ok", first.error
     second = await reconcile(make_reconciler)
@@ -128,20 +119,20 @@ async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_wins_on_
     assert (await rows(pool, BOUNCES))["back@example.com"]["sync_state"] == "synced"
 
 
-async def test_a_webhook_later_in_the_same_second_as_a_removal_is_newer(http, pool, emulator):
+async def test_a_webhook_later_in_the_same_second_as_a_removal_is_newer(webhook_http, pool, emulator):
     await synced_bounce(pool, emulator, "same@example.com", EVENT_TIME - 3600)
     await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'same@example.com'")
     removed_at = await pool.fetchval("SELECT removed_at FROM mailgun.removals")
     # An event a few milliseconds after the removal, within the same whole second.
     later = removed_at.timestamp() + 0.001
 
-    answer = await deliver(http, event("failed", "same@example.com", DOMAIN, timestamp=later))
+    answer = await deliver(webhook_http, event("failed", "same@example.com", DOMAIN, timestamp=later))
 
     assert answer == (200, "stored")
     assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
-async def test_a_webhook_older_than_a_carried_out_removal_stays_superseded(http, pool, emulator,
+async def test_a_webhook_older_than_a_carried_out_removal_stays_superseded(webhook_http, pool, emulator,
                                                                            make_reconciler):
     await synced_bounce(pool, emulator, "old@example.com", EVENT_TIME - 3600)
     await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'old@example.com'")
@@ -150,5 +141,5 @@ async def test_a_webhook_older_than_a_carried_out_removal_stays_superseded(http,
 
     # Delivered late (Mailgun retries for hours), about an event from before the removal.
     late = event("failed", "old@example.com", DOMAIN, timestamp=removed_at.timestamp() - 5)
-    assert await deliver(http, late) == (200, "superseded")
+    assert await deliver(webhook_http, late) == (200, "superseded")
     assert await rows(pool, BOUNCES) == {}

@@ -83,7 +83,8 @@ class Backfiller(Reconciler):
         started = saved.started_at if saved else await session.database_now()
         self._progress.start()
         try:
-            async for page in self._mailgun.pages(session.domain, session.kind, after=after):
+            async for page in self._mailgun.pages(session.domain, session.kind, after=after,
+                                                  resumed=after is not None):
                 await session.backfill_page(page)
                 records += page.held
                 unheld += sum(1 for s in page.skipped if not s.held)

@@ -24,9 +24,14 @@ _EPOCH_MS = 10**11
 _EPOCH_S = 10**9
 
 
+def _whole_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes `²` (which int() refuses) and other scripts'."""
+    return text.isascii() and text.isdigit()
+
+
 def seconds_until_reset(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds from `now` until an `X-Request-Reset` value; None when absent, unreadable or past."""
-    if value is None or not value.strip().isdigit():
+    if value is None or not _whole_number(value.strip()):
         return None
     number = int(value.strip())
     now = time.time() if now is None else now
@@ -55,8 +60,8 @@ class RequestBudget:
     def note(self, headers: Mapping[str, str]) -> None:
         """Take the budget from an answer's headers (the server's count is the truth)."""
         remaining, reset = headers.get("X-Request-Remaining"), headers.get("X-Request-Reset")
-        if remaining is None or reset is None or not remaining.strip().lstrip("-").isdigit() \
-                or not reset.strip().isdigit():
+        if remaining is None or reset is None or not _whole_number(remaining.strip().removeprefix("-")) \
+                or not _whole_number(reset.strip()):
             return
         self._remaining = int(remaining)
         self._reset = reset.strip()

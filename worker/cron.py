@@ -77,7 +77,7 @@ def _listed(values: frozenset[int] | None, every: range) -> str:
 def _number(text: str, spec: _Field) -> int:
     if spec.names is not None and text.lower() in spec.names:
         return spec.names[text.lower()]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # cron reads ASCII digits only
         known = f" or a name ({', '.join(spec.names)})" if spec.names else ""
         raise ValueError(f"{spec.name} {text!r} is not a number{known}")
     value = int(text)
@@ -95,7 +95,7 @@ def _expand(text: str, spec: _Field) -> frozenset[int]:
             raise ValueError(f"{spec.name} {text!r} has an empty element")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
                 raise ValueError(f"{spec.name} {element!r}: the step must be a whole number above 0")
             step = int(step_text)
         if body == "*":

@@ -92,12 +92,12 @@ class Daemon:
         self._stopping = False
         # The domains scheduled now; read by the webhook endpoint on every request.
         self._domains: tuple[str, ...] = ()
+        self._stale: tuple[str, ...] = ()
 
     async def start(self) -> None:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
         so that replicas started together do not all reach for the same list at once."""
-        await self.seed_metrics()
-        self._schedule(await self._planner())
+        await self.seed_metrics(self._schedule(await self._planner()))
         self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._scheduler.add_job(
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
@@ -122,12 +122,18 @@ class Daemon:
         """The domains scheduled now."""
         return self._domains
 
-    def _schedule(self, planned: Planned) -> None:
+    def domains_complete(self) -> bool:
+        """False while a region's last listing failed: a domain of it may be missing."""
+        return not self._stale
+
+    def _schedule(self, planned: Planned) -> set[tuple[str, str]]:
         """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
-        schedule changed, drop those no longer planned (and forget their failures). A region
-        whose listing failed keeps the domains scheduled from it (the planner's last known ones
-        and those scheduled now): only a complete listing removes a domain."""
+        schedule changed, drop those no longer planned (and forget their failures and gauges). A
+        region whose listing failed keeps the domains scheduled from it (the planner's last known
+        ones and those scheduled now): only a complete listing removes a domain. Returns the
+        (domain, list)s newly scheduled."""
         plans = list(planned.domains)
+        self._stale = planned.stale
         if planned.stale:
             planned_names = {plan.name for plan in plans}
             kept = [job.args[0] for job in self._scheduler.get_jobs()
@@ -153,20 +159,25 @@ class Daemon:
                 self._metrics.forget_list(plan.name, kind.value)
                 log.info("list_unscheduled", job=job.id)
         now = datetime.now(UTC)
+        added: set[tuple[str, str]] = set()
         for job_id, (plan, kind) in wanted.items():
             if self._scheduler.get_job(job_id) is not None:
                 continue
+            added.add((plan.name, kind.value))
             first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
             self._scheduler.add_job(
                 self._sync, triggers[plan.name], args=(plan, kind), id=job_id,
                 name=f"reconcile {plan.name} {kind.value}", next_run_time=first,
                 misfire_grace_time=max(1, int(plan.interval or self._settings.sync_interval)))
         self._domains = tuple(sorted({plan.name for plan in plans if plan.lists}))
+        return added
 
     async def refresh_domains(self) -> None:
         """Plan again: schedule new domains and lists, reschedule changed ones, drop the ones gone."""
         try:
-            self._schedule(await self._planner())
+            added = self._schedule(await self._planner())
+            if added:
+                await self.seed_metrics(added)
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
             self._metrics.domain_refreshes.labels(outcome="failed").inc()
             log.error("domains_not_refreshed", error=str(exc))
@@ -227,13 +238,16 @@ class Daemon:
         self._metrics.runs_skipped.labels(domain=plan.name, list=kind.value, reason=reason).inc()
         log.warning("scheduled_run_skipped", domain=plan.name, list=kind.value, reason=reason)
 
-    async def seed_metrics(self) -> None:
-        """The last success of each list from the mirror's run log, so the gauge (and an alert on
-        its age) does not wait for this process's first success."""
+    async def seed_metrics(self, lists: set[tuple[str, str]]) -> None:
+        """The last success of each of these newly scheduled lists from the mirror's run log, so
+        the gauge (and an alert on its age) does not wait for this process's first success. Lists
+        the run log knows but the daemon does not sync get no gauge: an alert would fire forever."""
         try:
             for row in await self._resources.store.last_successes():
-                self._metrics.last_success.labels(domain=row["domain"], list=row["list"]).set(
-                    row["finished_at"].timestamp())
+                key = (row["domain"], row["list"])
+                if key in lists and self._scheduler.get_job(f"{key[0]}/{key[1]}") is not None:
+                    self._metrics.last_success.labels(domain=key[0], list=key[1]).set(
+                        row["finished_at"].timestamp())
         except SyncError as exc:
             log.warning("last_success_not_read", error=str(exc))
 
@@ -317,7 +331,8 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         if settings.webhook_signing_key else None
     # Webhooks are taken for the domains the daemon syncs, as planned now and at each refresh.
     webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=daemon.domains,
-                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics)
+                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics,
+                               domains_complete=daemon.domains_complete)
     runner = web.AppRunner(build_http_app(daemon, metrics, webhooks), access_log=None,
                            handle_signals=False)
     await runner.setup()

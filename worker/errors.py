@@ -109,3 +109,8 @@ class WebhookPayloadError(WebhookError):
     """The webhook's payload can never be stored: answered 406, so Mailgun stops retrying."""
 
     status = 406
+
+
+class UnknownDomainError(WebhookPayloadError):
+    """The event's domain is not one the daemon syncs: 406, unless the daemon's list of domains is
+    incomplete (a region could not be listed), when the event may be for a domain it would sync."""

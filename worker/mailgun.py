@@ -50,6 +50,12 @@ DEFAULT_MAX_PAGES = 1_000_000
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # `GET /v3/domains` pages by offset; 1000 is the largest page Mailgun documents for it.
 DOMAIN_PAGE = 1000
+# The longest URL sent: most servers refuse a request line over 8 KB, and a cursor is an address,
+# which Mailgun may hold at any length (one of 10,000 characters has been seen).
+MAX_URL = 4096
+# Readings of the domain listing when it shifts while being read; then discovery keeps the last
+# complete listing.
+DOMAIN_LISTING_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,25 +238,26 @@ class MailgunClient:
     async def pages(
         self, domain: str, kind: SuppressionList, *, after: str | None = None,
         until: str | None = None, ordered: bool = False, term: str = "",
-        trace: RangeTrace | None = None,
+        trace: RangeTrace | None = None, resumed: bool = False,
     ) -> AsyncGenerator[Page, None]:
         """Every page of a list, in order, following `paging.next` as Mailgun returns it.
 
         Ending normally means the list was read to its end (an empty, null or missing `items`), or,
         with `until`, past that address. Anything else raises: a PagingError for a page that cannot
         be trusted, a MailgunError for a request that failed. `after` starts behind that address
-        (keyset resume). With `until`, the range (after, until] is read. With `ordered` (implied by
-        `until`), records must come in strictly increasing code-point order, else PagingOrderError.
+        (keyset resume); `resumed` says an earlier pull read the list up to `after`, so an empty
+        last page cannot vouch for it either. With `until`, the range (after, until] is read. With
+        `ordered` (implied by `until`), records must come in strictly increasing code-point order,
+        else PagingOrderError.
         """
         ordered = ordered or until is not None
         base = self.list_url(domain, kind)
         tail = f"limit={self._page_limit}&term={quote_plus(term)}"
-        url = f"{base}?page=next&address={quote_plus(after)}&{tail}" if after is not None \
-            else f"{base}?{tail}"
+        url, reread = self._resume_url(base, tail, after) if after is not None else (f"{base}?{tail}", None)
         fetched: set[str] = set()
         number = 0
         previous = after  # the bound the next record must exceed, for the order check
-        last_read: str | None = None
+        last_read = after if resumed else None
         # The next page is requested as soon as its URL is known and checked, so Mailgun's answer
         # travels while this page is normalised and stored.
         upcoming: asyncio.Future[dict[str, Any]] | None = asyncio.ensure_future(
@@ -277,6 +284,18 @@ class MailgunClient:
                         url=url)
                 fetched.add(url)
                 next_url, last = self._next_url(payload, url, fetched, items[-1], domain, kind, base)
+                if reread is not None:
+                    items = self._past(items, reread, kind)
+                    if not items:  # nothing but records read before: where does the list end?
+                        await self._confirm_end(base, tail, reread, after, domain, kind)
+                        return
+                    reread = None
+                if len(next_url) > MAX_URL:
+                    next_url, reread = self._resume_url(base, tail, last)
+                    if next_url in fetched:
+                        raise errors.PagingError(
+                            f"{domain} {kind.value}: records whose addresses are too long for a URL "
+                            f"begin alike ({last[:80]!r}...); paging cannot get past them", url=url)
                 beyond = until is not None and last > until
                 if not beyond and number + 1 < self._max_pages:
                     upcoming = asyncio.ensure_future(self._get_page(next_url, domain, kind))
@@ -302,6 +321,37 @@ class MailgunClient:
             if upcoming is not None:
                 upcoming.cancel()
                 await asyncio.gather(upcoming, return_exceptions=True)
+
+    @staticmethod
+    def _resume_url(base: str, tail: str, address: str) -> tuple[str, str | None]:
+        """The URL of the records after `address`, and None. When that URL is too long, the URL
+        after the longest prefix of the address that fits, and the address: the records from the
+        prefix up to the address (all starting with the prefix, so too long to hold as well) come
+        again, and are dropped by `_past`."""
+        url = f"{base}?page=next&address={quote_plus(address)}&{tail}"
+        if len(url) <= MAX_URL:
+            return url, None
+        room = MAX_URL - len(url) + len(quote_plus(address))
+        end = size = 0
+        while size + len(quote_plus(address[end])) <= room:
+            size += len(quote_plus(address[end]))
+            end += 1
+        return f"{base}?page=next&address={quote_plus(address[:end])}&{tail}", address
+
+    @staticmethod
+    def _past(items: list[Any], read: str, kind: SuppressionList) -> list[Any]:
+        """The items after the records read again from a shortened cursor: the leading ones up to
+        `read` (up to it in code-point and in case-blind order, the orders Mailgun may keep)."""
+        key = kind.address_field
+        start = 0
+        for item in items:
+            address = item.get(key) if isinstance(item, dict) else None
+            if not isinstance(address, str) or address > read or address.lower() > read.lower():
+                break
+            start += 1
+            if address == read:
+                break
+        return items[start:]
 
     async def _confirm_end(self, base: str, tail: str, last: str | None, after: str | None,
                            domain: str, kind: SuppressionList) -> None:
@@ -523,38 +573,62 @@ class MailgunClient:
 
     async def account_domains(self) -> list[AccountDomain]:
         """Every domain of the account in this client's region (`GET /v3/domains`, offset paging:
-        `skip` and `limit`, with `total_count`). Reads to the end or raises."""
+        `skip` and `limit`, with `total_count`). Reads to the end or raises: a listing that shifted
+        while it was read is read again, up to DOMAIN_LISTING_ATTEMPTS times in all."""
+        for attempt in range(1, DOMAIN_LISTING_ATTEMPTS + 1):
+            try:
+                return await self._domain_listing()
+            except errors.ListShiftedError as exc:
+                if attempt == DOMAIN_LISTING_ATTEMPTS:
+                    raise
+                log.warning("domain_listing_restarted", reason=str(exc), attempt=attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _domain_listing(self) -> list[AccountDomain]:
+        """One reading of the listing. A domain missed is unscheduled and its webhooks refused, so
+        only a complete listing is returned. Offsets move when domains before them come or go
+        between pages (a deletion and an addition even leave `total_count` as it was), so every
+        page after the first is asked from one domain back and must begin with the last domain
+        read; else, or if the total changed, ListShiftedError."""
         found: list[AccountDomain] = []
         first_total: int | None = None
         for _ in range(self._max_pages):
-            url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={len(found)}"
+            skip = max(len(found) - 1, 0)
+            url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={skip}"
             payload = await self._get_page(url, "", None)
             items, total = payload.get("items"), payload.get("total_count")
             if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
                 raise errors.MalformedPageError(
                     "the account's domains: a page needs a list `items` and a number `total_count`",
                     url=url)
-            for item in items:
-                name = item.get("name") if isinstance(item, dict) else None
-                if not isinstance(name, str) or not name:
-                    raise errors.MalformedPageError(
-                        f"the account's domains: an item without a text `name`: {str(item)[:200]}", url=url)
-                state = str(item.get("state") or "")
-                disabled = item.get("is_disabled") is True or state == "disabled"
-                found.append(AccountDomain(name, state, disabled))
-            # A listing that shifts or stops short could miss a domain, which would then be
-            # dropped: only a complete one is returned.
+            page = [self._account_domain(item, url) for item in items]
             first_total = total if first_total is None else first_total
             if total != first_total:
-                raise errors.PagingError(
+                raise errors.ListShiftedError(
                     f"the account's domains: total_count changed from {first_total} to {total} "
                     "while listing", url=url)
+            if found:
+                if not page or page[0].name != found[-1].name:
+                    raise errors.ListShiftedError(
+                        f"the account's domains changed while listing: the page at {skip} does not "
+                        f"begin with {found[-1].name!r}, the last domain read", url=url)
+                page = page[1:]
+            found.extend(page)
             if len(found) >= total:
                 return found
-            if not items:
+            if not page:
                 raise errors.PagingError(
                     f"the account's domains: the listing ended at {len(found)} of {total}", url=url)
         raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
+
+    @staticmethod
+    def _account_domain(item: object, url: str) -> AccountDomain:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(name, str) or not name:
+            raise errors.MalformedPageError(
+                f"the account's domains: an item without a text `name`: {str(item)[:200]}", url=url)
+        state = str(item.get("state") or "")
+        return AccountDomain(name, state, item.get("is_disabled") is True or state == "disabled")
 
     async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:
         budget = self._domains_budget if kind is None else self._budget

@@ -86,9 +86,11 @@ class Metrics:
         self.consecutive_failures.labels(domain=domain, list=kind).set(in_a_row)
 
     def forget_list(self, domain: str, kind: str) -> None:
-        """A list no longer synced: its failure count would otherwise alert forever."""
-        with contextlib.suppress(KeyError):
-            self.consecutive_failures.remove(domain, kind)
+        """A list no longer synced: its gauges would otherwise alert forever (a failure count that
+        never resets, a last success that only grows older, pending rows never pushed)."""
+        for gauge in (self.consecutive_failures, self.last_success, self.pending):
+            with contextlib.suppress(KeyError):
+                gauge.remove(domain, kind)
 
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()

@@ -130,12 +130,15 @@ def parse_timestamp(text: str) -> datetime:
     """
     parts = text.split()
     if len(parts) == 6 and parts[5] in _UTC_NAMES and parts[2] in _MONTHS:
-        try:
-            hour, minute, second = parts[4].split(":")
-            return datetime(int(parts[3]), _MONTHS[parts[2]], int(parts[1]),
-                            int(hour), int(minute), int(second), tzinfo=UTC)
-        except ValueError:
-            pass
+        fields = [parts[3], parts[1], *parts[4].split(":")]
+        if len(fields) == 5 and all(f.isascii() and f.isdigit() for f in fields):
+            year, day, hour, minute, second = map(int, fields)
+            try:
+                return datetime(year, _MONTHS[parts[2]], day, hour, minute, second, tzinfo=UTC)
+            except ValueError:
+                # The general parser would read year 0000 as 2000: a date in this form that does
+                # not exist is unreadable, not another date.
+                raise UnholdableRecordError(f"a date that does not exist {text[:80]!r}") from None
     try:
         parsed = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -231,9 +234,15 @@ def single_item(kind: SuppressionList, payload: object) -> object:
 # `skipped` marks the placeholder of a record the mirror cannot hold (its other fields are None).
 StagingRow = tuple[str | None, str, str | None, str | None, str | None, list[str] | None, bool]
 
+# Mailgun's usual form of a date that exists, which PostgreSQL casts as it is: a day the month
+# always has (29 February, which needs the year, goes through `parse_timestamp`), an hour up to 23,
+# a year from 0001. A date of this shape that does not exist would fail the whole list's cast.
 _USUAL_TIMESTAMP = re.compile(
-    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-3]\d (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
-    r"\d{4} [0-2]\d:[0-5]\d:[0-5]\d (?:UTC|GMT)\Z").match
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), "
+    r"(?:(?:0[1-9]|1[0-9]|2[0-8]) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    r"|(?:29|30) (?:Jan|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    r"|31 (?:Jan|Mar|May|Jul|Aug|Oct|Dec)) "
+    r"(?!0000)[0-9]{4} (?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9] (?:UTC|GMT)\Z", re.ASCII).match
 
 
 def _timestamp_text(value: object, key: str) -> str | None:

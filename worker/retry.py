@@ -48,7 +48,7 @@ def server_wait_hint(status: int, headers: Mapping[str, str], *, now: float | No
     retry_after = headers.get("Retry-After")
     if retry_after:
         value = retry_after.strip()
-        if value.isdigit():
+        if value.isascii() and value.isdigit():  # `²` and `٣` are digits to isdigit(), not to float()
             return float(value)
         try:
             wait = parsedate_to_datetime(value).timestamp() - now

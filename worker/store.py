@@ -442,9 +442,16 @@ class MirrorStore:
             try:
                 yield ListSession(connection, domain, kind)
             finally:
-                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                try:
                     await connection.execute(queries()["drop_staging"])
                     await connection.fetchval(queries()["unlock_list"], domain, kind.value)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                        OSError):
+                    # Cancelled mid-operation (a COPY, say), the connection cannot be cleaned up:
+                    # closing it ends the session, which drops the staging and releases the lock.
+                    # (A connection already lost is already back in the pool.)
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        connection.terminate()
         finally:
             await self._pool.release(connection)
 

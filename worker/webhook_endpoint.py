@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from worker.errors import SyncError, WebhookError, WebhookPayloadError
+from worker.errors import SyncError, UnknownDomainError, WebhookError, WebhookPayloadError
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.webhook_store import WebhookWriter
@@ -28,9 +28,12 @@ MAX_BODY = 64 * 1024
 
 class WebhookEndpoint:
     def __init__(self, *, signing_key: str | None, domains: Sequence[str] | Callable[[], Sequence[str]],
-                 max_age: float, writer: WebhookWriter | None, metrics: Metrics) -> None:
+                 max_age: float, writer: WebhookWriter | None, metrics: Metrics,
+                 domains_complete: Callable[[], bool] = lambda: True) -> None:
         """`domains`: the domains whose events are taken, or a function giving them now (the
-        daemon's, which discovery and refreshes change)."""
+        daemon's, which discovery and refreshes change); `domains_complete`: whether that list is
+        whole (false while a region's listing has failed)."""
+        self._domains_complete = domains_complete
         self._key = signing_key
         if callable(domains):
             self._domains = domains
@@ -64,6 +67,13 @@ class WebhookEndpoint:
         try:
             found = read_event(body, key=self._key, domains=domains, max_age=self._max_age,
                                now=time.time(), path_domain=request.match_info.get("domain"))
+        except UnknownDomainError as exc:
+            if not self._domains_complete():
+                # Maybe a domain of a region that could not be listed: a 406 would lose it.
+                log.warning("webhook_domain_unknown_yet", reason=str(exc))
+                return self._answer(503, "other", "unknown_domain_yet",
+                                    "the daemon's list of domains is incomplete: try again")
+            return self._refuse(exc)
         except WebhookError as exc:
             return self._refuse(exc)
         if isinstance(found, Ignored):

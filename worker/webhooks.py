@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from worker.errors import WebhookAuthError, WebhookPayloadError
+from worker.errors import UnknownDomainError, WebhookAuthError, WebhookPayloadError
 from worker.records import MAX_ADDRESS, SuppressionList, address_problem
 
 # Event names as they appear in metrics; anything else counts as "other" (labels stay bounded).
@@ -175,14 +175,14 @@ def resolve_domain(data: Mapping[str, Any], path_domain: str | None, domains: Se
     configured = {d.lower(): d for d in domains}
     if path_domain is not None:
         if path_domain.lower() not in configured:
-            raise WebhookPayloadError(f"{path_domain[:100]!r} is not a domain this daemon syncs")
+            raise UnknownDomainError(f"{path_domain[:100]!r} is not a domain this daemon syncs")
         return configured[path_domain.lower()]
     candidates = domain_candidates(data)
     for candidate in candidates:
         if candidate.lower() in configured:
             return configured[candidate.lower()]
     named = ", ".join(repr(c[:100]) for c in candidates) or "no domain"
-    raise WebhookPayloadError(
+    raise UnknownDomainError(
         f"the event names {named}, none of the domains this daemon syncs; "
         "post it to /webhooks/mailgun/<domain>")
 

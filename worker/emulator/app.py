@@ -132,6 +132,11 @@ class MailgunEmulator:
         else:
             self.disabled_domains.discard(domain)
 
+    def remove_domain(self, domain: str) -> bool:
+        """Delete a domain with its lists (`GET /v3/domains` no longer lists it); False if unknown."""
+        self.disabled_domains.discard(domain)
+        return self.tables.remove(domain)
+
     def seed(self, domain: str, kind: SuppressionList | str, records: Iterable[dict[str, Any]]) -> None:
         """Store records given in Mailgun's wire form (as a list endpoint returns them)."""
         table = self.tables.table(domain, SuppressionList.parse(str(kind)))
@@ -237,6 +242,7 @@ class MailgunEmulator:
         control.post(f"{CONTROL_PREFIX}/seed")(self._control_seed)
         control.post(f"{CONTROL_PREFIX}/generate")(self._control_generate)
         control.post(f"{CONTROL_PREFIX}/domains/{{domain}}")(self._control_declare)
+        control.delete(f"{CONTROL_PREFIX}/domains/{{domain}}")(self._control_remove_domain)
         control.post(f"{CONTROL_PREFIX}/faults")(self._control_add_fault)
         control.delete(f"{CONTROL_PREFIX}/faults")(self._control_clear_faults)
         control.get(f"{CONTROL_PREFIX}/requests")(self._control_requests)
@@ -662,6 +668,11 @@ class MailgunEmulator:
     async def _control_declare(self, request: web.Request) -> web.Response:
         self.declare(request.match_info["domain"])
         return _message(200, "declared")
+
+    async def _control_remove_domain(self, request: web.Request) -> web.Response:
+        if not self.remove_domain(request.match_info["domain"]):
+            return _message(404, f"Domain not found: {request.match_info['domain']}")
+        return _message(200, "removed")
 
     async def _control_add_fault(self, request: web.Request) -> web.Response:
         try:

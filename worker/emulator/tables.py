@@ -181,6 +181,9 @@ class DomainTables:
     def has(self, domain: str) -> bool:
         return domain in self._domains
 
+    def remove(self, domain: str) -> bool:
+        return self._domains.pop(domain, None) is not None
+
     def table(self, domain: str, kind: SuppressionList) -> ListTable:
         return self.declare(domain)[kind]
 
