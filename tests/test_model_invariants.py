@@ -328,10 +328,11 @@ class ModelMachine(RuleBasedStateMachine):
     def app_updates(self, kind: SuppressionList, key: str, code: str, tags: tuple[str, ...]) -> None:
         async def act() -> None:
             column, value = ("code", code) if kind is BOUNCES else ("tags", list(tags))
-            status = await self.world.app_pool.execute(
-                f"UPDATE mailgun.{kind.value} SET {column} = $3 WHERE domain = $1 AND address_key = $2",
-                DOMAIN, key, value)
-            if status.endswith(" 1"):
+            state = await self.world.app_pool.fetchval(
+                f"UPDATE mailgun.{kind.value} SET {column} = $3 WHERE domain = $1 AND address_key = $2 "
+                "RETURNING sync_state::text", DOMAIN, key, value)
+            # Only a change of the row's data is a local addition (the row becomes pending).
+            if state == "pending":
                 self.new_event(kind, key, Event(time.time(), "app", "add"))
                 self.confirmed.discard((kind, key))
 
