@@ -27,9 +27,10 @@ README leaves the outcome open (Mailgun changed a record silently while a local 
 queued, say) either outcome is accepted, but both sides must still agree (I6).
 
 Profiles: `MODEL_PROFILE=ci` (the default: derandomized, about a minute) and
-`MODEL_PROFILE=long` (thousands of examples, random):
+`MODEL_PROFILE=long` (3000 random examples of 40 steps, or MODEL_EXAMPLES; 1 to 2 s an example, so
+without the suite's per-test time limit):
 
-    MODEL_PROFILE=long .venv/bin/python -m pytest tests/test_model_invariants.py -q
+    MODEL_PROFILE=long .venv/bin/python -m pytest tests/test_model_invariants.py -q --timeout 0
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ Mirror = dict[tuple[SuppressionList, str], dict[str, Any]]
 PROFILES = {
     "ci": settings(max_examples=40, stateful_step_count=25, derandomize=True, deadline=None,
                    suppress_health_check=list(HealthCheck), print_blob=True),
-    "long": settings(max_examples=3000, stateful_step_count=40, deadline=None,
+    "long": settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "3000")), stateful_step_count=40,
+                     deadline=None,
                      suppress_health_check=list(HealthCheck), print_blob=True),
 }
 PROFILE = os.environ.get("MODEL_PROFILE", "ci")
