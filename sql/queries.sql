@@ -193,14 +193,21 @@ WITH adopted AS (
 SELECT count(*) FROM logged;
 
 -- name: adopt@unsubscribes
--- As `adopt`, but tags are a set: a pending row takes the union, and stays pending (to be pushed)
--- when it holds tags Mailgun does not have yet; a rejected row takes Mailgun's tags (it is not
--- sent again until the application changes it).
+-- As `adopt`, but tags are a set: a pending row takes the union, less the tags the application
+-- dropped whose removal is still queued, and stays pending (to be pushed) when it holds tags
+-- Mailgun does not have yet; a rejected row takes Mailgun's tags (it is not sent again until the
+-- application changes it).
 WITH adopted AS (
     UPDATE {table} m
     SET address = r.address,
         tags = CASE WHEN m.sync_state = 'rejected' THEN r.tags
-                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(m.tags || r.tags) AS t) END,
+                    ELSE (SELECT array_agg(DISTINCT t COLLATE "C" ORDER BY t COLLATE "C")
+                          FROM unnest(m.tags || r.tags) AS t
+                          WHERE t = ANY (m.tags)
+                             OR NOT EXISTS (SELECT 1 FROM mailgun.removals x
+                                            WHERE x.domain = $1 AND x.list = '{list}'
+                                              AND x.address_key = m.address_key AND x.tag = t
+                                              AND x.done_at IS NULL)) END,
         created_at = r.created_at,
         sync_state = CASE WHEN m.sync_state = 'rejected' OR r.tags @> m.tags THEN 'synced'
                           ELSE 'pending' END::mailgun.sync_state,

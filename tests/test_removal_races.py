@@ -303,3 +303,26 @@ async def test_a_webhook_newer_than_a_removal_whose_delete_is_in_flight_survives
     assert [r.status for r in results] == ["ok", "ok"]
     assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["back@example.com"]
     assert list(await rows(pool, BOUNCES)) == ["back@example.com"]
+
+
+async def test_a_tag_dropped_while_a_run_is_under_way_is_not_given_back_by_its_adoption(
+        pool, emulator, make_reconciler):
+    await both_have(pool, emulator, UNSUBSCRIBES, "ann@example.com", tags=["*"])
+    await both_have(pool, emulator, UNSUBSCRIBES, "carol@example.com", tags=["*"])
+    await pool.execute("DELETE FROM mailgun.unsubscribes WHERE address = 'carol@example.com'")
+    # The run has read its removals and is deleting carol when the application swaps ann's `*`
+    # for `news`: ann turns pending, and the removal of `*` is queued for the next run.
+    emulator.inject(Fault(action="delay_after", delay_s=0.5, method="DELETE"))
+    running = asyncio.create_task(run(make_reconciler, UNSUBSCRIBES))
+    await wait_for(lambda: any(r.method == "DELETE" for r in emulator.requests))
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}' WHERE address = 'ann@example.com'")
+    assert (await running).status == "ok"
+
+    for _ in range(2):
+        assert (await run(make_reconciler, UNSUBSCRIBES)).status == "ok"
+
+    remote = {r["address"]: sorted(r["tags"]) for r in emulator.records(DOMAIN, UNSUBSCRIBES)}
+    assert remote == {"ann@example.com": ["news"]}
+    assert (await rows(pool, UNSUBSCRIBES))["ann@example.com"]["tags"] == ["news"]
+    posts = [item["address"] for r in emulator.requests if r.method == "POST" for item in r.json()]
+    assert posts == ["ann@example.com"]
