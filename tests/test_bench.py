@@ -47,3 +47,16 @@ def test_bench_prune_reports_the_pruning_and_the_writer_alone_and_meanwhile_as_j
         writer = report["writer"][phase]
         assert writer["writes"] > 0 and writer["errors"] == 0
         assert writer["latency_ms"]["p99"] >= writer["latency_ms"]["p50"] > 0
+
+
+def test_bench_with_deletions_deletes_them_at_mailgun():
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--log-level", "WARNING", "bench", "--records", "1500",
+         "--deletions", "500", "--json"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert (report["deletions"], report["baseline"]) == (500, None)
+    assert report["worker"]["result"]["status"] == "ok"
+    assert report["worker"]["result"]["deleted"] == 500
+    assert report["worker"]["steps"]["delete"] > 0
