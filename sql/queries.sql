@@ -587,8 +587,9 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 -- $1 a JSON array of webhook events of this list, at most one per address (the writer puts a
 -- repeat in a later round of the same transaction), each with its signature's token and time.
 --   * Each token is recorded; an event whose token was seen before is a replay and writes nothing.
---   * An event no newer than a local removal of its address (queued or carried out) is superseded:
---     the application's removal stands. A newer one means Mailgun suppressed the address again: a
+--   * An event no newer than a local removal of its address (queued or carried out), or older than
+--     the application's last change of a pending row, is superseded: the application's removal or
+--     change stands. A newer one means Mailgun suppressed the address again: a
 --     queued removal not yet sent is cancelled and the row written (one in flight is carried out,
 --     and the row is written pending, below).
 --   * Rows are written synced (Mailgun has them), at the clock's time: a reconcile whose pull
@@ -616,6 +617,8 @@ WITH input AS (
     FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
                       AND x.address_key = i.key AND x.removed_at >= i.occurred_at)
+      AND NOT EXISTS (SELECT 1 FROM {table} m WHERE m.domain = i.domain AND m.address_key = i.key
+                      AND m.sync_state = 'pending' AND m.updated_at > i.occurred_at)
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
     WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL
@@ -679,6 +682,8 @@ WITH input AS (
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
                       AND x.address_key = i.key AND x.removed_at >= i.occurred_at
                       AND (x.tag = '' OR x.tag = ANY (i.tags)))
+      AND NOT EXISTS (SELECT 1 FROM {table} m WHERE m.domain = i.domain AND m.address_key = i.key
+                      AND m.sync_state = 'pending' AND m.updated_at > i.occurred_at)
 ), revived AS (
     DELETE FROM mailgun.removals x USING accepted r
     WHERE x.domain = r.domain AND x.list = '{list}' AND x.address_key = r.key AND x.done_at IS NULL

@@ -326,3 +326,21 @@ async def test_a_tag_dropped_while_a_run_is_under_way_is_not_given_back_by_its_a
     assert (await rows(pool, UNSUBSCRIBES))["ann@example.com"]["tags"] == ["news"]
     posts = [item["address"] for r in emulator.requests if r.method == "POST" for item in r.json()]
     assert posts == ["ann@example.com"]
+
+
+async def test_a_late_webhook_older_than_the_applications_change_of_a_pending_row_does_not_undo_it(
+        pool, emulator, webhook_http, make_reconciler):
+    await both_have(pool, emulator, BOUNCES, "ann@example.com", code="550")
+    bounced_at = time.time()
+    emulator.remove(DOMAIN, BOUNCES, "ann@example.com")  # then dropped at Mailgun, no webhook
+    await asyncio.sleep(0.01)
+    await pool.execute("UPDATE mailgun.bounces SET code = '551' WHERE address = 'ann@example.com'")
+
+    # The bounce's webhook, delivered late, is older than the application's change.
+    late = event("failed", "ann@example.com", DOMAIN, timestamp=bounced_at, code=550)
+    assert await deliver(webhook_http, late) == (200, "superseded")
+    assert (await run(make_reconciler)).status == "ok"
+
+    remote = [(r["address"], r["code"]) for r in emulator.records(DOMAIN, BOUNCES)]
+    assert remote == [("ann@example.com", "551")]
+    assert (await rows(pool, BOUNCES))["ann@example.com"]["sync_state"] == "synced"
