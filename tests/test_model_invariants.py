@@ -381,6 +381,8 @@ class ModelMachine(RuleBasedStateMachine):
                                   tags=[t for t in tags if t != "*"])
             self.emulator.seed(DOMAIN, kind, [record])
             self.origin.setdefault((kind, key), "mailgun")
+            # Mailgun's record changed (its data, its tags): sending the mirror's again is no repeat.
+            self.confirmed.discard((kind, key))
             # Without a webhook at once, the README lets a queued local deletion win (it cannot
             # know better), or the record come back: either, as long as both sides agree.
             queued = webhook != "now" and await self._removal_queued(kind, key)
