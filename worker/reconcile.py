@@ -208,6 +208,7 @@ class Reconciler:
             result.inserted, result.updated, result.adopted = plan.inserts, plan.updates, plan.adoptions
             result.removed = 0 if guarded else plan.removals
             result.pushed = plan.pushes
+            result.deleted += plan.requeues
             return
         with result.timed("apply"):
             applied = await session.apply(run_id, pull_started, remove=not guarded,
@@ -215,6 +216,16 @@ class Reconciler:
         result.inserted, result.updated = applied.inserted, applied.updated
         result.removed, result.adopted = applied.removed, applied.adopted
         await self._applied(session, guarded=guarded)
+        if plan.requeues:
+            # Another spelling of an address deleted earlier: deleted now, so that this run leaves
+            # both sides in step rather than the next.
+            try:
+                with result.timed("delete again"):
+                    await self._send_removals(session, run_id, result)
+            except MailgunError as exc:
+                result.status = FAILED
+                result.error = f"deletions stopped, the rest stay queued; nothing pushed: {exc}"
+                return
         if not options.push:
             return
         try:
