@@ -728,6 +728,16 @@ SELECT i.token,
            AS outcome
 FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
 
+-- name: webhook_use_tokens
+-- $1 tokens, $2 their signature times: signed deliveries that write nothing else (ignored, or
+-- refused as never storable). Each token is used up all the same, in the transaction that decides
+-- its delivery's outcome: the signature does not cover event-data, so a replay carrying other data
+-- must be a replay. Returns the tokens not seen before.
+INSERT INTO mailgun.webhook_tokens (token, signed_at)
+SELECT * FROM unnest($1::text[], $2::timestamptz[])
+ON CONFLICT (token) DO NOTHING
+RETURNING token;
+
 -- name: webhook_prune_tokens
 -- $1 the oldest signature time still accepted: a replay of an older token fails that check anyway.
 DELETE FROM mailgun.webhook_tokens WHERE signed_at < $1;

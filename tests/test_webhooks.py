@@ -1,5 +1,7 @@
 """Signed Mailgun webhooks into the mirror: what each answer means to Mailgun, what lands where,
-and that nothing unsigned, replayed, stale or malformed writes anything."""
+that nothing unsigned, replayed, stale or malformed writes anything, that every signed delivery
+uses its token up whatever its answer, and that what no signature vouches for costs no database
+work."""
 
 from __future__ import annotations
 
@@ -9,18 +11,21 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
+from tests.support.waiting import wait_for
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
 from worker.errors import DatabaseError
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.settings import Settings
+from worker.webhook_endpoint import MAX_BODY, PATH, WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter, rounds
 from worker.webhook_test import event_data, signed
-from worker.webhooks import WebhookEvent
+from worker.webhooks import TokenOnly, WebhookEvent
 
 BOUNCES, UNSUBSCRIBES, COMPLAINTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES,
                                      SuppressionList.COMPLAINTS)
@@ -44,12 +49,20 @@ async def webhook_changes(pool) -> list[tuple[str, str, str, str]]:
     return [(r["list"], r["address"], r["action"], r["source"]) for r in found]
 
 
-async def mirror_is_empty(pool) -> bool:
+async def nothing_written(pool) -> bool:
+    """No row in the lists and no change logged (a used token aside)."""
     counts = await pool.fetchval(
         "SELECT (SELECT count(*) FROM mailgun.bounces) + (SELECT count(*) FROM mailgun.complaints)"
-        " + (SELECT count(*) FROM mailgun.unsubscribes) + (SELECT count(*) FROM mailgun.changes)"
-        " + (SELECT count(*) FROM mailgun.webhook_tokens)")
+        " + (SELECT count(*) FROM mailgun.unsubscribes) + (SELECT count(*) FROM mailgun.changes)")
     return counts == 0
+
+
+async def tokens_used(pool) -> int:
+    return await pool.fetchval("SELECT count(*) FROM mailgun.webhook_tokens")
+
+
+async def mirror_is_empty(pool) -> bool:
+    return await nothing_written(pool) and await tokens_used(pool) == 0
 
 
 # ---- each event kind ---------------------------------------------------------------------------
@@ -101,11 +114,13 @@ async def test_an_unsubscribe_lands_with_the_message_tags_or_all_mail_without(ht
     event_data("opened", "fine@example.com", DOMAIN),
     event_data("some-future-event", "fine@example.com", DOMAIN),
 ], ids=["temporary", "drop", "delivered", "opened", "unknown"])
-async def test_events_that_suppress_nobody_are_answered_200_and_ignored(http, pool, data):
+async def test_events_that_suppress_nobody_are_answered_200_and_ignored_and_use_their_token_up(
+        http, pool, data):
     status, answer = await deliver(http, signed(SIGNING_KEY, data))
     assert status == 200
     assert answer.startswith("ignored")
-    assert await mirror_is_empty(pool)
+    assert await nothing_written(pool)
+    assert await tokens_used(pool) == 1
 
 
 # ---- signatures --------------------------------------------------------------------------------
@@ -214,22 +229,24 @@ def _foreign_domain() -> dict:
     return signed(SIGNING_KEY, event_data("complained", "x@example.com", "mg.somebody-else.com"))
 
 
-@pytest.mark.parametrize(("body", "says"), [
-    (b"recipient=x%40example.com&event=complained", "not JSON"),
-    (b"[1, 2]", "not a JSON object"),
-    (orjson.dumps({"signature": event("complained", "x@example.com", DOMAIN)["signature"]}), "event-data"),
-    (orjson.dumps(event("complained", "not-an-address", DOMAIN)), "not an address"),
-    (orjson.dumps(_without_recipient()), "no recipient"),
-    (orjson.dumps(_without_timestamp()), "timestamp"),
-    (orjson.dumps(_foreign_domain()), "none of the domains this daemon syncs"),
-    (b'{"pad": "' + b"x" * 70_000 + b'"}', "larger than"),
+@pytest.mark.parametrize(("body", "says", "tokens"), [
+    (b"recipient=x%40example.com&event=complained", "not JSON", 0),
+    (b"[1, 2]", "not a JSON object", 0),
+    (orjson.dumps({"signature": event("complained", "x@example.com", DOMAIN)["signature"]}), "event-data", 1),
+    (orjson.dumps(event("complained", "not-an-address", DOMAIN)), "not an address", 1),
+    (orjson.dumps(_without_recipient()), "no recipient", 1),
+    (orjson.dumps(_without_timestamp()), "timestamp", 1),
+    (orjson.dumps(_foreign_domain()), "none of the domains this daemon syncs", 1),
+    (b'{"pad": "' + b"x" * 70_000 + b'"}', "larger than", 0),
 ], ids=["form", "array", "no event-data", "bad address", "no recipient", "no timestamp", "foreign domain",
         "too large"])
-async def test_a_payload_that_can_never_be_stored_is_406_so_mailgun_stops_retrying(http, pool, body, says):
+async def test_a_payload_that_can_never_be_stored_is_406_so_mailgun_stops_retrying(
+        http, pool, body, says, tokens):
     status, answer = await deliver(http, body)
     assert status == 406
     assert says in answer
-    assert await mirror_is_empty(pool)
+    assert await nothing_written(pool)
+    assert await tokens_used(pool) == tokens  # a signed one uses its token up
 
 
 # ---- which domain ------------------------------------------------------------------------------
@@ -459,10 +476,6 @@ async def test_the_signing_key_appears_in_no_answer_log_or_metric(http, pool):
 
 async def test_while_the_daemon_is_still_planning_its_domains_webhooks_are_answered_503(
         pool, aiohttp_client):
-    from aiohttp import web
-
-    from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
-
     async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
         endpoint = WebhookEndpoint(signing_key=SIGNING_KEY, domains=list, max_age=86400, writer=writer,
                                    metrics=Metrics())
@@ -474,3 +487,180 @@ async def test_while_the_daemon_is_still_planning_its_domains_webhooks_are_answe
 
     assert (status, text) == (503, "the daemon is starting: try again")
     assert await rows(pool, SuppressionList.COMPLAINTS) == {}
+
+
+# ---- one use per token -------------------------------------------------------------------------
+# The signature covers timestamp + token, not event-data: whoever holds a signed delivery can send
+# it again with any event-data. So every signed delivery uses its token up with its answer.
+
+VICTIM = "victim@example.com"
+
+
+def forged(delivery: dict) -> dict:
+    """The delivery's signature around a complaint nobody made."""
+    return {**delivery, "event-data": event_data("complained", VICTIM, DOMAIN)}
+
+
+async def _removed_an_hour_after(pool) -> dict:
+    await insert_row(pool, COMPLAINTS, DOMAIN, "forgiven@example.com", state="synced",
+                     synced_at=datetime.now(UTC) - timedelta(hours=2))
+    await pool.execute("DELETE FROM mailgun.complaints")  # the application removes it
+    return event("complained", "forgiven@example.com", DOMAIN, timestamp=time.time() - 3600)
+
+
+async def _simple(delivery: dict) -> dict:
+    return delivery
+
+
+@pytest.mark.parametrize(("arrange", "path", "answer"), [
+    (lambda pool: _simple(event("complained", "real@example.com", DOMAIN)), PATH, "stored"),
+    (_removed_an_hour_after, PATH, "superseded"),
+    (lambda pool: _simple(event("failed", "later@example.com", DOMAIN, severity="temporary")), PATH,
+     "ignored: a temporary failure"),
+    (lambda pool: _simple(event("failed", "d@example.com", DOMAIN, reason="suppress-complaint")), PATH,
+     "ignored: a drop"),
+    (lambda pool: _simple(event("delivered", "fine@example.com", DOMAIN)), PATH, "ignored"),
+    (lambda pool: _simple(event("complained", "x@example.com", DOMAIN)), f"{PATH}/mg.unknown.com",
+     "not a domain this daemon syncs"),
+    (lambda pool: _simple(_foreign_domain()), PATH, "none of the domains this daemon syncs"),
+    (lambda pool: _simple(_without_recipient()), PATH, "no recipient"),
+    (lambda pool: _simple({"signature": event("complained", "x@example.com", DOMAIN)["signature"]}), PATH,
+     "no event-data"),
+], ids=["stored", "superseded", "ignored temporary failure", "ignored drop", "ignored other event",
+        "unknown domain in the path", "domain named nowhere", "no recipient", "no event-data"])
+async def test_every_signed_delivery_uses_its_token_up_so_a_replay_with_forged_event_data_writes_nothing(
+        http, pool, arrange, path, answer):
+    delivery = await arrange(pool)
+    status, text = await deliver(http, delivery, path=path)
+    assert status in (200, 406)
+    assert answer in text
+    changes = await webhook_changes(pool)
+
+    assert await deliver(http, forged(delivery)) == (200, "replay")
+    assert await deliver(http, forged(delivery), path=f"{PATH}/{DOMAIN}") == (200, "replay")
+
+    assert VICTIM not in await rows(pool, COMPLAINTS)
+    assert await webhook_changes(pool) == changes
+    assert await pool.fetchval("SELECT count(*) FROM mailgun.webhook_tokens WHERE token = $1",
+                               delivery["signature"]["token"]) == 1
+
+
+async def test_an_ignored_delivery_the_database_cannot_record_is_503_and_mailguns_retry_is_taken(
+        pool, client, emulator, aiohttp_client, database_url):
+    from worker.store import open_pool
+
+    delivery = event("failed", "later@example.com", DOMAIN, severity="temporary")
+    async with open_pool(database_url, max_size=2) as doomed, \
+            webhook_app(doomed, client, settings(emulator)) as app:
+        http = await aiohttp_client(app)
+        await doomed.close()
+        # Answered 200 unrecorded, its token could carry a forged event later: Mailgun must retry.
+        assert await deliver(http, delivery) == (503, "not stored; retry later")
+    assert await mirror_is_empty(pool)  # nothing committed, the token included
+
+    async with webhook_app(pool, client, settings(emulator)) as app:
+        http = await aiohttp_client(app)
+        status, text = await deliver(http, delivery)  # Mailgun's retry: same token and signature
+        assert (status, text.startswith("ignored")) == (200, True)
+        assert await deliver(http, forged(delivery)) == (200, "replay")
+    assert VICTIM not in await rows(pool, COMPLAINTS)
+
+
+def endpoint_app(writer: WebhookWriter, metrics: Metrics) -> web.Application:
+    endpoint = WebhookEndpoint(signing_key=SIGNING_KEY, domains=(DOMAIN,), max_age=86400, writer=writer,
+                               metrics=metrics)
+    app = web.Application(client_max_size=MAX_BODY)
+    endpoint.register(app)
+
+    async def exposition(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition())
+
+    app.router.add_get("/metrics", exposition)
+    return app
+
+
+async def _someone_waits_for_a_lock(pool) -> None:
+    for _ in range(500):
+        if await pool.fetchval("SELECT count(*) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND wait_event_type = 'Lock'"):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("nobody waits for the lock")
+
+
+async def test_two_deliveries_with_one_token_in_one_batch_write_only_the_first(pool, aiohttp_client):
+    first = event("failed", "later@example.com", DOMAIN, severity="temporary")
+    async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
+        http = await aiohttp_client(endpoint_app(writer, Metrics()))
+        # Hold the writer on a batch, so that the two deliveries queue up for the next one together.
+        async with pool.acquire() as holder, holder.transaction():
+            await holder.execute("LOCK TABLE mailgun.webhook_tokens IN SHARE ROW EXCLUSIVE MODE")
+            blocker = asyncio.create_task(deliver(http, event("complained", "early@example.com", DOMAIN)))
+            await _someone_waits_for_a_lock(pool)  # the blocker's batch is held
+            ignored = asyncio.create_task(deliver(http, first))
+            await wait_for(lambda: writer.queued == 1)
+            replay = asyncio.create_task(deliver(http, forged(first)))
+            await wait_for(lambda: writer.queued == 2)
+        assert await blocker == (200, "stored")
+        await asyncio.gather(ignored, replay)
+
+    assert (ignored.result()[0], ignored.result()[1].startswith("ignored")) == (200, True)
+    assert replay.result() == (200, "replay")
+    assert list(await rows(pool, COMPLAINTS)) == ["early@example.com"]
+
+
+async def test_deliveries_sharing_a_token_in_one_transaction_write_once_whatever_their_kind(pool):
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def complaint(address: str, token: str) -> WebhookEvent:
+        return WebhookEvent(kind=COMPLAINTS, event="complained", domain=DOMAIN, address=address,
+                            occurred_at=now, token=token, signed_at=now, event_id="")
+
+    batch = [TokenOnly("t1", now), complaint("forged1@example.com", "t1"),
+             complaint("real@example.com", "t2"), TokenOnly("t2", now),
+             complaint("forged2@example.com", "t2")]
+
+    assert await WebhookStore(pool).write(batch) == ["used", "replay", "stored", "replay", "replay"]
+    assert list(await rows(pool, COMPLAINTS)) == ["real@example.com"]
+    assert await WebhookStore(pool).write([TokenOnly("t1", now), complaint("again@example.com", "t2")]) == \
+        ["replay", "replay"]
+
+
+# ---- refused before the database ---------------------------------------------------------------
+
+def _stale() -> dict:
+    return event("complained", "late@example.com", DOMAIN, signed_at=int(time.time()) - 2 * 86400)
+
+
+def _no_token() -> dict:
+    delivery = event("complained", "a@example.com", DOMAIN)
+    del delivery["signature"]["token"]
+    return delivery
+
+
+@pytest.mark.parametrize(("body", "status", "reason"), [
+    (orjson.dumps(event("complained", VICTIM, DOMAIN, key="someone-elses-key")), 401, "mismatch"),
+    (orjson.dumps({"event-data": event_data("complained", VICTIM, DOMAIN)}), 401, "missing"),
+    (orjson.dumps(_no_token()), 401, "missing"),
+    (orjson.dumps(_stale()), 401, "stale"),
+    (b"recipient=x%40example.com&event=complained", 406, "not_json"),
+    (b'{"pad": "' + b"x" * 70_000 + b'"}', 406, "too_large"),
+], ids=["wrong signature", "no signature", "no token", "stale", "not JSON", "too large"])
+async def test_a_request_no_signature_vouches_for_costs_no_database_work_and_is_counted_by_reason(
+        database_url, aiohttp_client, body, status, reason):
+    from worker.store import open_pool
+
+    metrics = Metrics()
+    async with open_pool(database_url, max_size=1) as closed:
+        await closed.close()  # any query would fail, and the answer would be 503
+        async with WebhookWriter(WebhookStore(closed), max_age=86400) as writer:
+            http = await aiohttp_client(endpoint_app(writer, metrics))
+            started = time.monotonic()
+            assert (await deliver(http, body))[0] == status
+            assert time.monotonic() - started < 1
+            # The same pool does fail a signed delivery, which must record its token.
+            assert (await deliver(http, event("delivered", "x@example.com", DOMAIN)))[0] == 503
+            page = await (await http.get("/metrics")).text()
+
+    assert f'mailgun_sync_webhooks_unverified_total{{reason="{reason}"}} 1.0' in page
+    assert page.count("mailgun_sync_webhooks_unverified_total{") == 1

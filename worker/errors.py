@@ -97,6 +97,11 @@ class WebhookError(SyncError):
 
     status = 400
 
+    def __init__(self, message: str | None = None, *, reason: str = "refused") -> None:
+        super().__init__(message)
+        # A short, bounded label for metrics: why a request was refused.
+        self.reason = reason
+
 
 class WebhookAuthError(WebhookError):
     """The webhook's signature is missing, wrong or stale: answered 401, so Mailgun keeps retrying

@@ -66,6 +66,12 @@ class Metrics:
         self.webhooks = Counter(
             "mailgun_sync_webhooks", "Webhook deliveries, by event and outcome.",
             ["event", "outcome"], registry=self.registry)
+        self.webhooks_unverified = Counter(
+            "mailgun_sync_webhooks_unverified",
+            "Webhook requests refused before any database work because no signature could verify, "
+            "by reason: too_large, not_json, missing (no signature or its fields), mismatch, stale "
+            "(a timestamp outside WEBHOOK_MAX_AGE).",
+            ["reason"], registry=self.registry)
         self.pruned = Counter(
             "mailgun_sync_pruned_rows", "Rows deleted past SYNC_RETENTION_DAYS, by table.",
             ["table"], registry=self.registry)
@@ -94,6 +100,9 @@ class Metrics:
 
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()
+
+    def observe_unverified(self, reason: str) -> None:
+        self.webhooks_unverified.labels(reason=reason).inc()
 
     def observe_prune(self, report: PruneReport) -> None:
         for table in report.tables:

@@ -4,6 +4,11 @@ Answers, as Mailgun reads them: 200 stored, a replay, superseded by a local remo
 (Mailgun stops); 401 a missing, wrong or stale signature and 503 webhooks not configured or the
 database failing (Mailgun retries for 8 hours); 406 a payload that can never be stored (Mailgun
 stops).
+
+A request is refused before any database work unless its signature verifies (counted in
+`mailgun_sync_webhooks_unverified_total`), so unsigned floods cost no queries. A signed one uses
+its token up with whatever it is answered: stored, superseded, ignored or refused (406). Only a
+503 leaves the token unused, since Mailgun retries with the same one.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from aiohttp import web
 from worker.errors import SyncError, UnknownDomainError, WebhookError, WebhookPayloadError
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.webhook_store import WebhookWriter
-from worker.webhooks import Ignored, event_label, read_event
+from worker.webhook_store import USED, Delivery, WebhookWriter
+from worker.webhooks import Ignored, Signed, TokenOnly, authenticate, event_label, read_signed
 
 log = get_logger(__name__)
 
@@ -60,37 +65,71 @@ class WebhookEndpoint:
         try:
             body = await request.read()  # at most the app's client_max_size
         except web.HTTPRequestEntityTooLarge:
-            return self._refuse(WebhookPayloadError(f"the body is larger than {MAX_BODY} bytes"))
+            return self._unverified(WebhookPayloadError(f"the body is larger than {MAX_BODY} bytes",
+                                                        reason="too_large"))
+        try:
+            signed = authenticate(body, key=self._key, now=time.time(), max_age=self._max_age)
+        except WebhookError as exc:
+            return self._unverified(exc)
         domains = self._domains()
         if not domains:  # the daemon is still planning them: a 406 now would lose the event
             return self._answer(503, "other", "starting", "the daemon is starting: try again")
         try:
-            found = read_event(body, key=self._key, domains=domains, max_age=self._max_age,
-                               now=time.time(), path_domain=request.match_info.get("domain"))
+            found = read_signed(signed, domains=domains, path_domain=request.match_info.get("domain"))
         except UnknownDomainError as exc:
             if not self._domains_complete():
                 # Maybe a domain of a region that could not be listed: a 406 would lose it.
                 log.warning("webhook_domain_unknown_yet", reason=str(exc))
                 return self._answer(503, "other", "unknown_domain_yet",
                                     "the daemon's list of domains is incomplete: try again")
-            return self._refuse(exc)
-        except WebhookError as exc:
-            return self._refuse(exc)
+            return await self._refuse_signed(signed, exc)
+        except WebhookPayloadError as exc:
+            return await self._refuse_signed(signed, exc)
         if isinstance(found, Ignored):
+            if (outcome := await self._commit(_token_only(signed), found.event)) != USED:
+                return self._committed(found.event, outcome)
             log.debug("webhook_ignored", webhook_event=found.event, reason=found.reason)
             return self._answer(200, found.event, "ignored", f"ignored: {found.reason}")
         label = event_label(found.event)
+        outcome = await self._commit(found, label, domain=found.domain, list=found.kind.value)
+        if outcome is not None:
+            log.debug("webhook_written", webhook_event=found.event, domain=found.domain,
+                      list=found.kind.value, outcome=outcome)
+        return self._committed(label, outcome)
+
+    async def _commit(self, delivery: Delivery, label: str, **context: str) -> str | None:
+        """The delivery's outcome, committed with its token; None if nothing was (logged)."""
+        assert self._writer is not None
         try:
-            outcome = await self._writer.submit(found)
+            return await self._writer.submit(delivery)
         except SyncError as exc:
-            log.error("webhook_store_failed", webhook_event=found.event, domain=found.domain,
-                      list=found.kind.value, error=str(exc))
+            log.error("webhook_store_failed", webhook_event=label, error=str(exc), **context)
+            return None
+
+    def _committed(self, label: str, outcome: str | None) -> web.Response:
+        """The answer to an event's outcome, or to a token-only delivery's replay or failure."""
+        if outcome is None:  # nothing committed, the token included: Mailgun's retry is taken
             return self._answer(503, label, "error", "not stored; retry later")
-        log.debug("webhook_written", webhook_event=found.event, domain=found.domain,
-                  list=found.kind.value, outcome=outcome)
         return self._answer(200, label, outcome, outcome)
+
+    async def _refuse_signed(self, signed: Signed, exc: WebhookError) -> web.Response:
+        """A signed delivery that can never be stored: refused once its token is used up, so a
+        replay carrying other event-data is a replay."""
+        outcome = await self._commit(_token_only(signed), "other")
+        if outcome != USED:
+            return self._committed("other", outcome)
+        return self._refuse(exc)
+
+    def _unverified(self, exc: WebhookError) -> web.Response:
+        """Refused before any database work: nothing vouches for the request."""
+        self._metrics.observe_unverified(exc.reason)
+        return self._refuse(exc)
 
     def _refuse(self, exc: WebhookError) -> web.Response:
         outcome = "unauthorized" if exc.status == 401 else "refused"
         log.warning("webhook_refused", status=exc.status, reason=str(exc))
         return self._answer(exc.status, "other", outcome, str(exc))
+
+
+def _token_only(signed: Signed) -> TokenOnly:
+    return TokenOnly(signed.token, signed.signed_at)

@@ -5,6 +5,13 @@ queued up meanwhile (up to `max_batch`) and writes it in one transaction, then a
 request of the batch. A burst therefore costs a few transactions, not one each, and a request is
 answered only once its row is committed. If a batch fails, its events are written again one by
 one, so one bad event cannot fail the others.
+
+Every signed delivery uses its token up in the transaction that decides its outcome: an event's
+token with its row (or its being superseded), an ignored or refused delivery's token on its own
+(`TokenOnly`). Of deliveries sharing a token, the first in arrival order counts and the others are
+replays, within a batch as across batches and replicas (the token's primary key). A batch that
+fails commits nothing, its tokens included, so Mailgun's retry of the delivery (same token) is
+taken as new.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from worker.logs import get_logger
 from worker.records import SuppressionList
 from worker.sql import queries
 from worker.store import list_query, wrap_db_errors
-from worker.webhooks import WebhookEvent
+from worker.webhooks import TokenOnly, WebhookEvent
 
 log = get_logger(__name__)
 
-STORED, REPLAY, SUPERSEDED = "stored", "replay", "superseded"
+# USED: a TokenOnly delivery's token recorded, not seen before.
+STORED, REPLAY, SUPERSEDED, USED = "stored", "replay", "superseded", "used"
+
+Delivery = WebhookEvent | TokenOnly
 
 
 def _row(event: WebhookEvent) -> dict[str, Any]:
@@ -67,19 +77,33 @@ class WebhookStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def write(self, events: Sequence[WebhookEvent]) -> list[str]:
-        """Write events in one transaction; each one's outcome, in order."""
-        batches, repeated = rounds(events)
+    async def write(self, deliveries: Sequence[Delivery]) -> list[str]:
+        """Write deliveries in one transaction; each one's outcome, in order: an event's stored,
+        superseded or replay, a TokenOnly's used or replay."""
+        seen: set[str] = set()
+        repeated: set[int] = set()
+        for position, delivery in enumerate(deliveries):
+            if delivery.token in seen:
+                repeated.add(position)
+            seen.add(delivery.token)
+        firsts = [d for i, d in enumerate(deliveries) if i not in repeated]
+        batches, _ = rounds([d for d in firsts if isinstance(d, WebhookEvent)])
+        only = [d for d in firsts if isinstance(d, TokenOnly)]
         outcome: dict[str, str] = {}
         async with wrap_db_errors("storing webhook events"), self._pool.acquire() as connection, \
                 connection.transaction():
-            await connection.execute(queries()["mark_worker_writes"])
+            if only:
+                fresh = {row["token"] for row in await connection.fetch(
+                    queries()["webhook_use_tokens"], [d.token for d in only], [d.signed_at for d in only])}
+                outcome.update((d.token, USED if d.token in fresh else REPLAY) for d in only)
+            if batches:
+                await connection.execute(queries()["mark_worker_writes"])
             for batch in batches:
                 for kind, members in batch.items():
                     payload = orjson.dumps([_row(e) for e in members]).decode()
                     for row in await connection.fetch(list_query("webhook_write", kind), payload):
                         outcome[row["token"]] = row["outcome"]
-        return [REPLAY if i in repeated else outcome[e.token] for i, e in enumerate(events)]
+        return [REPLAY if i in repeated else outcome[d.token] for i, d in enumerate(deliveries)]
 
     async def prune_tokens(self, older_than: datetime) -> int:
         async with wrap_db_errors("pruning webhook tokens"):
@@ -87,7 +111,7 @@ class WebhookStore:
         return int(status.split()[-1])
 
 
-_Item = tuple[WebhookEvent, "asyncio.Future[str]"]
+_Item = tuple[Delivery, "asyncio.Future[str]"]
 
 
 class WebhookWriter:
@@ -122,13 +146,19 @@ class WebhookWriter:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def submit(self, event: WebhookEvent) -> str:
-        """The event's outcome once committed; raises SyncError (DatabaseError) if it was not."""
+    async def submit(self, delivery: Delivery) -> str:
+        """The delivery's outcome once committed; raises SyncError (DatabaseError) if it was not,
+        and then its token is not used up."""
         if self._task is None or self._task.done():
             raise SyncError("the webhook writer is not running")
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((event, done))
+        self._queue.put_nowait((delivery, done))
         return await done
+
+    @property
+    def queued(self) -> int:
+        """Deliveries waiting for the next batch."""
+        return self._queue.qsize()
 
     async def _run(self) -> None:
         stopping = False
@@ -156,7 +186,7 @@ class WebhookWriter:
 
     async def _flush(self, batch: list[_Item]) -> None:
         try:
-            outcomes = await self._store.write([event for event, _ in batch])
+            outcomes = await self._store.write([delivery for delivery, _ in batch])
         except SyncError as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], error=exc)

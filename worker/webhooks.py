@@ -6,6 +6,10 @@ key. What is refused says why, as the answer Mailgun gets: 401 (WebhookAuthError
 wrong or stale signature, so Mailgun keeps retrying while a misconfigured key is fixed; 406
 (WebhookPayloadError) for a payload that can never be stored, so Mailgun stops.
 
+Reading is in two steps: `authenticate` (the body and its signature, nothing else) and
+`read_signed` (the event). The signature does not cover `event-data`, so every delivery that
+passes the first step must use its token up, whatever the second says (see webhook_store).
+
 Events kept: `failed` with severity `permanent` (bounces), `complained` (complaints) and
 `unsubscribed` (unsubscribes, with the message's tags, `*` when it has none). Everything else is
 `Ignored` and answered 200, so Mailgun does not retry it: temporary failures, the other events,
@@ -81,6 +85,24 @@ class WebhookEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Signed:
+    """A delivery whose signature verified; its event not read yet."""
+
+    token: str
+    signed_at: datetime
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOnly:
+    """A signed delivery that writes nothing but its token (ignored, or refused as never
+    storable): the token is used up all the same, so a replay carrying other event-data is a replay."""
+
+    token: str
+    signed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Ignored:
     """A well-signed event the mirror has no use for."""
 
@@ -97,45 +119,54 @@ def parse_body(body: bytes) -> dict[str, Any]:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise WebhookPayloadError(
-            "the body is not JSON (legacy form-encoded webhooks are not supported)") from None
+            "the body is not JSON (legacy form-encoded webhooks are not supported)",
+            reason="not_json") from None
     if not isinstance(payload, dict):
-        raise WebhookPayloadError("the body is not a JSON object")
+        raise WebhookPayloadError("the body is not a JSON object", reason="not_json")
     return payload
 
 
-def _signature_valid(block: object, key: str) -> tuple[str, str] | None:
-    """(timestamp, token) of a signature block that verifies under `key`, else None."""
+def _signature_valid(block: object, key: str) -> tuple[str, str] | str:
+    """(timestamp, token) of a signature block that verifies under `key`, else why not:
+    `missing` (no block, or fields missing or malformed) or `mismatch`."""
     if not isinstance(block, Mapping):
-        return None
+        return "missing"
     timestamp, token, signature = block.get("timestamp"), block.get("token"), block.get("signature")
     if isinstance(timestamp, int) and not isinstance(timestamp, bool):
         timestamp = str(timestamp)
     if not (isinstance(timestamp, str) and isinstance(token, str) and isinstance(signature, str)):
-        return None
-    if not (token and signature.isascii() and 0 < len(token) <= 512):
-        return None
+        return "missing"
+    if not (0 < len(token) <= 512 and "\x00" not in token and signature.isascii()):
+        return "missing"
     expected = sign(key, timestamp, token)
     if not hmac.compare_digest(expected.encode(), signature.lower().encode()):
-        return None
+        return "mismatch"
     return timestamp, token
 
 
 def verify(payload: Mapping[str, Any], *, key: str, now: float, max_age: float) -> tuple[str, datetime]:
     """The delivery's token and signing time, if its signature (or, for a subaccount, its
-    `parent-signature`) verifies under `key` and is at most `max_age` seconds from `now`."""
-    found = _signature_valid(payload.get("signature"), key) or \
-        _signature_valid(payload.get("parent-signature"), key)
-    if found is None:
-        raise WebhookAuthError("the signature is missing or does not match MAILGUN_WEBHOOK_SIGNING_KEY")
+    `parent-signature`) verifies under `key` and is at most `max_age` seconds from `now`.
+    A refusal's `reason` is `missing`, `mismatch` or `stale`."""
+    found = _signature_valid(payload.get("signature"), key)
+    if isinstance(found, str):  # a subaccount's delivery may verify by the primary account's key
+        parent = _signature_valid(payload.get("parent-signature"), key)
+        if not isinstance(parent, str) or found == "missing":
+            found = parent
+    if isinstance(found, str):
+        raise WebhookAuthError("the signature is missing or does not match MAILGUN_WEBHOOK_SIGNING_KEY",
+                               reason=found)
     timestamp, token = found
     try:
         seconds = float(timestamp)
     except ValueError:
-        raise WebhookAuthError(f"the signature's timestamp {timestamp[:40]!r} is not a number") from None
+        # Only the key's holder can sign one; it cannot be placed in the window either.
+        raise WebhookAuthError(f"the signature's timestamp {timestamp[:40]!r} is not a number",
+                               reason="stale") from None
     if not abs(now - seconds) <= max_age:  # also refuses nan and inf
         raise WebhookAuthError(
             f"the signature's timestamp is {now - seconds:.0f} s from now, more than WEBHOOK_MAX_AGE "
-            f"({max_age:g} s)")
+            f"({max_age:g} s)", reason="stale")
     return token, datetime.fromtimestamp(int(seconds), UTC)
 
 
@@ -244,11 +275,19 @@ def _tags(data: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(found)) or ("*",)
 
 
-def read_event(body: bytes, *, key: str, domains: Sequence[str], max_age: float, now: float,
-               path_domain: str | None = None) -> WebhookEvent | Ignored:
-    """Verify and read one delivery. Raises WebhookAuthError or WebhookPayloadError."""
+def authenticate(body: bytes, *, key: str, now: float, max_age: float) -> Signed:
+    """The body read and its signature verified, nothing more: no I/O, so a request nobody signed
+    costs no database work. Raises WebhookAuthError, or WebhookPayloadError for a body that is no
+    JSON object; each with its `reason`."""
     payload = parse_body(body)
     token, signed_at = verify(payload, key=key, now=now, max_age=max_age)
+    return Signed(token, signed_at, payload)
+
+
+def read_signed(signed: Signed, *, domains: Sequence[str],
+                path_domain: str | None = None) -> WebhookEvent | Ignored:
+    """The event of a signed delivery. Raises WebhookPayloadError (UnknownDomainError)."""
+    token, signed_at, payload = signed.token, signed.signed_at, signed.payload
     data = payload.get("event-data")
     if not isinstance(data, Mapping):
         raise WebhookPayloadError("the payload has no event-data object")
@@ -268,3 +307,10 @@ def read_event(body: bytes, *, key: str, domains: Sequence[str], max_age: float,
     if kind is SuppressionList.UNSUBSCRIBES:
         return WebhookEvent(**common, tags=_tags(data))
     return WebhookEvent(**common)
+
+
+def read_event(body: bytes, *, key: str, domains: Sequence[str], max_age: float, now: float,
+               path_domain: str | None = None) -> WebhookEvent | Ignored:
+    """Verify and read one delivery. Raises WebhookAuthError or WebhookPayloadError."""
+    return read_signed(authenticate(body, key=key, now=now, max_age=max_age), domains=domains,
+                       path_domain=path_domain)
