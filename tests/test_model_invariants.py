@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -198,6 +199,7 @@ class ModelMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.step = 0
+        self.trace: list[str] = []
         self.broken = False
         self.events: dict[tuple[SuppressionList, str], list[Event]] = defaultdict(list)
         self.parked: Parked | None = None
@@ -218,15 +220,23 @@ class ModelMachine(RuleBasedStateMachine):
 
     # ---- plumbing ---------------------------------------------------------------------------
 
+    def note(self, caller: Any) -> None:
+        arguments = {k: v for k, v in caller.f_locals.items() if k not in ("self", "act", "coroutine")}
+        self.trace.append(f"{time.time():.3f} step {self.step + 1}: {caller.f_code.co_name}({arguments})")
+
     @property
     def emulator(self) -> MailgunEmulator:
         return self.world.emulator
 
     def do(self, coroutine: Any) -> Any:
+        # The rule calling, with its arguments and the time: a failure that depends on timing
+        # cannot be replayed, so the steps that led to it are printed with it.
+        self.note(sys._getframe(1))
         try:
             return self.world.run(coroutine)
         except BaseException:
             self.broken = True
+            print("\n".join(self.trace))
             raise
 
     async def _reset(self) -> None:
@@ -437,11 +447,13 @@ class ModelMachine(RuleBasedStateMachine):
 
     @rule(kind=st.sampled_from(LISTS))
     def next_deletion_finds_no_domain(self, kind: SuppressionList) -> None:
+        self.note(sys._getframe())
         self.emulator.inject(Fault(status=404, method="DELETE", list=kind.path,
                                    message=domain_not_found(DOMAIN)))
 
     @rule(kind=st.sampled_from(LISTS), last=st.sampled_from(["agrees", "null"]))
     def next_pull_gets_items_null_mid_list(self, kind: SuppressionList, last: str) -> None:
+        self.note(sys._getframe())
         self.emulator.inject(Fault(action="items_null", method="GET", list=kind.path, page="next"))
         if last == "null":
             self.emulator.inject(Fault(action="items_null", method="GET", list=kind.path, page="last"))
@@ -449,6 +461,7 @@ class ModelMachine(RuleBasedStateMachine):
     @rule(method=st.sampled_from(["GET", "POST", "DELETE"]), times=st.sampled_from([1, None]),
           action=st.sampled_from(["status", "reset"]))
     def next_requests_fail(self, method: str, times: int | None, action: str) -> None:
+        self.note(sys._getframe())
         self.emulator.inject(Fault(action=action, status=503, method=method, times=times))
 
     # ---- the worker -------------------------------------------------------------------------
