@@ -1,26 +1,38 @@
-"""Security properties: the key stays secret and goes only where it should; SQL is parameterised;
-request bodies are bounded."""
+"""Security properties: the key and the database password stay secret, and the key goes only where
+it should; SQL is parameterised; request bodies are bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import re
+import string
+import subprocess
+import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import aiohttp
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.cli import BASIC_AUTH
+from tests.support.webhooks import SIGNING_KEY
+from tests.test_webhook_commands import start_daemon, stop
 from worker import errors
+from worker.embedded import embedded_postgres
 from worker.emulator import Fault, MailgunEmulator
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.report import list_status
 from worker.sql import queries
-from worker.store import DATA_COLUMNS, list_query
+from worker.store import DATA_COLUMNS, list_query, open_pool
 
 BOUNCES = SuppressionList.BOUNCES
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +99,209 @@ async def test_the_emulator_bounds_request_bodies(emulator):
         async with session.post(f"{emulator.base_url}/v3/{DOMAIN}/bounces", data=too_big,
                                 headers=headers) as response:
             assert response.status == 413
+
+
+# ---- the database password -----------------------------------------------------------------------
+# A password goes into DATABASE_URL, where an unencoded /, #, ?, @ or % changes where the URL's
+# parts begin and end: any part of the URL may then be a piece of the password. The URL is checked
+# when settings are read, before anything connects, and no error shows a part of it.
+
+CORE = ("Xk9", "mZ2q")  # around each special sequence, so that every 3-character window is telling
+SPECIALS = [*string.punctuation, "/#?", "@@", ":/@", " ", "  ", "%%", "%zz", "%41", "\t", "ü", "5432/",
+            "?qZ7=vW3&", "'\"\\", "${HOME}", "[::1]", string.punctuation]
+PASSWORDS = [CORE[0] + special + CORE[1] for special in SPECIALS]
+# What a URL's password may hold unencoded (RFC 3986); anything else must be percent-encoded.
+URL_SAFE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*")
+NO_SUCH_DATABASE = "mailgun_sync_no_such_database"
+# Every command that connects to the mirror, with what else it needs; Mailgun is never reached.
+DATABASE_COMMANDS = {
+    "run": ["run", "--json"],
+    "backfill": ["backfill"],
+    "daemon": ["daemon", "--http-port", "0"],
+    "status": ["status"],
+    "prune": ["prune"],
+    "migrate": ["migrate"],
+}
+MAILGUN_ENV = {"MAILGUN_API_KEY": API_KEY, "MAILGUN_DOMAINS": DOMAIN, "MAILGUN_API_BASE": "http://127.0.0.1:9"}
+
+
+def fragments(password: str) -> set[str]:
+    """Every 3-character piece of the password, as written and as the driver would decode it."""
+    return {text[i:i + 3] for text in (password, unquote(password)) for i in range(len(text) - 2)}
+
+
+def assert_no_fragment(text: str, *passwords: str) -> None:
+    shown = sorted(f for password in passwords for f in fragments(password) if f in text)
+    assert not shown, f"pieces of the password {shown} in: {text!r}"
+
+
+def url_with_password(password: str, host: str = "127.0.0.1:5432", database: str = NO_SUCH_DATABASE) -> str:
+    return f"postgresql://postgres:{password}@{host}/{database}"
+
+
+@pytest.mark.parametrize("command", DATABASE_COMMANDS)
+async def test_no_command_shows_a_piece_of_a_database_password_whatever_it_holds(invoke, tmp_path, command):
+    """For each password, given in DATABASE_URL, in --database-url or in DATABASE_URL_FILE: one a
+    URL cannot hold unencoded is refused before connecting (exit 2, one line saying how to write
+    it); any other reaches PostgreSQL, whose refusal (no such database) shows none of it either."""
+    url_file = tmp_path / "database-url"
+    for password in PASSWORDS:
+        url = url_with_password(password)
+        url_file.write_text(url + "\n")
+        for env, flags, setting in (
+                ({"DATABASE_URL": url}, [], "DATABASE_URL"),
+                ({"DATABASE_URL_FILE": str(url_file)}, [], "DATABASE_URL_FILE"),
+                ({"DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused"}, ["--database-url", url],
+                 "DATABASE_URL")):
+            outcome = await invoke(*DATABASE_COMMANDS[command], *flags, env={**MAILGUN_ENV, **env})
+
+            assert_no_fragment(outcome.out + outcome.err, password)
+            assert "Traceback" not in outcome.err, password
+            [line] = [line for line in outcome.err.splitlines() if line.startswith("mailgun-sync: ")]
+            if URL_SAFE.fullmatch(password):
+                assert (outcome.code, line.startswith("mailgun-sync: PostgreSQL ")) == (1, True), line
+            else:
+                assert (outcome.code, outcome.out, outcome.err.splitlines()) == (2, "", [line]), password
+                assert line.startswith(f"mailgun-sync: {setting}: "), line
+                assert "cannot be parsed as postgresql://" in line
+                assert "percent-encode the user name and password" in line
+                assert "DATABASE_URL_FILE" in line
+
+
+def test_a_real_process_shows_no_piece_of_the_password():
+    """As the process runs: its own logging set-up, its stderr, its exit status."""
+    password = "Xk9/#?@mZ2q"
+    env = {"PATH": os.environ["PATH"], **MAILGUN_ENV, "DATABASE_URL": url_with_password(password)}
+    processes = {command: subprocess.Popen([sys.executable, "-m", "worker", *DATABASE_COMMANDS[command]],
+                                           env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for command in ("daemon", "migrate")}  # a command reading every setting, and one not
+    for command, process in processes.items():
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 2, (command, err)
+        assert err.startswith("mailgun-sync: DATABASE_URL: cannot be parsed as postgresql://"), command
+        assert (out, len(err.splitlines())) == ("", 1), command
+        assert_no_fragment(out + err, password)
+
+
+async def test_a_query_the_driver_cannot_read_is_one_line_showing_none_of_it(invoke):
+    """The driver reads the query itself (a port, sslmode) and quotes what it cannot use: only the
+    kind of error is shown."""
+    for query in ("port=Xk9mZ2q", "sslmode=Xk9mZ2q"):
+        outcome = await invoke("migrate", env={
+            "DATABASE_URL": f"postgresql://postgres@/{NO_SUCH_DATABASE}?host=127.0.0.1&{query}"})
+        assert (outcome.code, outcome.out) == (2, "")
+        [line] = outcome.err.splitlines()
+        assert line.startswith("mailgun-sync: DATABASE_URL: the driver cannot use it ("), line
+        assert_no_fragment(line, "Xk9mZ2q")
+
+
+@pytest.mark.parametrize("password", [p for p in PASSWORDS if not URL_SAFE.fullmatch(p)])
+async def test_a_url_given_to_the_pool_unchecked_fails_showing_no_piece_of_the_password(password):
+    """Without the settings' check too: what the driver cannot parse is reported by its kind of
+    error, and what it misreads fails to connect."""
+    with pytest.raises(errors.SyncError) as caught:
+        async with open_pool(url_with_password(password, host="127.0.0.1:1")):
+            pass
+    assert_no_fragment(str(caught.value), password)
+
+
+# A server that checks passwords (SCRAM), for a role whose password holds every special character.
+ROLE_PASSWORD = string.punctuation + " Xk9 ü mZ2q"
+WRONG_PASSWORD = "Wr0ng" + string.punctuation[::-1] + "qP7"
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[str]:
+    """An embedded PostgreSQL where the role `mirror` (owner of database `mirror`) logs in with
+    ROLE_PASSWORD only; yields the mirror's URL without user and password."""
+    with tempfile.TemporaryDirectory(prefix="mailgun-sync-pg-") as data_dir, \
+            embedded_postgres(Path(data_dir)) as admin_url:
+        async def set_up() -> None:
+            connection = await asyncpg.connect(admin_url)
+            try:
+                quoted = "'" + ROLE_PASSWORD.replace("'", "''") + "'"
+                await connection.execute(f"CREATE ROLE mirror LOGIN PASSWORD {quoted}")
+                await connection.execute("CREATE DATABASE mirror OWNER mirror")
+                hba = Path(await connection.fetchval("SHOW hba_file"))
+                rules = "local all postgres trust\nlocal all all scram-sha-256\n"
+                await asyncio.to_thread(hba.write_text, rules)
+                await connection.fetchval("SELECT pg_reload_conf()")
+            finally:
+                await connection.close()
+
+        asyncio.run(set_up())
+        [socket_dir] = parse_qs(urlsplit(admin_url).query)["host"]
+        yield f"@/mirror?host={socket_dir}"
+
+
+def mirror_url(password_server: str, password: str) -> str:
+    return f"postgresql://mirror:{quote(password, safe='')}{password_server}"
+
+
+async def test_a_password_of_every_special_character_works_percent_encoded(invoke, tmp_path, password_server):
+    url_file = tmp_path / "database-url"
+    url_file.write_text(mirror_url(password_server, ROLE_PASSWORD) + "\n")
+
+    migrated = await invoke("migrate", env={"DATABASE_URL": mirror_url(password_server, ROLE_PASSWORD)})
+    status = await invoke("status", env={"DATABASE_URL_FILE": str(url_file)})
+
+    assert migrated.code == 0, migrated.err
+    assert migrated.out.startswith("applied migrations [")
+    assert status.code == 0, status.err
+
+
+@pytest.mark.parametrize("command", DATABASE_COMMANDS)
+async def test_a_refused_password_or_an_unreachable_server_shows_no_piece_of_a_password(
+        invoke, password_server, command):
+    cases = [  # (URL, the start of the one line saying why)
+        (mirror_url(password_server, WRONG_PASSWORD),
+         'PostgreSQL failed while connecting: InvalidPasswordError: password authentication failed '
+         'for user "mirror"'),
+        (f"postgresql://mirror:{quote(WRONG_PASSWORD, safe='')}@127.0.0.1:1/mirror",
+         "PostgreSQL could not be reached while connecting: "),
+        (f"postgresql://mirror:{quote(WRONG_PASSWORD, safe='')}@db.invalid:5432/mirror",
+         "PostgreSQL could not be reached while connecting: "),
+    ]
+    for url, why in cases:
+        outcome = await invoke(*DATABASE_COMMANDS[command], env={**MAILGUN_ENV, "DATABASE_URL": url})
+
+        assert outcome.code == 1, outcome.err
+        [line] = [line for line in outcome.err.splitlines() if line.startswith("mailgun-sync: ")]
+        assert line.startswith(f"mailgun-sync: {why}"), line
+        assert_no_fragment(outcome.out + outcome.err, WRONG_PASSWORD, ROLE_PASSWORD)
+
+
+# ---- secrets from files --------------------------------------------------------------------------
+
+
+async def test_every_secret_can_come_from_a_file_as_docker_and_kubernetes_mount_them(
+        invoke, emulator, database_url, pool, tmp_path):
+    """Each file as `echo` writes it, with a trailing newline; the daemon reads all three, `run` the
+    key and the URL, `status` the URL, `webhook-test` the signing key."""
+    files = {}
+    for name, value in (("MAILGUN_API_KEY", API_KEY), ("DATABASE_URL", database_url),
+                        ("MAILGUN_WEBHOOK_SIGNING_KEY", SIGNING_KEY)):
+        (tmp_path / name).write_text(value + "\n")
+        files[f"{name}_FILE"] = str(tmp_path / name)
+    emulator.seed(DOMAIN, BOUNCES, [{"address": "remote@example.com"}])
+
+    ran = await invoke("run", "--json", env={
+        "MAILGUN_API_KEY_FILE": files["MAILGUN_API_KEY_FILE"],
+        "DATABASE_URL_FILE": files["DATABASE_URL_FILE"],
+        "MAILGUN_API_BASE": str(emulator.base_url), "MAILGUN_DOMAINS": DOMAIN})
+    status = await invoke("status", "--json", env={"DATABASE_URL_FILE": files["DATABASE_URL_FILE"]})
+    # The variables start_daemon sets, emptied: an empty variable is an unset one.
+    daemon, base = await start_daemon(emulator, database_url, MAILGUN_API_KEY="", DATABASE_URL="", **files)
+    try:
+        key_file = {"MAILGUN_WEBHOOK_SIGNING_KEY_FILE": files["MAILGUN_WEBHOOK_SIGNING_KEY_FILE"]}
+        tested = await invoke("webhook-test", "--url", f"{base}/webhooks/mailgun", "--domain", DOMAIN,
+                              env=key_file)
+    finally:
+        assert await stop(daemon) == 0
+
+    assert ran.code == 0, ran.err
+    assert ran.result(DOMAIN, "bounces")["inserted"] == 1
+    assert status.code == 0, status.err
+    assert status.lists()[(DOMAIN, "bounces")]["status"] == "ok"
+    assert tested.code == 0, tested.out
+    assert "all answers as expected" in tested.out

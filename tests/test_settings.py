@@ -1,11 +1,14 @@
-"""Settings: read from the environment, flags win, and every problem names its setting."""
+"""Settings: read from the environment (secrets also from files), flags win, and every problem
+names its setting and shows no secret."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from worker.errors import ConfigError
-from worker.settings import Settings
+from worker.settings import ENVIRONMENT, SECRETS, Settings, read_secret_file
 
 BASE = {"MAILGUN_API_KEY": "key-secret-value"}
 
@@ -83,3 +86,188 @@ def test_a_missing_or_malformed_setting_is_named(env, setting):
 ])
 def test_api_base_is_reduced_to_an_origin_and_http_only_for_loopback(given, origin):
     assert Settings.from_env({**BASE, "MAILGUN_API_BASE": given}).api_base == origin
+
+
+# ---- the database URL ----------------------------------------------------------------------------
+
+WELL_FORMED_URLS = [
+    "postgresql://postgres@127.0.0.1:5432/mirror",
+    "postgres://app:s3cret!$&'()*+,;=:x@db.internal/app",  # what a password may hold unencoded
+    "postgresql://app:p%2F%23%3F%40%25%20w@db.internal:5432/app?sslmode=verify-full",
+    "postgresql://app@[::1]:5432,db2.internal:5433/app",
+    "postgresql://postgres:@/postgres?host=/run/postgresql",
+    "postgresql:///app",
+]
+
+
+@pytest.mark.parametrize("url", WELL_FORMED_URLS)
+def test_a_well_formed_database_url_is_taken_as_given(url):
+    assert Settings.from_env({**BASE, "DATABASE_URL": f" {url}\n"}).database_url == url
+
+
+MALFORMED_URLS = [  # each password is Xk9...mZ2q, so that any piece of it shown is found
+    "postgresql://app:Xk9/mZ2q@db.internal/app",
+    "postgresql://app:Xk9#mZ2q@db.internal/app",
+    "postgresql://app:Xk9?mZ2q@db.internal/app",
+    "postgresql://app:Xk9@mZ2q@db.internal/app",
+    "postgresql://app:Xk9%mZ2q@db.internal/app",
+    "postgresql://app:Xk9 mZ2q@db.internal/app",
+    "postgresql://app:Xk9\nmZ2q@db.internal/app",
+    "postgresql://app:Xk9ümZ2q@db.internal/app",
+    "postgresql://app:Xk9[mZ2q@db.internal/app",
+    "postgresql://app:5432/Xk9mZ2q@db.internal",  # a / after digits: a port, then an @ in the path
+    "postgresql://app:Xk9mZ2q@db.internal:99999/app",
+    "postgresql://app:Xk9mZ2q@db.internal/app/Xk9mZ2q",
+    "postgresql://app:Xk9mZ2q@db.internal/app#Xk9mZ2q",
+    "postgresql://app:Xk9mZ2q@db.internal/app?Xk9mZ2q",
+    "postgresql://app:Xk9mZ2q@[::Xk9]/app",
+    "postgresql://app:Xk9mZ2q@h1,,h2/app",
+    "mysql://app:Xk9mZ2q@db.internal/app",
+    "app:Xk9mZ2q@db.internal/app",
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_a_malformed_database_url_is_refused_when_settings_are_read_showing_none_of_it(url):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "DATABASE_URL": url})
+    message = str(caught.value)
+    assert caught.value.setting == "DATABASE_URL"
+    assert "\n" not in message
+    assert "Xk9" not in message
+    assert "mZ2" not in message
+    assert "db.internal" not in message
+    assert "postgresql://" in message  # the form it must have
+
+
+# ---- secrets from files --------------------------------------------------------------------------
+
+SECRET_VALUES = {"MAILGUN_API_KEY": "key-from-a-file", "DATABASE_URL": "postgresql://app:s3cret@db.internal/app",
+                 "MAILGUN_WEBHOOK_SIGNING_KEY": "whk-from-a-file"}
+
+
+def secrets_of(settings: Settings) -> dict[str, str | None]:
+    return {"MAILGUN_API_KEY": settings.api_key, "DATABASE_URL": settings.database_url,
+            "MAILGUN_WEBHOOK_SIGNING_KEY": settings.webhook_signing_key}
+
+
+def test_every_secret_setting_has_a_file_variable():
+    assert set(SECRETS) == set(SECRET_VALUES)
+    assert {f"{name}_FILE" for name in SECRETS} <= set(ENVIRONMENT)
+
+
+@pytest.mark.parametrize("name", SECRETS)
+def test_a_secret_is_read_from_the_file_its_file_variable_names(tmp_path, name):
+    path = tmp_path / name
+    path.write_text(SECRET_VALUES[name] + "\n")  # as `echo` writes it
+    env = {**{n: v for n, v in SECRET_VALUES.items() if n != name}, f"{name}_FILE": str(path)}
+    assert secrets_of(Settings.from_env(env)) == SECRET_VALUES
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    ("s3cret", "s3cret"), ("s3cret\n", "s3cret"), ("s3cret\r\n", "s3cret"), ("s3cret\n\n", "s3cret\n"),
+    (" s3cret \n", " s3cret "),
+])
+def test_only_one_trailing_newline_is_taken_off_a_secret_file(tmp_path, written, read):
+    path = tmp_path / "secret"
+    path.write_bytes(written.encode())
+    assert read_secret_file("MAILGUN_API_KEY_FILE", str(path)) == read
+
+
+def test_a_flag_wins_over_a_secret_variable_and_its_file(tmp_path):
+    path = tmp_path / "url"
+    path.write_text("postgresql://from-the-file@db.internal/app")
+    env = {**BASE, "DATABASE_URL": "postgresql://from-the-variable@db.internal/app",
+           "DATABASE_URL_FILE": str(path)}
+    settings = Settings.from_env(env, DATABASE_URL="postgresql://from-the-flag@db.internal/app")
+    assert settings.database_url == "postgresql://from-the-flag@db.internal/app"
+
+
+@pytest.mark.parametrize("name", SECRETS)
+def test_a_secret_set_in_its_variable_and_in_its_file_is_refused(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("from-the-file")
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**SECRET_VALUES, f"{name}_FILE": str(path)})
+    assert caught.value.setting == name
+    assert str(caught.value) == f"{name}: both {name} and {name}_FILE are set; set only one of them"
+
+
+def unreadable(tmp_path):
+    path = tmp_path / "unreadable"
+    path.write_text("s3cret-contents")
+    path.chmod(0)
+    return path
+
+
+BAD_FILES = [  # (make the file, what the error says after the path)
+    pytest.param(lambda tmp_path: tmp_path / "missing", ": No such file or directory", id="missing"),
+    pytest.param(lambda tmp_path: tmp_path, ": Is a directory", id="a directory"),
+    pytest.param(unreadable, ": Permission denied", id="unreadable",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")),
+    pytest.param(lambda tmp_path: write(tmp_path, b""), " is empty", id="empty"),
+    pytest.param(lambda tmp_path: write(tmp_path, b"\n"), " is empty", id="a newline"),
+    pytest.param(lambda tmp_path: write(tmp_path, b"  \t\n"), " is empty", id="blanks"),
+    pytest.param(lambda tmp_path: write(tmp_path, b"s3cret-\xff-contents"), " is not UTF-8 text",
+                 id="not UTF-8"),
+    pytest.param(lambda tmp_path: write(tmp_path, b"s3cret-contents" * 5000), " is larger than 64 KiB; "
+                 "it is not the file of a secret", id="too large"),
+]
+
+
+def write(tmp_path, data: bytes):
+    path = tmp_path / "secret"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(("make", "says"), BAD_FILES)
+@pytest.mark.parametrize("name", SECRETS)
+def test_a_missing_unreadable_or_empty_secret_file_is_named_with_its_path_never_its_contents(
+        tmp_path, name, make, says):
+    path = make(tmp_path)
+    env = {**{n: v for n, v in SECRET_VALUES.items() if n != name}, f"{name}_FILE": str(path)}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.setting == f"{name}_FILE"
+    assert str(caught.value).startswith(f"{name}_FILE: ")
+    assert f"{path}{says}" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_secret_file_path_that_is_not_absolute_is_refused_without_showing_it():
+    """A relative "path" may well be the secret itself, set in the wrong variable."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "MAILGUN_WEBHOOK_SIGNING_KEY_FILE": "whk-s3cret"})
+    assert caught.value.setting == "MAILGUN_WEBHOOK_SIGNING_KEY_FILE"
+    assert "s3cret" not in str(caught.value)
+
+
+SECRET_FILE_PROBLEMS = [  # (command line, environment but for the file, the file's variable, what it
+    # holds or None: no file, the setting the error names)
+    (["run"], {"MAILGUN_DOMAINS": "mg.example.com"}, "MAILGUN_API_KEY_FILE", None, "MAILGUN_API_KEY_FILE"),
+    (["daemon"], {**BASE, "MAILGUN_DOMAINS": "mg.example.com"}, "DATABASE_URL_FILE", b"",
+     "DATABASE_URL_FILE"),
+    (["migrate"], {}, "DATABASE_URL_FILE", b"\n", "DATABASE_URL_FILE"),
+    (["status"], {"DATABASE_URL": "postgresql://app@db.internal/app"}, "DATABASE_URL_FILE", b"s3cret",
+     "DATABASE_URL"),
+    (["prune"], {}, "DATABASE_URL_FILE", b"postgresql://app:s3cret/@db.internal/app\n", "DATABASE_URL_FILE"),
+    (["webhook-test", "--url", "http://127.0.0.1:9/webhooks/mailgun", "--domain", "mg.example.com"], {},
+     "MAILGUN_WEBHOOK_SIGNING_KEY_FILE", b"\n", "MAILGUN_WEBHOOK_SIGNING_KEY_FILE"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "variable", "contents", "setting"), SECRET_FILE_PROBLEMS,
+                         ids=[f"{p[0][0]}-{p[2]}" for p in SECRET_FILE_PROBLEMS])
+async def test_a_secret_file_problem_is_one_line_naming_the_setting_and_exit_2(
+        invoke, tmp_path, argv, env, variable, contents, setting):
+    path = tmp_path / "secret"
+    if contents is not None:
+        path.write_bytes(contents)
+
+    outcome = await invoke(*argv, env={**env, variable: str(path)})
+
+    assert (outcome.code, outcome.out) == (2, "")
+    [line] = outcome.err.splitlines()
+    assert line.startswith(f"mailgun-sync: {setting}: ")
+    assert "s3cret" not in line

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -37,7 +38,15 @@ from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
 from worker.retention import prune
 from worker.retention import render as render_prune
-from worker.settings import US_API_BASE, Settings, domain_names, retention_days
+from worker.settings import (
+    US_API_BASE,
+    Settings,
+    check_database_url,
+    domain_names,
+    require_database_url,
+    retention_days,
+    secret,
+)
 from worker.store import MirrorStore, open_pool
 
 log = get_logger(__name__)
@@ -84,6 +93,7 @@ def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
                         help="bounces, unsubscribes, complaints, allowlist (repeatable; default: all)")
 
 
+@functools.cache  # parsing leaves the parser as it was; building it costs more than a parse
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailgun-sync",
@@ -341,9 +351,7 @@ def configured_domains(env: Mapping[str, str]) -> list[str]:
 
 
 async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    url = args.DATABASE_URL or env.get("DATABASE_URL")
-    if not url:
-        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    url = require_database_url(env, args.DATABASE_URL)
     async with open_pool(url, max_size=2) as pool:
         await require_schema(pool)
         report = await list_status(MirrorStore(pool), configured_domains(env))
@@ -356,9 +364,7 @@ async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
 async def prune_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     merged = {**env, **{k: v for k, v in _overrides(args).items() if v is not None}}
     days = retention_days(merged)
-    url = merged.get("DATABASE_URL")
-    if not url:
-        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    url = require_database_url(env, args.DATABASE_URL)
     async with open_pool(url, max_size=1) as pool:
         await require_schema(pool)
         report = await prune(pool, days)
@@ -368,9 +374,7 @@ async def prune_command(args: argparse.Namespace, env: Mapping[str, str]) -> int
 
 
 async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    url = args.DATABASE_URL or env.get("DATABASE_URL")
-    if not url:
-        raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
+    url = require_database_url(env, args.DATABASE_URL)
     async with open_pool(url, max_size=1) as pool:
         applied = await migrate(pool)
     print(f"applied migrations {applied}" if applied else "schema already up to date")
@@ -380,9 +384,10 @@ async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
 async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from worker.webhook_test import TEST_RECIPIENT, render, run_webhook_test
 
-    key = (args.MAILGUN_WEBHOOK_SIGNING_KEY or env.get("MAILGUN_WEBHOOK_SIGNING_KEY") or "").strip()
+    key = secret(env, "MAILGUN_WEBHOOK_SIGNING_KEY", args.MAILGUN_WEBHOOK_SIGNING_KEY).strip()
     if not key:
-        raise ConfigError("MAILGUN_WEBHOOK_SIGNING_KEY", "is not set; give the webhook signing key")
+        raise ConfigError("MAILGUN_WEBHOOK_SIGNING_KEY", "is not set; give the webhook signing key, or "
+                                                         "MAILGUN_WEBHOOK_SIGNING_KEY_FILE naming its file")
     domain = args.domain or next(iter(domain_names(env.get("MAILGUN_DOMAINS", ""))), None)
     if not domain:
         raise ConfigError("--domain", "no domain for the samples: pass --domain or set MAILGUN_DOMAINS")
@@ -431,6 +436,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         configure_logging(level=args.log_level or ("WARNING" if args.command == "demo" else "INFO"))
+        if getattr(args, "database_url", None):  # the benchmarks' server, checked as DATABASE_URL is
+            check_database_url(args.database_url, "--database-url")
         if args.command == "run":
             return await run_command(args, env)
         if args.command == "migrate":

@@ -1,17 +1,22 @@
 """Settings from the environment, overridden by command-line flags; validated once, at start.
 
 Each setting has one name everywhere: the environment variable, the flag and the README table.
-Secrets (the API key, the database URL with its password) are kept out of every repr.
+Secrets (the API key, the database URL with its password, the webhook signing key) are kept out of
+every repr and every error, and each can be read from a file instead (`<NAME>_FILE`, as Docker and
+Kubernetes mount secrets).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import re
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from worker.errors import ConfigError
 
@@ -26,7 +31,14 @@ ENVIRONMENT = (
     "MAILGUN_BACKOFF_MAX", "MAILGUN_TIMEOUT", "SYNC_MAX_DELETE_FRACTION", "SYNC_INTERVAL", "SYNC_CRON",
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
     "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE", "SYNC_RETENTION_DAYS",
+    "MAILGUN_API_KEY_FILE", "DATABASE_URL_FILE", "MAILGUN_WEBHOOK_SIGNING_KEY_FILE",
 )
+
+# The settings that hold a secret; each is also read from the file its `<NAME>_FILE` names.
+SECRETS = ("MAILGUN_API_KEY", "DATABASE_URL", "MAILGUN_WEBHOOK_SIGNING_KEY")
+# A secret's file is read up to this size: a path naming the wrong file (a log, /dev/zero) fails
+# instead of filling memory.
+SECRET_FILE_MAX_BYTES = 64 * 1024
 
 
 # Mailgun's regions and their API origins; a domain's suppressions live in its region only.
@@ -102,6 +114,163 @@ def retention_days(env: Mapping[str, str]) -> int:
                   "a whole number of days from 0 (keep forever) to 36500")
 
 
+# ---- secrets from files ---------------------------------------------------------------------------
+
+
+def _shown(path: str) -> str:
+    """A path as an error line may show it: as given, or quoted if it would break the line."""
+    return path if path.isprintable() else repr(path)
+
+
+def read_secret_file(setting: str, path: str) -> str:
+    """The secret in the file `setting` names, less one trailing newline (as `echo` writes one).
+    Errors name the setting and the path, never what the file holds."""
+    if not Path(path).is_absolute():
+        # Not shown: a relative "path" is as likely the secret itself, given to the wrong variable.
+        raise ConfigError(setting, "is not an absolute path (not shown, in case it is the secret "
+                                   "itself); give the full path of the file, such as /run/secrets/...")
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(SECRET_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {_shown(path)}: {exc.strerror or type(exc).__name__}") \
+            from None
+    if len(data) > SECRET_FILE_MAX_BYTES:
+        raise ConfigError(setting, f"{_shown(path)} is larger than {SECRET_FILE_MAX_BYTES // 1024} KiB; "
+                                   "it is not the file of a secret")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(setting, f"{_shown(path)} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    if not text.strip():
+        raise ConfigError(setting, f"{_shown(path)} is empty")
+    return text
+
+
+def secret(env: Mapping[str, str], name: str, flag: str | None = None) -> str:
+    """A secret setting: the flag's value if given, else the variable's, else the contents of the
+    file `<name>_FILE` names; "" when none is set. Setting both the variable and its file is an
+    error: which one wins would be a guess."""
+    if flag is not None:
+        return flag
+    value = env.get(name, "")
+    path = env.get(f"{name}_FILE", "").strip()
+    if value.strip() and path:
+        raise ConfigError(name, f"both {name} and {name}_FILE are set; set only one of them")
+    return read_secret_file(f"{name}_FILE", path) if path else value
+
+
+# ---- the database URL -----------------------------------------------------------------------------
+
+DATABASE_URL_FORM = "postgresql://user:password@host:port/database"
+# How to write any password in a URL. Said whenever a URL cannot be parsed, since the usual cause
+# is a password character that ends the part it is in (a / or # ends the host, an @ begins it).
+PERCENT_ENCODE = ("percent-encode the user name and password (/ as %2F, # as %23, ? as %3F, @ as %40, "
+                  ": as %3A, % as %25, a space as %20), in DATABASE_URL or in the file DATABASE_URL_FILE "
+                  "names")
+# RFC 3986: what a user name, a password (with ":"), a host, a database name and a query may hold
+# unencoded. Anything else is percent-encoded (%XX), so the URL has one reading, the driver's too.
+_UNRESERVED = string.ascii_letters + string.digits + "-._~"
+_SUB_DELIMS = "!$&'()*+,;="
+_USER = frozenset(_UNRESERVED + _SUB_DELIMS)
+_PASSWORD = _USER | {":"}
+_HOST = _USER - {","}  # a comma separates the hosts of a list (host1:5432,host2:5432)
+_DATABASE = _USER | {":"}
+_QUERY = _USER | set(":/?")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _only(text: str, allowed: frozenset[str] | set[str]) -> bool:
+    """`text` holds only `allowed` characters and well-formed %XX escapes."""
+    return all(c in allowed for c in _PERCENT_ESCAPE.sub("", text))
+
+
+def _valid_host(entry: str) -> bool:
+    """host, host:port, [IPv6] or [IPv6]:port; an empty host is the driver's default (a socket)."""
+    if entry.startswith("["):
+        address, bracket, port = entry[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return False
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        host, _, port = entry.partition(":")
+        if not _only(host, _HOST):
+            return False
+    return not port or (port.isdigit() and port.isascii() and 1 <= int(port) <= 65535)
+
+
+def check_database_url(value: str, setting: str = "DATABASE_URL", where: str = "") -> str:
+    """The URL with surrounding blanks removed, if it has a single reading; else a ConfigError that
+    shows nothing of it (a misplaced password character makes any part of it a piece of the
+    password). `where` names the URL's origin, such as the file it was read from."""
+    url = value.strip()
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(setting, f"{where}cannot be parsed as {DATABASE_URL_FORM} ({reason}); "
+                                    f"{PERCENT_ENCODE}")
+
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise refuse("it holds a space, a control character or a non-ASCII character")
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(setting, f"{where}is not a postgresql:// URL ({DATABASE_URL_FORM})")
+    end = min([rest.index(c) for c in "/?#" if c in rest], default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if authority.count("@") > 1 or "@" in tail:
+        raise refuse("an @ that does not end the user name and password: is there a /, ?, # or @ "
+                     "in the password?")
+    userinfo, _, hosts = authority.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if not _only(user, _USER) or not _only(password, _PASSWORD):
+        raise refuse("the user name or password holds a character that must be percent-encoded, "
+                     "or a % that starts no %XX")
+    entries = hosts.split(",")
+    if (len(entries) > 1 and not all(entries)) or not all(_valid_host(entry) for entry in entries):
+        raise refuse("the host is not a name or address with a port from 1 to 65535")
+    if "#" in tail:
+        raise refuse("it holds a #")
+    path, _, query = tail.partition("?")
+    if path.count("/") > 1 or not _only(path.removeprefix("/"), _DATABASE):
+        raise refuse("the database name holds a / or a character that must be percent-encoded")
+    if query:
+        try:
+            parse_qs(query, strict_parsing=True)  # as the driver reads it
+        except ValueError:
+            raise refuse("the query is not name=value pairs joined by &") from None
+        if not _only(query, _QUERY):
+            raise refuse("the query holds a character that must be percent-encoded")
+    return url
+
+
+def read_database_url(env: Mapping[str, str], flag: str | None = None) -> str | None:
+    """DATABASE_URL (or the flag, or DATABASE_URL_FILE's file), checked before anything connects;
+    None when not set."""
+    from_file = flag is None and bool(env.get("DATABASE_URL_FILE", "").strip())
+    url = secret(env, "DATABASE_URL", flag)
+    if not url.strip():
+        return None
+    if from_file:
+        path = env["DATABASE_URL_FILE"].strip()
+        return check_database_url(url, "DATABASE_URL_FILE", f"the URL in {_shown(path)} ")
+    return check_database_url(url)
+
+
+DATABASE_URL_MISSING = ("is not set; give a postgresql:// URL for the mirror, or DATABASE_URL_FILE "
+                        "naming a file that holds one")
+
+
+def require_database_url(env: Mapping[str, str], flag: str | None = None) -> str:
+    url = read_database_url(env, flag)
+    if url is None:
+        raise ConfigError("DATABASE_URL", DATABASE_URL_MISSING)
+    return url
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     api_key: str = field(repr=False)
@@ -134,10 +303,12 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
         """Read every setting; `overrides` (from flags) win where not None."""
-        merged = {**env, **{k: str(v) for k, v in overrides.items() if v is not None}}
-        api_key = merged.get("MAILGUN_API_KEY", "").strip()
+        flags = {k: str(v) for k, v in overrides.items() if v is not None}
+        merged = {**env, **flags}
+        api_key = secret(env, "MAILGUN_API_KEY", flags.get("MAILGUN_API_KEY")).strip()
         if not api_key:
-            raise ConfigError("MAILGUN_API_KEY", "is not set; give the domain's private API key")
+            raise ConfigError("MAILGUN_API_KEY", "is not set; give the domain's private API key, or "
+                                                 "MAILGUN_API_KEY_FILE naming a file that holds it")
         domains = domain_names(merged.get("MAILGUN_DOMAINS", ""))
         for domain in domains:
             if not is_domain_name(domain):
@@ -147,7 +318,7 @@ class Settings:
             api_base=validate_api_base(merged.get("MAILGUN_API_BASE") or US_API_BASE),
             domains=domains,
             config_file=(merged.get("SYNC_CONFIG") or "").strip() or None,
-            database_url=merged.get("DATABASE_URL") or None,
+            database_url=read_database_url(env, flags.get("DATABASE_URL")),
             max_attempts=_parse(merged, "MAILGUN_MAX_ATTEMPTS", int, 6,
                                 lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),
             # 0 would retry (and wait for the request budget) without ever sleeping.
@@ -176,7 +347,8 @@ class Settings:
             shutdown_grace=_parse(merged, "SHUTDOWN_GRACE", float, 25.0,
                                   lambda v: math.isfinite(v) and 0 <= v <= 3600,
                                   "a number of seconds from 0 to 3600"),
-            webhook_signing_key=(merged.get("MAILGUN_WEBHOOK_SIGNING_KEY") or "").strip() or None,
+            webhook_signing_key=secret(env, "MAILGUN_WEBHOOK_SIGNING_KEY",
+                                       flags.get("MAILGUN_WEBHOOK_SIGNING_KEY")).strip() or None,
             webhook_max_age=_parse(merged, "WEBHOOK_MAX_AGE", float, 86400.0,
                                    lambda v: math.isfinite(v) and 60 <= v <= 30 * 86400,
                                    "a number of seconds from 60 to 2592000"),

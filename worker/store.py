@@ -21,6 +21,7 @@ import asyncpg
 from worker.errors import ConfigError, DatabaseError
 from worker.mailgun import Page
 from worker.records import Record, StagingRow, SuppressionList
+from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
 
 # The data columns of each mirror table, the ones Mailgun owns, each with the staging column it is
@@ -80,8 +81,12 @@ async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[a
                 database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
                 server_settings={"application_name": "mailgun-sync", "temp_buffers": "256MB",
                                  "jit": "off"})
-        except (ValueError, OverflowError) as exc:  # the driver cannot parse the URL (say, its port)
-            problem = f"is not a postgresql:// URL the driver accepts: {exc}"
+        except (ValueError, TypeError, OverflowError, IndexError) as exc:
+            # The settings checked the URL (check_database_url); what the driver still cannot parse
+            # (its query) it quotes, and any part of a URL may hold a piece of the password: only
+            # the kind of error is shown.
+            problem = (f"the driver cannot use it ({type(exc).__name__}; check the host, port and "
+                       f"query parameters); {PERCENT_ENCODE}")
             raise ConfigError("DATABASE_URL", problem) from None
     try:
         yield pool
