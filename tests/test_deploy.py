@@ -17,7 +17,7 @@ import yaml
 
 from worker.cli import build_parser
 from worker.domains import parse_sync_config
-from worker.settings import ENVIRONMENT, EU_API_BASE, US_API_BASE
+from worker.settings import ENVIRONMENT, EU_API_BASE, SECRETS, US_API_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -38,10 +38,14 @@ def documents() -> Iterator[tuple[Path, dict[str, Any]]]:
                 yield path, doc
 
 
-def containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def pod_of(doc: dict[str, Any]) -> dict[str, Any]:
     spec = doc.get("spec", {})
-    pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec") \
+    return spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec") \
         or spec.get("template", {}).get("spec") or {}
+
+
+def containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    pod = pod_of(doc)
     yield from pod.get("initContainers", [])
     yield from pod.get("containers", [])
 
@@ -100,10 +104,54 @@ def test_every_setting_in_the_manifests_is_one_the_worker_reads():
 def test_no_secret_value_is_kept_in_git():
     for path, doc in documents():
         assert doc["kind"] != "Secret", f"{path} holds a Secret"
+
+
+# The secrets each command reads; it is given those and no other.
+SECRETS_NEEDED = {
+    "daemon": set(SECRETS),
+    "run": {"MAILGUN_API_KEY", "DATABASE_URL"},
+    "backfill": {"MAILGUN_API_KEY", "DATABASE_URL"},
+    "migrate": {"DATABASE_URL"},
+}
+
+
+def secret_files(doc: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """{setting: the file its `_FILE` variable names}, each file checked to be a key of the Secret
+    `mailgun-sync` mounted read-only in the container, readable by the worker's group only."""
+    pod = pod_of(doc)
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    files: dict[str, str] = {}
+    mounted: dict[str, str] = {}  # file path -> the Secret's key it holds
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        assert secret["secretName"] == "mailgun-sync"
+        assert mount.get("readOnly") is True, mount
+        assert secret["defaultMode"] & 0o007 == 0, "no one but the worker's user and group reads it"
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        mounted |= {f"{mount['mountPath']}/{item['path']}": item["key"] for item in secret["items"]}
+    for env in container.get("env", []):
+        assert env["name"] not in SECRETS, f"{env['name']} as an environment value: use {env['name']}_FILE"
+        assert "secretKeyRef" not in env.get("valueFrom", {}), env["name"]
+        if env["name"].endswith("_FILE"):
+            setting = env["name"].removesuffix("_FILE")
+            assert setting in SECRETS, env["name"]
+            assert mounted.get(env["value"]) == setting, f"{env['name']}: {env['value']} is not mounted"
+            files[setting] = env["value"]
+    assert not any("secretRef" in source for source in container.get("envFrom", []))
+    return files
+
+
+def test_each_container_reads_the_secrets_its_command_needs_from_files_of_the_mounted_secret():
+    seen = set()
+    for path, doc in documents():
         for container in containers(doc):
-            for env in container.get("env", []):
-                if env["name"] in ("MAILGUN_API_KEY", "DATABASE_URL"):
-                    assert "secretKeyRef" in env.get("valueFrom", {}), f"{path}: {env['name']}"
+            command = container.get("args", ["daemon"])[0]
+            where = f"{path}: {container['name']}"
+            assert set(secret_files(doc, container)) == SECRETS_NEEDED[command], where
+            seen.add(command)
+    assert seen == set(SECRETS_NEEDED)
 
 
 def test_the_daemon_gets_longer_to_stop_than_its_shutdown_grace():
@@ -154,12 +202,15 @@ def worker_configuration(doc: dict[str, Any]) -> dict[str, Any]:
     """What a worker container is given: image, settings sources, and the files mounted for them."""
     [container] = pod_spec(doc)["containers"]
     volumes = {v["name"]: v for v in pod_spec(doc).get("volumes", [])}
+    files = secret_files(doc, container)
     return {
         "namespace": doc["metadata"].get("namespace"),
         "image": container["image"],
         "envFrom": container.get("envFrom"),
-        "env": container.get("env", [])[:2],  # the API key and the database URL, from the Secret
-        "mounts": sorted((m["mountPath"], volumes[m["name"]].get("configMap", {}).get("name", ""))
+        # the API key and the database URL, as files of the Secret (the daemon also has the signing key)
+        "secrets": {name: files[name] for name in ("MAILGUN_API_KEY", "DATABASE_URL")},
+        "mounts": sorted((m["mountPath"], volumes[m["name"]].get("configMap", {}).get("name", ""),
+                          volumes[m["name"]].get("secret", {}).get("secretName", ""))
                          for m in container.get("volumeMounts", [])),
     }
 
@@ -186,7 +237,7 @@ def test_every_workload_of_an_overlay_and_its_backfill_gets_the_same_configurati
     config_maps = {d["metadata"]["name"]: d for d in installation if d["kind"] == "ConfigMap"}
     config_file = config_maps["mailgun-sync"]["data"].get("SYNC_CONFIG")
     if config_file:
-        [(_, mounted)] = [m for m in first["mounts"] if config_file.startswith(m[0] + "/")]
+        [(_, mounted, _)] = [m for m in first["mounts"] if config_file.startswith(m[0] + "/")]
         assert Path(config_file).name in config_maps[mounted]["data"]
     # Every image in the installation (the migrating init container too) is the same one.
     images = {c["image"] for d in installation if d["kind"] in WORKLOADS
