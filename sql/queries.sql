@@ -13,7 +13,16 @@
 -- that two arrays of one set are equal whatever the database's default collation.
 
 -- name: create_migrations_table
-CREATE SCHEMA IF NOT EXISTS mailgun;
+-- The schema is created only when it is absent: CREATE SCHEMA IF NOT EXISTS needs the right to
+-- create schemas in the database even when it exists, which a worker role that owns the schema an
+-- administrator created for it (sql/roles.sql) does not have.
+DO $$
+BEGIN
+    IF to_regnamespace('mailgun') IS NULL THEN
+        CREATE SCHEMA mailgun;
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS mailgun.schema_migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,

@@ -28,6 +28,7 @@ from worker.daemon import build_trigger, serve
 from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError, SyncError
+from worker.grants import grant_statements, role_identifier
 from worker.lifespan import Resources, open_resources
 from worker.logs import configure_logging, get_logger
 from worker.mailgun import MailgunClient
@@ -47,7 +48,7 @@ from worker.settings import (
     retention_days,
     secret,
 )
-from worker.store import MirrorStore, open_pool
+from worker.store import MirrorStore, open_pool, wrap_db_errors
 
 log = get_logger(__name__)
 
@@ -151,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
     migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                              help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+    migrate_cmd.add_argument("--app-role", metavar="ROLE",
+                             help="then grant the applications' role exactly its rights in the schema")
+
+    grants = commands.add_parser(
+        "grants", help="print or apply the least-privilege grants of the worker's and applications' roles")
+    grants.add_argument("--app-role", required=True, metavar="ROLE",
+                        help="the role applications connect as")
+    grants.add_argument("--worker-role", metavar="ROLE",
+                        help="the role the worker connects as: also the administrator's setup that "
+                        "makes it the schema's owner")
+    grants.add_argument("--apply", action="store_true",
+                        help="run the statements on DATABASE_URL instead of printing them")
+    grants.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
+                        help="PostgreSQL URL of the mirror, with --apply (env DATABASE_URL)")
 
     demo = commands.add_parser(
         "demo", help="run a full reconcile against the emulator and an embedded PostgreSQL")
@@ -375,9 +390,28 @@ async def prune_command(args: argparse.Namespace, env: Mapping[str, str]) -> int
 
 async def migrate_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     url = require_database_url(env, args.DATABASE_URL)
+    if args.app_role is not None:
+        role_identifier(args.app_role, "--app-role")  # a malformed name fails before anything opens
     async with open_pool(url, max_size=1) as pool:
-        applied = await migrate(pool)
+        applied = await migrate(pool, app_role=args.app_role)
     print(f"applied migrations {applied}" if applied else "schema already up to date")
+    if args.app_role is not None:
+        print(f"granted role {args.app_role} the applications' rights in schema mailgun")
+    return EXIT_OK
+
+
+async def grants_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    script = grant_statements(args.app_role, args.worker_role)
+    if not args.apply:
+        sys.stdout.write(f"BEGIN;\n\n{script}\nCOMMIT;\n")
+        return EXIT_OK
+    url = require_database_url(env, args.DATABASE_URL)
+    async with open_pool(url, max_size=1) as pool, wrap_db_errors("granting the roles' rights"), \
+            pool.acquire() as connection, connection.transaction():
+        await connection.execute(script)
+    if args.worker_role is not None:
+        print(f"role {args.worker_role} owns schema mailgun and everything in it")
+    print(f"granted role {args.app_role} the applications' rights in schema mailgun")
     return EXIT_OK
 
 
@@ -442,6 +476,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await run_command(args, env)
         if args.command == "migrate":
             return await migrate_command(args, env)
+        if args.command == "grants":
+            return await grants_command(args, env)
         if args.command == "daemon":
             return await daemon_command(args, env)
         if args.command == "backfill":

@@ -341,7 +341,9 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
     try:
         # The port opens first, so /healthz answers while the domains are planned (discovery may
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
-        await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()
+        # Every interface on purpose: in a container the probes, Prometheus and Mailgun's webhooks
+        # reach the pod's address, never its loopback; what is exposed is the Service's business.
+        await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()  # nosec B104
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

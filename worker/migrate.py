@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from worker.grants import apply_app_grants
 from worker.logs import get_logger
 from worker.sql import migrations, queries
 from worker.store import wrap_db_errors
@@ -11,8 +12,10 @@ from worker.store import wrap_db_errors
 log = get_logger(__name__)
 
 
-async def migrate(pool: asyncpg.Pool) -> list[int]:
-    """Bring the schema up to date; returns the versions applied now (none when current)."""
+async def migrate(pool: asyncpg.Pool, *, app_role: str | None = None) -> list[int]:
+    """Bring the schema up to date; returns the versions applied now (none when current). With
+    `app_role`, then grant that role exactly what sql/roles.sql gives applications, in the same
+    transaction, so a table a migration added is covered as soon as it exists."""
     applied_now: list[int] = []
     async with wrap_db_errors("migrating the schema"), pool.acquire() as connection, \
             connection.transaction():
@@ -26,6 +29,9 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
             await connection.execute(queries()["record_migration"], migration.version, migration.name)
             applied_now.append(migration.version)
             log.info("migration_applied", version=migration.version, name=migration.name)
+        if app_role is not None:
+            await apply_app_grants(connection, app_role)
+            log.info("app_role_granted", role=app_role)
     return applied_now
 
 

@@ -4,7 +4,7 @@
 -- (domain, address[, code, error | tags]): the bookkeeping columns default to a pending local
 -- addition, which the next run pushes to Mailgun.
 
-CREATE SCHEMA IF NOT EXISTS mailgun;
+-- Schema `mailgun` itself exists by now: migrate creates it with its own bookkeeping table.
 
 CREATE TYPE mailgun.sync_state AS ENUM ('pending', 'synced', 'rejected');
 

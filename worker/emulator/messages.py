@@ -52,8 +52,9 @@ def domain_not_found(domain: str) -> str:
 
 def domain_item(name: str, *, disabled: bool = False) -> dict[str, object]:
     """One item of `GET /v3/domains`, with the fields Mailgun documents for it."""
+    ident = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:24]  # a label, not a secret
     return {
-        "created_at": "Tue, 03 Mar 2026 10:00:00 GMT", "id": hashlib.sha1(name.encode()).hexdigest()[:24],
+        "created_at": "Tue, 03 Mar 2026 10:00:00 GMT", "id": ident,
         "is_disabled": disabled, "name": name, "require_tls": False, "skip_verification": False,
         "smtp_login": f"postmaster@{name}", "spam_action": "disabled",
         "state": "disabled" if disabled else "active", "type": "custom", "web_prefix": "email",
