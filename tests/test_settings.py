@@ -50,6 +50,11 @@ def test_change_log_and_runs_are_kept_30_days_by_default_and_0_keeps_them_foreve
     assert Settings.from_env(BASE, SYNC_RETENTION_DAYS=90).retention_days == 90
 
 
+def test_webhooks_and_probes_have_3_connections_of_their_own_by_default():
+    assert Settings.from_env(BASE).webhook_pool_size == 3
+    assert Settings.from_env({**BASE, "WEBHOOK_POOL_SIZE": "5"}).webhook_pool_size == 5
+
+
 @pytest.mark.parametrize(("env", "setting"), [
     ({}, "MAILGUN_API_KEY"),
     ({"MAILGUN_API_KEY": "  "}, "MAILGUN_API_KEY"),
@@ -68,6 +73,8 @@ def test_change_log_and_runs_are_kept_30_days_by_default_and_0_keeps_them_foreve
     ({**BASE, "WEBHOOK_MAX_AGE": "inf"}, "WEBHOOK_MAX_AGE"),
     ({**BASE, "SYNC_RETENTION_DAYS": "-1"}, "SYNC_RETENTION_DAYS"),
     ({**BASE, "SYNC_RETENTION_DAYS": "a month"}, "SYNC_RETENTION_DAYS"),
+    ({**BASE, "WEBHOOK_POOL_SIZE": "1"}, "WEBHOOK_POOL_SIZE"),
+    ({**BASE, "WEBHOOK_POOL_SIZE": "many"}, "WEBHOOK_POOL_SIZE"),
 ])
 def test_a_missing_or_malformed_setting_is_named(env, setting):
     with pytest.raises(ConfigError) as caught:

@@ -333,7 +333,7 @@ async def daemon_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     settings = load_settings(args, env)
     build_trigger(settings)  # a malformed schedule fails before anything opens
     metrics = Metrics()
-    async with open_resources(settings, observer=metrics) as resources:
+    async with open_resources(settings, observer=metrics, serving=True) as resources:
         await require_schema(resources.pool)
         async def planner() -> Planned:
             return await domain_plans(args, settings, resources)

@@ -35,6 +35,7 @@ from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.retention import prune
 from worker.settings import Settings
+from worker.store import ping
 from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter
 
@@ -65,6 +66,9 @@ _REFRESH_JOB = "refresh-domains"
 PRUNE_INTERVAL = 3600.0
 _PRUNE_JOB = "prune-retention"
 _HOUSEKEEPING_JOBS = (_REFRESH_JOB, _PRUNE_JOB)
+# How long /readyz waits for PostgreSQL: it answers within a second whatever the database does,
+# as a probe's timeout is a second by default in Kubernetes.
+READY_WITHIN = 0.8
 
 
 def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
@@ -275,7 +279,7 @@ class Daemon:
         if not self._started:
             return "starting: planning the domains to sync"
         try:
-            await self._resources.store.ping(within=2.0)
+            await ping(self._resources.serving, within=READY_WITHIN)
         except DatabaseError as exc:
             return f"database unreachable: {exc}"
         return None
@@ -327,7 +331,7 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
     """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
     stop = stop or asyncio.Event()
     daemon = Daemon(settings, resources, metrics, planner)
-    writer = WebhookWriter(WebhookStore(resources.pool), max_age=settings.webhook_max_age) \
+    writer = WebhookWriter(WebhookStore(resources.serving), max_age=settings.webhook_max_age) \
         if settings.webhook_signing_key else None
     # Webhooks are taken for the domains the daemon syncs, as planned now and at each refresh.
     webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=daemon.domains,

@@ -25,19 +25,30 @@ class Resources:
     # One client per other region (API origin) a domain lives in, made on first use; they share
     # the process's HTTP session.
     regional: Callable[[str], MailgunClient] | None = None
+    # The daemon's webhooks and /readyz take their connections from a pool of their own: a run
+    # holds its connection for its whole pull (the list's lock), and runs of slow lists could
+    # otherwise take every connection for minutes. None: they share `pool` (no daemon).
+    serving_pool: asyncpg.Pool | None = None
+
+    @property
+    def serving(self) -> asyncpg.Pool:
+        return self.pool if self.serving_pool is None else self.serving_pool
 
     def mailgun_for(self, api_base: str) -> MailgunClient:
         return self.mailgun if self.regional is None else self.regional(api_base)
 
 
 @contextlib.asynccontextmanager
-async def open_resources(settings: Settings, *,
-                         observer: HttpObserver | None = None) -> AsyncIterator[Resources]:
-    """The database pool, the one HTTP session of the process, and the clients built on them."""
+async def open_resources(settings: Settings, *, observer: HttpObserver | None = None,
+                         serving: bool = False) -> AsyncIterator[Resources]:
+    """The database pool, the one HTTP session of the process, and the clients built on them;
+    `serving`: also the daemon's pool for webhooks and probes (WEBHOOK_POOL_SIZE connections)."""
     if not settings.database_url:
         raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
     async with contextlib.AsyncExitStack() as stack:
         pool = await stack.enter_async_context(open_pool(settings.database_url))
+        serving_pool = await stack.enter_async_context(
+            open_pool(settings.database_url, max_size=settings.webhook_pool_size)) if serving else None
         session = await stack.enter_async_context(aiohttp.ClientSession())
 
         @functools.cache
@@ -48,4 +59,4 @@ async def open_resources(settings: Settings, *,
                 timeout=settings.http_timeout, observer=observer)
 
         yield Resources(pool=pool, store=MirrorStore(pool), mailgun=client_for(settings.api_base),
-                        regional=client_for)
+                        regional=client_for, serving_pool=serving_pool)

@@ -32,6 +32,7 @@ ENVIRONMENT = (
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
     "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE", "SYNC_RETENTION_DAYS",
     "MAILGUN_API_KEY_FILE", "DATABASE_URL_FILE", "MAILGUN_WEBHOOK_SIGNING_KEY_FILE",
+    "WEBHOOK_POOL_SIZE",
 )
 
 # The settings that hold a secret; each is also read from the file its `<NAME>_FILE` names.
@@ -297,6 +298,8 @@ class Settings:
     # original timestamp, so the window is a day by default.
     webhook_signing_key: str | None = field(default=None, repr=False)
     webhook_max_age: float = 86400.0
+    # PostgreSQL connections of the daemon's webhooks and /readyz, a pool no run can take from.
+    webhook_pool_size: int = 3
     # Change log and run records older than this are pruned (worker/retention.py); 0: never.
     retention_days: int = 30
 
@@ -353,4 +356,6 @@ class Settings:
                                    lambda v: math.isfinite(v) and 60 <= v <= 30 * 86400,
                                    "a number of seconds from 60 to 2592000"),
             retention_days=retention_days(merged),
+            webhook_pool_size=_parse(merged, "WEBHOOK_POOL_SIZE", int, 3, lambda v: 2 <= v <= 50,
+                                     "a whole number from 2 to 50"),
         )

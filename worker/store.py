@@ -7,6 +7,7 @@ lives whole in Python.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import re
@@ -68,8 +69,12 @@ async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
         raise DatabaseError(f"PostgreSQL could not be reached while {doing}: {exc}") from exc
 
 
+# Connections of a process's runs: each run holds one for its whole pull.
+POOL_SIZE = 10
+
+
 @contextlib.asynccontextmanager
-async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
+async def open_pool(database_url: str, *, max_size: int = POOL_SIZE) -> AsyncIterator[asyncpg.Pool]:
     # No statement cache: each reconcile creates its own temporary tables, which would
     # invalidate cached plans, and an unnamed statement costs one parse per query.
     # temp_buffers can only be set before a session's first temporary table: a million staged
@@ -92,6 +97,34 @@ async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncIterator[a
         yield pool
     finally:
         await pool.close()
+
+
+async def ping(pool: asyncpg.Pool, within: float) -> None:
+    """Return once PostgreSQL answers, or raise DatabaseError by `within` seconds whatever the
+    server does. A connection that has not answered in time is terminated: asyncpg's own query
+    timeout sends a cancel request and its release waits for that, both on the silent server."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    late = f"PostgreSQL did not answer within {within:g} s"
+    async with wrap_db_errors("checking the connection"):
+        try:
+            connection = await pool.acquire(timeout=within)
+        except TimeoutError:
+            raise DatabaseError(f"{late} (connecting)") from None
+        timer = loop.call_at(deadline, connection.terminate)
+        try:
+            await connection.fetchval(queries()["ping"])
+        except BaseException as exc:
+            # Whatever stopped it (the deadline, an error, a cancelled request), the connection is
+            # not trusted again, and a terminated connection's release waits for nothing.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                connection.terminate()
+            if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError) and loop.time() >= deadline:
+                raise DatabaseError(late) from None
+            raise
+        finally:
+            timer.cancel()
+            await pool.release(connection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,11 +522,6 @@ class MirrorStore:
         """When each (domain, list) last ended ok, from the run log."""
         async with wrap_db_errors("reading the last successes"):
             return [dict(r) for r in await self._pool.fetch(queries()["last_successes"])]
-
-    async def ping(self, within: float) -> None:
-        """Raise DatabaseError unless PostgreSQL answers within `within` seconds."""
-        async with wrap_db_errors("checking the connection"):
-            await self._pool.fetchval(queries()["ping"], timeout=within)
 
     async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: str,
                          dry_run: bool, counts: Sequence[int], skipped: int, error: str | None,

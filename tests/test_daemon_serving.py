@@ -1,0 +1,163 @@
+"""The daemon's webhooks and probes: never behind the runs, and answered in time whatever
+PostgreSQL does. Each test runs `mailgun-sync daemon` as a child process against the emulator
+and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from tests.conftest import API_KEY
+from tests.support.mirror import rows
+from tests.support.proxy import SilentProxy
+from tests.support.webhooks import SIGNING_KEY, deliver, event
+from worker.benchmark.run import _free_port
+from worker.emulator import Fault, MailgunEmulator
+from worker.records import SuppressionList
+from worker.store import POOL_SIZE
+
+# 3 domains of 4 lists: 12 runs at once, more than the runs' connections.
+DOMAINS = ("mg.example.com", "mg.example.org", "mg.example.net")
+BOUNCES = SuppressionList.BOUNCES
+# Kubernetes' default probe timeout.
+PROBE_TIMEOUT = 1.0
+
+
+@dataclass
+class Running:
+    process: asyncio.subprocess.Process
+    http: str  # HTTP_PORT's base URL
+    webhooks: str  # where the webhooks are served
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[MailgunEmulator]:
+    async with MailgunEmulator(api_key=API_KEY, domains=list(DOMAINS)) as running:
+        yield running
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def daemon(emulator: MailgunEmulator, database_url: str, session: aiohttp.ClientSession,
+                 **extra: str) -> AsyncIterator[Running]:
+    """`mailgun-sync daemon` for every list of DOMAINS, its first runs started at once; stopped
+    with SIGTERM afterwards, and it must exit 0."""
+    http_port = _free_port()
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+           "MAILGUN_DOMAINS": ",".join(DOMAINS), "DATABASE_URL": database_url,
+           "HTTP_PORT": str(http_port), "MAILGUN_WEBHOOK_SIGNING_KEY": SIGNING_KEY,
+           "SYNC_INTERVAL": "3600", "SYNC_JITTER": "0", "SHUTDOWN_GRACE": "1", **extra}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "daemon", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    http = f"http://127.0.0.1:{http_port}"
+    webhooks = f"http://127.0.0.1:{extra['WEBHOOK_PORT']}" if "WEBHOOK_PORT" in extra else http
+    try:
+        for _ in range(300):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{http}/healthz") as response:
+                    if response.status == 200:
+                        break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the daemon did not start")
+        yield Running(process, http, webhooks)
+    finally:
+        emulator.faults.clear()
+        emulator.release()
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, float]:
+    started = time.monotonic()
+    async with session.get(url) as response:
+        return response.status, await response.text(), time.monotonic() - started
+
+
+async def until_ready(session: aiohttp.ClientSession, running: Running) -> None:
+    for _ in range(300):
+        if (await timed_get(session, f"{running.http}/readyz"))[0] == 200:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the daemon did not become ready")
+
+
+async def runs_hold_every_connection(emulator: MailgunEmulator) -> None:
+    """Every list's pull is parked at its first page: each run holds its connection, and the
+    runs past the pool's size wait for one."""
+    async with asyncio.timeout(30):
+        await emulator.until_held(POOL_SIZE)
+    await asyncio.sleep(0.5)
+    assert len(emulator.held) == POOL_SIZE, "the other runs wait for a connection"
+
+
+@pytest.fixture
+async def busy(emulator, pool, database_url, session) -> AsyncIterator[Running]:
+    """A daemon whose runs hold every connection of theirs, their pulls parked at Mailgun."""
+    emulator.inject(Fault(action="hold", times=None, method="GET"))
+    async with daemon(emulator, database_url, session) as running:
+        await runs_hold_every_connection(emulator)
+        yield running
+
+
+# ---- never behind the runs ---------------------------------------------------------------------
+
+
+async def test_a_webhook_is_stored_at_once_while_slow_runs_hold_every_connection_of_the_runs(
+        busy, session, pool):
+    started = time.monotonic()
+    answer = await deliver(session, event("failed", "busy@example.com", DOMAINS[0]), url=busy.webhooks)
+    elapsed = time.monotonic() - started
+
+    assert answer == (200, "stored")
+    assert elapsed < 1.0  # not when a run lets go of its connection
+    assert "busy@example.com" in await rows(pool, BOUNCES)
+
+
+async def test_readyz_answers_within_a_second_while_slow_runs_hold_every_connection_of_the_runs(
+        busy, session):
+    status, text, elapsed = await timed_get(session, f"{busy.http}/readyz")
+
+    assert (status, text) == (200, "ready\n")
+    assert elapsed < PROBE_TIMEOUT
+
+
+# ---- a silent database ---------------------------------------------------------------------------
+
+
+async def test_readyz_answers_503_within_a_second_when_postgresql_goes_silent_and_200_once_it_answers(
+        emulator, pool, database_url, session):
+    async with SilentProxy(database_url).running() as proxy, \
+            daemon(emulator, proxy.url, session) as running:
+        await until_ready(session, running)
+
+        proxy.stall()
+        try:
+            # The first probe finds the pool's connection gone silent mid-query; the next ones
+            # find no connection and cannot open one.
+            for _ in range(3):
+                status, text, elapsed = await timed_get(session, f"{running.http}/readyz")
+                assert status == 503
+                assert "did not answer" in text
+                assert elapsed < PROBE_TIMEOUT
+        finally:
+            proxy.resume()
+        status, _, elapsed = await timed_get(session, f"{running.http}/readyz")
+        assert status == 200
+        assert elapsed < PROBE_TIMEOUT
