@@ -1,6 +1,6 @@
-"""The daemon's webhooks and probes: never behind the runs, and answered in time whatever
-PostgreSQL does. Each test runs `mailgun-sync daemon` as a child process against the emulator
-and a real PostgreSQL."""
+"""The daemon's webhooks and probes: never behind the runs, answered in time whatever PostgreSQL
+does, and on a port of their own with WEBHOOK_PORT. Each test runs `mailgun-sync daemon` as a
+child process against the emulator and a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -161,3 +161,24 @@ async def test_readyz_answers_503_within_a_second_when_postgresql_goes_silent_an
         status, _, elapsed = await timed_get(session, f"{running.http}/readyz")
         assert status == 200
         assert elapsed < PROBE_TIMEOUT
+
+
+# ---- WEBHOOK_PORT --------------------------------------------------------------------------------
+
+
+async def test_with_webhook_port_webhooks_are_served_there_only_and_probes_and_metrics_on_http_port_only(
+        emulator, pool, database_url, session):
+    async with daemon(emulator, database_url, session, WEBHOOK_PORT=str(_free_port())) as running:
+        assert running.webhooks != running.http
+        delivery = event("complained", "ported@example.com", DOMAINS[1])
+        for path in ("/webhooks/mailgun", f"/webhooks/mailgun/{DOMAINS[1]}"):
+            assert (await deliver(session, delivery, path=path, url=running.http))[0] == 404
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await timed_get(session, f"{running.webhooks}{path}"))[0] == 404
+
+        assert await deliver(session, delivery, url=running.webhooks) == (200, "stored")
+        assert "ported@example.com" in await rows(pool, SuppressionList.COMPLAINTS)
+        await until_ready(session, running)
+        status, metrics, _ = await timed_get(session, f"{running.http}/metrics")
+        assert status == 200
+        assert 'mailgun_sync_webhooks_total{event="complained",outcome="stored"} 1.0' in metrics

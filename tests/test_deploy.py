@@ -161,6 +161,22 @@ def test_the_daemon_gets_longer_to_stop_than_its_shutdown_grace():
     assert grace > float(configmap["data"]["SHUTDOWN_GRACE"]) + 5
 
 
+def test_probes_and_metrics_use_http_port_and_the_service_gives_the_webhooks_a_port_of_their_own():
+    configmap = next(doc for _, doc in documents() if doc["kind"] == "ConfigMap")
+    deployment = next(doc for _, doc in documents() if doc["kind"] == "Deployment")
+    service = next(doc for _, doc in documents() if doc["kind"] == "Service")
+    monitor = next(doc for _, doc in documents() if doc["kind"] == "ServiceMonitor")
+    daemon = next(c for c in containers(deployment) if c.get("args") == ["daemon"])
+    ports = {p["name"]: p["containerPort"] for p in daemon["ports"]}
+    assert ports == {"http": int(configmap["data"]["HTTP_PORT"]),
+                     "webhooks": int(configmap["data"]["WEBHOOK_PORT"])}
+    assert daemon["livenessProbe"]["httpGet"]["port"] == "http"
+    assert daemon["readinessProbe"]["httpGet"]["port"] == "http"
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == \
+        {"http": "http", "webhooks": "webhooks"}
+
+
 def test_the_cronjob_never_overlaps_itself():
     cronjob = next(doc for _, doc in documents() if doc["kind"] == "CronJob")
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"

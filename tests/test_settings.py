@@ -55,6 +55,12 @@ def test_webhooks_and_probes_have_3_connections_of_their_own_by_default():
     assert Settings.from_env({**BASE, "WEBHOOK_POOL_SIZE": "5"}).webhook_pool_size == 5
 
 
+def test_webhooks_are_served_on_http_port_unless_webhook_port_is_set():
+    assert (Settings.from_env(BASE).http_port, Settings.from_env(BASE).webhook_port) == (8080, None)
+    assert Settings.from_env({**BASE, "WEBHOOK_PORT": "8081"}).webhook_port == 8081
+    assert Settings.from_env(BASE, WEBHOOK_PORT=8443).webhook_port == 8443
+
+
 @pytest.mark.parametrize(("env", "setting"), [
     ({}, "MAILGUN_API_KEY"),
     ({"MAILGUN_API_KEY": "  "}, "MAILGUN_API_KEY"),
@@ -75,6 +81,10 @@ def test_webhooks_and_probes_have_3_connections_of_their_own_by_default():
     ({**BASE, "SYNC_RETENTION_DAYS": "a month"}, "SYNC_RETENTION_DAYS"),
     ({**BASE, "WEBHOOK_POOL_SIZE": "1"}, "WEBHOOK_POOL_SIZE"),
     ({**BASE, "WEBHOOK_POOL_SIZE": "many"}, "WEBHOOK_POOL_SIZE"),
+    ({**BASE, "WEBHOOK_PORT": "http"}, "WEBHOOK_PORT"),
+    ({**BASE, "WEBHOOK_PORT": "70000"}, "WEBHOOK_PORT"),
+    ({**BASE, "WEBHOOK_PORT": "8080"}, "WEBHOOK_PORT"),  # HTTP_PORT's default
+    ({**BASE, "HTTP_PORT": "9000", "WEBHOOK_PORT": "9000"}, "WEBHOOK_PORT"),
 ])
 def test_a_missing_or_malformed_setting_is_named(env, setting):
     with pytest.raises(ConfigError) as caught:

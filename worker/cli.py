@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random delay added to each run (env SYNC_JITTER, default 30)")
     daemon.add_argument("--http-port", dest="HTTP_PORT", metavar="PORT",
                         help="port of /healthz, /readyz, /metrics (env HTTP_PORT, default 8080)")
+    daemon.add_argument("--webhook-port", dest="WEBHOOK_PORT", metavar="PORT",
+                        help="serve the webhooks on this port only, apart from the probes and "
+                        "/metrics (env WEBHOOK_PORT; default: on HTTP_PORT)")
     daemon.add_argument("--shutdown-grace", dest="SHUTDOWN_GRACE", metavar="SECONDS",
                         help="how long a stop waits for the run in progress (env SHUTDOWN_GRACE, 25)")
     _add_settings_flags(daemon)

@@ -304,6 +304,7 @@ class Daemon:
 
 def build_http_app(daemon: Daemon, metrics: Metrics,
                    webhooks: WebhookEndpoint | None = None) -> web.Application:
+    """/healthz, /readyz and /metrics, and the webhooks when given."""
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -326,6 +327,13 @@ def build_http_app(daemon: Daemon, metrics: Metrics,
     return app
 
 
+def build_webhook_app(webhooks: WebhookEndpoint) -> web.Application:
+    """The webhooks alone, for WEBHOOK_PORT."""
+    app = web.Application(client_max_size=MAX_BODY)
+    webhooks.register(app)
+    return app
+
+
 async def serve(settings: Settings, resources: Resources, metrics: Metrics, planner: Planner, *,
                 stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
@@ -337,17 +345,25 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
     webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=daemon.domains,
                                max_age=settings.webhook_max_age, writer=writer, metrics=metrics,
                                domains_complete=daemon.domains_complete)
-    runner = web.AppRunner(build_http_app(daemon, metrics, webhooks), access_log=None,
-                           handle_signals=False)
-    await runner.setup()
+    # With WEBHOOK_PORT the webhooks have a port of their own, which an ingress can expose whole;
+    # /metrics and the probes stay on HTTP_PORT.
+    if settings.webhook_port is None:
+        sites = [(build_http_app(daemon, metrics, webhooks), settings.http_port)]
+    else:
+        sites = [(build_http_app(daemon, metrics), settings.http_port),
+                 (build_webhook_app(webhooks), settings.webhook_port)]
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, _ in sites]
+    for runner in runners:
+        await runner.setup()
     if writer is not None:
         writer.start()
     try:
-        # The port opens first, so /healthz answers while the domains are planned (discovery may
+        # The ports open first, so /healthz answers while the domains are planned (discovery may
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
         # Every interface on purpose: in a container the probes, Prometheus and Mailgun's webhooks
         # reach the pod's address, never its loopback; what is exposed is the Service's business.
-        await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()  # nosec B104
+        for runner, (_, port) in zip(runners, sites, strict=True):
+            await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -359,7 +375,8 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_signal_handler(sig)
-        await runner.cleanup()  # answers the webhooks in flight first
+        for runner in runners:
+            await runner.cleanup()  # answers the webhooks in flight first
         if writer is not None:
             await writer.stop()
     log.info("daemon_stopped")

@@ -32,7 +32,7 @@ ENVIRONMENT = (
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
     "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE", "SYNC_RETENTION_DAYS",
     "MAILGUN_API_KEY_FILE", "DATABASE_URL_FILE", "MAILGUN_WEBHOOK_SIGNING_KEY_FILE",
-    "WEBHOOK_POOL_SIZE",
+    "WEBHOOK_PORT", "WEBHOOK_POOL_SIZE",
 )
 
 # The settings that hold a secret; each is also read from the file its `<NAME>_FILE` names.
@@ -298,10 +298,17 @@ class Settings:
     # original timestamp, so the window is a day by default.
     webhook_signing_key: str | None = field(default=None, repr=False)
     webhook_max_age: float = 86400.0
+    # Served on a port of their own when set, apart from /metrics and the probes.
+    webhook_port: int | None = None
     # PostgreSQL connections of the daemon's webhooks and /readyz, a pool no run can take from.
     webhook_pool_size: int = 3
     # Change log and run records older than this are pruned (worker/retention.py); 0: never.
     retention_days: int = 30
+
+    def __post_init__(self) -> None:
+        if self.webhook_port and self.webhook_port == self.http_port:
+            raise ConfigError("WEBHOOK_PORT", f"is HTTP_PORT ({self.http_port}): give another port, "
+                              "or leave it unset to serve webhooks on HTTP_PORT")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -356,6 +363,8 @@ class Settings:
                                    lambda v: math.isfinite(v) and 60 <= v <= 30 * 86400,
                                    "a number of seconds from 60 to 2592000"),
             retention_days=retention_days(merged),
+            webhook_port=_parse(merged, "WEBHOOK_PORT", int, None,
+                                lambda v: v is not None and 0 <= v <= 65535, "a port number"),
             webhook_pool_size=_parse(merged, "WEBHOOK_POOL_SIZE", int, 3, lambda v: 2 <= v <= 50,
                                      "a whole number from 2 to 50"),
         )
