@@ -463,6 +463,24 @@ async def test_metrics_count_webhooks_by_event_and_outcome(pool, client, emulato
     assert 'mailgun_sync_webhooks_total{event="other",outcome="unauthorized"} 1.0' in page
 
 
+async def test_a_flood_of_forged_webhooks_is_counted_in_full_and_logged_once_a_second(
+        pool, client, emulator, aiohttp_client):
+    metrics = Metrics()
+    async with webhook_app(pool, client, settings(emulator), metrics=metrics) as app:
+        http = await aiohttp_client(app)
+        with capture_logs() as logs:
+            for _ in range(20):
+                assert (await deliver(http, event("complained", "f@x.com", DOMAIN, key="wrong")))[0] == 401
+            assert (await deliver(http, b"not json"))[0] == 406
+            await asyncio.sleep(1.0)
+            assert (await deliver(http, event("complained", "f@x.com", DOMAIN, key="wrong")))[0] == 401
+    refused = [(e["status"], e["not_logged_before"]) for e in logs if e["event"] == "webhook_refused"]
+    assert refused == [(401, 0), (406, 0), (401, 19)]
+    assert metrics.registry.get_sample_value(
+        "mailgun_sync_webhooks_total", {"event": "other", "outcome": "unauthorized"}) == 21
+    assert await mirror_is_empty(pool)
+
+
 async def test_the_signing_key_appears_in_no_answer_log_or_metric(http, pool):
     with capture_logs() as logs:
         answers = [await deliver(http, event("complained", "k@example.com", DOMAIN)),

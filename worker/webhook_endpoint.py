@@ -29,6 +29,9 @@ log = get_logger(__name__)
 PATH = "/webhooks/mailgun"
 # Mailgun's event payloads are a few kilobytes; this leaves room for large user variables.
 MAX_BODY = 64 * 1024
+# Refusals are logged at most once a second for each answer (401, 406): a flood of forged
+# requests would otherwise cost a log line each, more than its refusal. The metric counts all.
+REFUSALS_LOGGED_EVERY = 1.0
 
 
 class WebhookEndpoint:
@@ -48,6 +51,8 @@ class WebhookEndpoint:
         self._max_age = max_age
         self._writer = writer
         self._metrics = metrics
+        # For each refusal status: when one was last logged, and how many were not since.
+        self._refusals: dict[int, tuple[float, int]] = {}
 
     def register(self, app: web.Application) -> None:
         """The app's client_max_size must be MAX_BODY."""
@@ -127,7 +132,13 @@ class WebhookEndpoint:
 
     def _refuse(self, exc: WebhookError) -> web.Response:
         outcome = "unauthorized" if exc.status == 401 else "refused"
-        log.warning("webhook_refused", status=exc.status, reason=str(exc))
+        now = time.monotonic()
+        logged, held = self._refusals.get(exc.status, (-REFUSALS_LOGGED_EVERY, 0))
+        if now - logged >= REFUSALS_LOGGED_EVERY:
+            log.warning("webhook_refused", status=exc.status, reason=str(exc), not_logged_before=held)
+            self._refusals[exc.status] = (now, 0)
+        else:
+            self._refusals[exc.status] = (logged, held + 1)
         return self._answer(exc.status, "other", outcome, str(exc))
 
 
