@@ -111,15 +111,21 @@ async def test_webhooks_in_flight_at_sigterm_are_answered_only_once_stored(emula
     assert stored <= set(await rows(pool, SuppressionList.COMPLAINTS))
 
 
-def test_bench_webhooks_reports_rate_latency_and_rows_as_json():
+def test_bench_webhooks_reports_rate_latency_and_rows_alone_beside_slow_runs_and_in_a_flood_as_json():
     done = subprocess.run(
         [sys.executable, "-m", "worker", "--log-level", "WARNING", "bench-webhooks", "--events", "300",
-         "--rate", "300", "--json"],
+         "--rate", "300", "--slow-runs", "4", "--page-delay", "2", "--flood", "100", "--json"],
         capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     report = orjson.loads(done.stdout)
     assert report["ok"] is True
-    assert (report["events"], report["rows"], report["answers"]) == (300, 300, {"200": 300})
-    assert report["achieved_per_s"] > 0
-    assert report["latency_ms"]["p99"] >= report["latency_ms"]["p50"] > 0
-    assert report["daemon"]["exit_code"] == 0
+    assert (report["events"], report["rows"]) == (300, 900)
+    for phase in (report, report["slow_runs"], report["flood"]):
+        assert phase["answers"] == {"200": 300}
+        assert phase["achieved_per_s"] > 0
+        assert phase["latency_ms"]["p99"] >= phase["latency_ms"]["p50"] > 0
+        assert phase["readyz_ms"] > 0
+        assert phase["daemon"]["exit_code"] == 0
+    assert (report["slow_runs"]["runs"], report["slow_runs"]["pulling_at_once"]) == (4, 4)
+    flood = report["flood"]["flood"]
+    assert flood["answered"] > 0 and set(flood["answers"]) <= {"401", "skipped"}

@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="webhooks per second to send at (default 1000)")
     bench_webhooks.add_argument("--connections", type=int, default=100, metavar="C",
                                 help="most requests in flight at once (default 100)")
+    bench_webhooks.add_argument("--slow-runs", type=int, default=0, metavar="N",
+                                help="also take the burst while N lists are being pulled, slowly")
+    bench_webhooks.add_argument("--page-delay", type=float, default=4.0, metavar="S",
+                                help="seconds the emulator takes for each page of those pulls (default 4)")
+    bench_webhooks.add_argument("--flood", type=float, default=0.0, metavar="R",
+                                help="also take the burst alongside R badly signed requests a second")
     bench_webhooks.add_argument("--database-url", metavar="URL",
                                 help="a server to create the benchmark's own database on "
                                 "(default: local or embedded)")
@@ -505,7 +511,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
 
             report = await bench_webhooks(
                 events=args.events, rate=args.rate, connections=args.connections,
-                database_url=args.database_url)
+                database_url=args.database_url, slow_runs=args.slow_runs, page_delay=args.page_delay,
+                flood=args.flood)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
                              else render_webhooks(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED

@@ -71,11 +71,12 @@ def _measure(argv: list[str], env: dict[str, str]) -> tuple[Measured, str, str]:
 class Emulator:
     """The emulator in its own process, driven through its control endpoints."""
 
-    def __init__(self, records: int, latency_ms: float) -> None:
+    def __init__(self, records: int, latency_ms: float, domains: tuple[str, ...] = (DOMAIN,)) -> None:
+        """`records` bounces of the first of `domains`."""
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._argv = [sys.executable, "-m", "worker", "--log-level", "WARNING", "emulator",
-                      "--port", str(self.port), "--domain", DOMAIN, "--api-key", API_KEY,
+                      "--port", str(self.port), *(f"--domain={d}" for d in domains), "--api-key", API_KEY,
                       "--generate", f"bounces={records}", "--latency-ms", str(latency_ms),
                       "--rate-limit", "1000000000"]
         self._records = records
@@ -124,6 +125,9 @@ class Emulator:
     async def addresses(self) -> list[str]:
         records = await self._call("GET", f"records/{DOMAIN}/bounces")
         return [r["address"] for r in records]
+
+    async def generate(self, domain: str, kind: str, count: int) -> None:
+        await self._call("POST", "generate", {"domain": domain, "list": kind, "count": count})
 
     async def regenerate(self) -> None:
         await self._call("POST", "reset")
