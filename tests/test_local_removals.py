@@ -343,6 +343,23 @@ async def test_a_spelling_found_after_a_failed_pull_is_deleted_by_the_run_that_f
     assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
 
 
+async def test_an_address_mailgun_holds_in_three_spellings_is_deleted_in_all_by_the_next_run(
+        pool, emulator, make_reconciler):
+    emulator.seed(DOMAIN, BOUNCES, [
+        {"address": "THRICE@example.com", "created_at": "Sun, 01 Mar 2026 10:00:00 UTC"},
+        {"address": "Thrice@example.com", "created_at": "Mon, 02 Mar 2026 10:00:00 UTC"},
+        {"address": "thrice@example.com", "created_at": "Tue, 03 Mar 2026 10:00:00 UTC"}])
+    assert (await run(make_reconciler)).inserted == 1
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address_key = 'thrice@example.com'")
+
+    first, second = await run(make_reconciler), await run(make_reconciler)
+
+    # Each run deletes the spelling deleted and then one more it finds: never brought back.
+    assert (first.deleted, first.inserted, second.deleted, second.inserted) == (2, 0, 1, 0)
+    assert await rows(pool, BOUNCES) == {}
+    assert emulator.records(DOMAIN, BOUNCES) == []
+
+
 async def test_a_tag_removal_answered_404_with_another_text_is_done_when_the_tag_is_gone(
         pool, emulator, make_reconciler):
     emulator.seed(DOMAIN, "unsubscribes", [{"address": "u@example.com", "tags": ["news"],

@@ -305,3 +305,32 @@ async def test_every_secret_can_come_from_a_file_as_docker_and_kubernetes_mount_
     assert status.lists()[(DOMAIN, "bounces")]["status"] == "ok"
     assert tested.code == 0, tested.out
     assert "all answers as expected" in tested.out
+
+
+@pytest.mark.parametrize("argv", [
+    ["daemon", "--signing-key", "whk-S3cretKey9"],  # the README's flag, given to the daemon
+    ["run", "--signing-key", "whk-S3cretKey9"],
+    ["migrate", "--databse-url", "postgresql://mirror:S3cretKey9@db.internal/app"],  # a typo
+    ["webhook-test", "--url", "http://127.0.0.1:9/webhooks/mailgun",
+     "--database-url", "postgresql://mirror:S3cretKey9@db.internal/app"],
+    ["status", "postgresql://mirror:S3cretKey9@db.internal/app"],  # the URL as an argument
+])
+async def test_a_secret_given_in_a_misplaced_argument_is_not_echoed_in_the_error(invoke, argv):
+    # README: the API key, the database password and the webhook signing key "appear in no log
+    # line, error or report".
+    outcome = await invoke(*argv, env={})
+    assert outcome.code == 2
+    assert "S3cretKey9" not in outcome.out + outcome.err, outcome.err
+
+
+async def test_a_password_given_in_the_query_shows_no_piece_of_itself_when_it_holds_an_ampersand(invoke):
+    # README: the driver's query parameters are taken, and the driver reads `password=` there. An
+    # unencoded & in that password passes the URL check; what follows it is sent to the server as
+    # a setting's name, which the server's refusal quotes.
+    password = "Xk9&mZ2q=Pw7"
+    outcome = await invoke("status", env={
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/postgres?password={password}"})
+    assert outcome.code in (1, 2)
+    shown = sorted(piece for piece in {password[i:i + 3] for i in range(len(password) - 2)}
+                   if piece in outcome.out + outcome.err)
+    assert not shown, f"pieces of the password {shown} in: {outcome.err!r}"

@@ -260,6 +260,26 @@ def test_a_secret_file_path_that_is_not_absolute_is_refused_without_showing_it()
     assert "s3cret" not in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["MAILGUN_API_KEY", "MAILGUN_WEBHOOK_SIGNING_KEY"])
+def test_a_secret_variable_that_is_not_utf8_is_refused_naming_it(name):
+    """A byte that is not UTF-8 (here 0xff, as Python reads it from the environment) would fail
+    only where the secret is first used: every request, or every webhook's check."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, name: "s3cret-\udcff-key"})
+    assert caught.value.setting == name
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("argv", [["run"], ["daemon"]])
+async def test_a_command_given_a_secret_that_is_not_utf8_stops_with_one_line_naming_it(invoke, argv):
+    outcome = await invoke(*argv, env={**BASE, "MAILGUN_DOMAINS": "mg.example.com",
+                                       "DATABASE_URL": "postgresql://app@127.0.0.1:9/app",
+                                       "MAILGUN_WEBHOOK_SIGNING_KEY": "whk-s3cret-\udcff"})
+    assert (outcome.code, outcome.out) == (2, "")
+    [line] = outcome.err.splitlines()
+    assert line.startswith("mailgun-sync: MAILGUN_WEBHOOK_SIGNING_KEY: ")
+
+
 SECRET_FILE_PROBLEMS = [  # (command line, environment but for the file, the file's variable, what it
     # holds or None: no file, the setting the error names)
     (["run"], {"MAILGUN_DOMAINS": "mg.example.com"}, "MAILGUN_API_KEY_FILE", None, "MAILGUN_API_KEY_FILE"),

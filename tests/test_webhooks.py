@@ -563,6 +563,25 @@ async def test_every_signed_delivery_uses_its_token_up_so_a_replay_with_forged_e
                                delivery["signature"]["token"]) == 1
 
 
+@pytest.mark.parametrize("moved", ["e0", ".0", "0"], ids=["exponent", "point", "digit"])
+async def test_a_signature_cut_elsewhere_between_timestamp_and_token_is_no_new_token(http, pool, moved):
+    # Mailgun signs timestamp + token with no separator: "1780000000" + "e0abc..." signs the same as
+    # "1780000000e0" + "abc...". Only whole seconds in plain digits are taken, so the second cut is
+    # refused, or lands a factor of ten outside the window.
+    stamp = str(int(time.time()))
+    token = moved + "f" * 48
+    delivery = signed(SIGNING_KEY, event_data("failed", "someone@example.com", DOMAIN, severity="temporary"),
+                      token=token, timestamp=int(stamp))
+    assert await deliver(http, delivery) == (200, "ignored: a temporary failure")
+    forged = {"signature": {**delivery["signature"], "timestamp": stamp + moved, "token": token[len(moved):]},
+              "event-data": event_data("complained", VICTIM, DOMAIN)}
+
+    status, _ = await deliver(http, forged)
+
+    assert status == 401
+    assert VICTIM not in await rows(pool, COMPLAINTS)
+
+
 async def test_an_ignored_delivery_the_database_cannot_record_is_503_and_mailguns_retry_is_taken(
         pool, client, emulator, aiohttp_client, database_url):
     from worker.store import open_pool

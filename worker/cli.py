@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import os
+import re
 import signal
 import sys
 import uuid
@@ -55,11 +56,29 @@ log = get_logger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+_OPTION = re.compile(r"--?[A-Za-z][\w-]*")
+_QUOTED_VALUE = re.compile(r"(invalid [\w ]*?(?:choice|value)): '[^']*'")
+
+
+def shown_usage_error(message: str) -> str:
+    """Argparse's message without the values it quotes: a secret given to the wrong flag, or a
+    URL given where a command was expected, would be echoed. Option names are kept."""
+    head, found, rest = message.partition("unrecognized arguments: ")
+    if found:
+        words = rest.split()
+        flags = [w for w in words if _OPTION.fullmatch(w.split("=", 1)[0])]
+        options = [w.split("=", 1)[0] for w in flags]
+        hidden = len(words) - len(flags) + sum("=" in w for w in flags)
+        shown = " ".join(options) + (f" (and {hidden} value(s), not shown)" if hidden else "")
+        message = head + found + shown
+    return _QUOTED_VALUE.sub(r"\1 (not shown)", message)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors become ConfigError, so they leave through the same one-line boundary."""
 
     def error(self, message: str) -> Any:
-        raise ConfigError("arguments", message)
+        raise ConfigError("arguments", shown_usage_error(message))
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:

@@ -154,12 +154,23 @@ def secret(env: Mapping[str, str], name: str, flag: str | None = None) -> str:
     file `<name>_FILE` names; "" when none is set. Setting both the variable and its file is an
     error: which one wins would be a guess."""
     if flag is not None:
-        return flag
+        return _text(name, flag)
     value = env.get(name, "")
     path = env.get(f"{name}_FILE", "").strip()
     if value.strip() and path:
         raise ConfigError(name, f"both {name} and {name}_FILE are set; set only one of them")
-    return read_secret_file(f"{name}_FILE", path) if path else value
+    return read_secret_file(f"{name}_FILE", path) if path else _text(name, value)
+
+
+def _text(name: str, value: str) -> str:
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which fail only where the secret is
+    # first encoded: as a request's header, or in every webhook's signature check.
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(name, "is not UTF-8 text (not shown); check how the secret was written") \
+            from None
+    return value
 
 
 # ---- the database URL -----------------------------------------------------------------------------
@@ -240,9 +251,12 @@ def check_database_url(value: str, setting: str = "DATABASE_URL", where: str = "
         raise refuse("the database name holds a / or a character that must be percent-encoded")
     if query:
         try:
-            parse_qs(query, strict_parsing=True)  # as the driver reads it
+            fields = parse_qs(query, strict_parsing=True)  # as the driver reads it
         except ValueError:
             raise refuse("the query is not name=value pairs joined by &") from None
+        if "password" in fields:
+            # An & or = in it would cut it into a setting the server names back in its refusal.
+            raise refuse("a password in the query; give it after the user name (user:password@host)")
         if not _only(query, _QUERY):
             raise refuse("the query holds a character that must be percent-encoded")
     return url
