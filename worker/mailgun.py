@@ -27,11 +27,9 @@ from worker.logs import get_logger
 from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
+    Page,
     Record,
-    SkippedRecord,
-    StagingRow,
     SuppressionList,
-    UnholdableRecordError,
     batch_item,
     form_fields,
     parse_record,
@@ -69,41 +67,6 @@ class AccountDomain:
 
 def _where(domain: str, kind: SuppressionList | None) -> str:
     return f"{domain} {kind.value}" if kind is not None else "the account's domains"
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of a list in the server's order: its items as received, checked and normalised
-    into staging rows (placeholders of held skipped records among them), the records skipped
-    because the mirror cannot hold them, and the URL it came from."""
-
-    number: int
-    url: str
-    kind: SuppressionList
-    items: list[Any]
-    rows: list[StagingRow]
-    skipped: list[SkippedRecord] = field(default_factory=list)
-
-    @property
-    def records(self) -> list[Record]:
-        """The records the mirror can hold."""
-        found = []
-        for item in self.items:
-            try:
-                found.append(parse_record(self.kind, item))
-            except UnholdableRecordError:
-                continue
-        return found
-
-    @property
-    def held(self) -> int:
-        """How many of the page's records the mirror takes (placeholders not counted)."""
-        return len(self.rows) - sum(1 for s in self.skipped if s.held)
-
-    @property
-    def last_address(self) -> str:
-        """The address of the page's last record, where the next page continues."""
-        return str(self.items[-1][self.kind.address_field])
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""Suppression records: the lists, parsing Mailgun's JSON, and the payloads sent back. No I/O.
+"""Suppression records: the lists, parsing Mailgun's JSON, a page of a list as read, and the payloads
+sent back. No I/O.
 
 Mailgun's wire forms vary by list and by era (see the API reference): `code` comes as "550" or 550,
 timestamps as `... UTC`, `... GMT` or `... +0000`, unsubscribe tags as `tags: [...]` or a legacy
@@ -11,7 +12,7 @@ import enum
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -318,6 +319,41 @@ def staging_rows(kind: SuppressionList, items: list[Any]) -> tuple[list[StagingR
             if held:
                 append((lowered, address, None, None, None, None, True))
     return rows, skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a list in the server's order: its items as received, checked and normalised
+    into staging rows (placeholders of held skipped records among them), the records skipped
+    because the mirror cannot hold them, and the URL it came from."""
+
+    number: int
+    url: str
+    kind: SuppressionList
+    items: list[Any]
+    rows: list[StagingRow]
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[Record]:
+        """The records the mirror can hold."""
+        found = []
+        for item in self.items:
+            try:
+                found.append(parse_record(self.kind, item))
+            except UnholdableRecordError:
+                continue
+        return found
+
+    @property
+    def held(self) -> int:
+        """How many of the page's records the mirror takes (placeholders not counted)."""
+        return len(self.rows) - sum(1 for s in self.skipped if s.held)
+
+    @property
+    def last_address(self) -> str:
+        """The address of the page's last record, where the next page continues."""
+        return str(self.items[-1][self.kind.address_field])
 
 
 def _entry_type(item: Mapping[str, Any]) -> str:

@@ -20,8 +20,7 @@ from typing import Any
 import asyncpg
 
 from worker.errors import ConfigError, DatabaseError
-from worker.mailgun import Page
-from worker.records import Record, StagingRow, SuppressionList
+from worker.records import Page, Record, StagingRow, SuppressionList
 from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
 
