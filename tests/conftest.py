@@ -17,9 +17,9 @@ from tests.support.database import TestDatabase, open_test_database
 from tests.support.mirror import empty_mirror
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.mailgun import MailgunClient
+from worker.mailgun.retry import RetryPolicy
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
-from worker.retry import RetryPolicy
 from worker.scratch import database_statement, run_admin, with_database
 from worker.store import MirrorStore, open_pool
 

@@ -19,9 +19,9 @@ from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import changes, insert_row, rows
 from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault
+from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ReconcileOptions
 from worker.records import SuppressionList, format_timestamp, parse_timestamp
-from worker.retry import RetryPolicy
 
 BOUNCES = SuppressionList.BOUNCES
 COMPLAINTS = SuppressionList.COMPLAINTS

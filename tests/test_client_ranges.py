@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from tests.conftest import DOMAIN
 from worker import errors
 from worker.emulator import EmulatorSettings, Fault
+from worker.mailgun.retry import RetryPolicy
 from worker.records import SuppressionList
-from worker.retry import RetryPolicy
 
 BOUNCES = SuppressionList.BOUNCES
 

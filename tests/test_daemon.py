@@ -114,7 +114,7 @@ async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics,
 
 async def test_a_list_that_keeps_failing_leaves_the_daemon_ready_and_shows_in_the_metrics(
         emulator, pool, store, make_client, metrics, aiohttp_client):
-    from worker.retry import RetryPolicy
+    from worker.mailgun.retry import RetryPolicy
 
     client = make_client(retry=RetryPolicy(max_attempts=1), observer=metrics)
     daemon = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
@@ -161,7 +161,7 @@ async def test_the_last_success_is_known_from_the_run_log_before_this_process_su
     from datetime import UTC, datetime, timedelta
     from uuid import uuid4
 
-    from worker.retry import RetryPolicy
+    from worker.mailgun.retry import RetryPolicy
 
     earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
     await store.record_run(uuid4(), DOMAIN, BOUNCES, status="ok", dry_run=False, counts=[0] * 8, skipped=0,
@@ -203,7 +203,7 @@ async def test_a_list_no_longer_synced_gets_no_last_success_gauge_at_start(emula
 async def test_a_list_scheduled_by_a_refresh_gets_its_last_success_and_one_unscheduled_loses_it(
         emulator, pool, store, make_client, metrics):
     from worker.domains import Planned
-    from worker.retry import RetryPolicy
+    from worker.mailgun.retry import RetryPolicy
 
     other = "mg.other.example.com"
     earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)

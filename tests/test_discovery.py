@@ -17,8 +17,8 @@ from worker.daemon import Daemon, build_http_app
 from worker.domains import Planned, plan_domains
 from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
 from worker.lifespan import Resources
+from worker.mailgun.retry import RetryPolicy
 from worker.metrics import Metrics
-from worker.retry import RetryPolicy
 from worker.settings import Settings
 from worker.webhook_endpoint import WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter

@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import rows
 from worker.emulator import Fault
+from worker.mailgun.retry import RetryPolicy
 from worker.records import SuppressionList
-from worker.retry import RetryPolicy
 from worker.sql import queries
 
 BOUNCES = SuppressionList.BOUNCES

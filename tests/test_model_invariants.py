@@ -69,9 +69,9 @@ from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault, MailgunEmulator
 from worker.emulator.messages import domain_not_found
 from worker.mailgun import MailgunClient
+from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SuppressionList, format_timestamp
-from worker.retry import RetryPolicy
 from worker.store import MirrorStore
 from worker.webhook_store import WebhookStore
 from worker.webhook_test import event_data, signed

@@ -337,8 +337,8 @@ async def test_a_refresh_moves_a_domain_to_its_new_region_and_forgets_dropped_fa
         us, eu, pool, store, make_client):
     from worker.daemon import Daemon
     from worker.lifespan import Resources
+    from worker.mailgun.retry import RetryPolicy
     from worker.metrics import Metrics
-    from worker.retry import RetryPolicy
 
     eu.seed(EU_DOMAIN, BOUNCES, [{"address": "eu-bounce@example.com"}])
     planned = [DomainPlan(EU_DOMAIN, str(us.base_url), (BOUNCES,))]  # the wrong region

@@ -16,9 +16,9 @@ from tests.support.waiting import wait_for
 from tests.support.webhooks import deliver, event
 from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault
+from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ReconcileOptions
 from worker.records import SuppressionList
-from worker.retry import RetryPolicy
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 ALLOWLIST = SuppressionList.ALLOWLIST

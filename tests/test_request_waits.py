@@ -10,9 +10,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import DOMAIN, SleepLog
-from worker.budget import RequestBudget, seconds_until_reset
+from worker.mailgun.budget import RequestBudget, seconds_until_reset
+from worker.mailgun.retry import RetryPolicy, server_wait_hint
 from worker.records import SuppressionList
-from worker.retry import RetryPolicy, server_wait_hint
 
 BOUNCES = SuppressionList.BOUNCES
 TWO_HOURS_MS = 2 * 3600 * 1000

@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import DOMAIN
 from worker import errors
 from worker.emulator import Fault
+from worker.mailgun.retry import RetryPolicy, server_wait_hint
 from worker.records import SuppressionList
-from worker.retry import RetryPolicy, server_wait_hint
 
 BOUNCES = SuppressionList.BOUNCES
 

@@ -14,9 +14,9 @@ from tests.conftest import API_KEY, DOMAIN
 from tests.support.cli import Outcome
 from tests.support.mirror import insert_row
 from worker.backfill import Backfiller, Progress
+from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
-from worker.retry import RetryPolicy
 
 SECOND_DOMAIN = "mg.second-example.org"
 BOUNCES = SuppressionList.BOUNCES

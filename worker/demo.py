@@ -24,11 +24,11 @@ from worker.embedded import embedded_postgres
 from worker.emulator import MailgunEmulator
 from worker.emulator.recorded import RECORDED_BOUNCES, RECORDED_UNSUBSCRIBES
 from worker.mailgun import MailgunClient
+from worker.mailgun.retry import RetryPolicy
 from worker.migrate import migrate
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import render_table
-from worker.retry import RetryPolicy
 from worker.sql import queries
 from worker.store import MirrorStore, open_pool
 

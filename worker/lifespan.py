@@ -12,7 +12,7 @@ import asyncpg
 
 from worker.errors import ConfigError
 from worker.mailgun import HttpObserver, MailgunClient
-from worker.retry import RetryPolicy
+from worker.mailgun.retry import RetryPolicy
 from worker.settings import Settings
 from worker.store import MirrorStore, open_pool
 

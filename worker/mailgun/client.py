@@ -22,8 +22,9 @@ import orjson
 from yarl import URL
 
 from worker import errors
-from worker.budget import RequestBudget
 from worker.logs import get_logger
+from worker.mailgun.budget import RequestBudget
+from worker.mailgun.retry import Retryable, RetryPolicy, server_wait_hint
 from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
@@ -36,7 +37,6 @@ from worker.records import (
     single_item,
     staging_rows,
 )
-from worker.retry import Retryable, RetryPolicy, server_wait_hint
 from worker.settings import region_of, validate_api_base
 
 log = get_logger(__name__)

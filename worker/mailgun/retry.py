@@ -23,8 +23,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from worker.budget import seconds_until_reset
 from worker.logs import get_logger
+from worker.mailgun.budget import seconds_until_reset
 
 log = get_logger(__name__)
 
