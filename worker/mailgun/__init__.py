@@ -7,12 +7,12 @@
 from worker.mailgun.client import (
     DEFAULT_PAGE_LIMIT,
     AccountDomain,
-    HttpObserver,
     MailgunClient,
     PushOutcome,
     RangeTrace,
     Rejection,
 )
+from worker.mailgun.transport import HttpObserver
 
 __all__ = [
     "DEFAULT_PAGE_LIMIT",

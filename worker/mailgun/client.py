@@ -10,21 +10,19 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import islice
-from typing import Any, Protocol, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from worker import errors
 from worker.logs import get_logger
-from worker.mailgun.budget import RequestBudget
-from worker.mailgun.retry import Retryable, RetryPolicy, server_wait_hint
+from worker.mailgun.retry import RetryPolicy
+from worker.mailgun.transport import DEFAULT_MAX_RESPONSE_BYTES, HttpObserver, Reply, Transport
 from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
@@ -37,15 +35,11 @@ from worker.records import (
     single_item,
     staging_rows,
 )
-from worker.settings import region_of, validate_api_base
 
 log = get_logger(__name__)
 
-T = TypeVar("T")
-
 DEFAULT_PAGE_LIMIT = 1000
 DEFAULT_MAX_PAGES = 1_000_000
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # `GET /v3/domains` pages by offset; 1000 is the largest page Mailgun documents for it.
 DOMAIN_PAGE = 1000
 # The longest URL sent: most servers refuse a request line over 8 KB, and a cursor is an address,
@@ -63,10 +57,6 @@ class AccountDomain:
     name: str
     state: str
     disabled: bool
-
-
-def _where(domain: str, kind: SuppressionList | None) -> str:
-    return f"{domain} {kind.value}" if kind is not None else "the account's domains"
 
 
 @dataclass(slots=True)
@@ -95,53 +85,6 @@ class PushOutcome:
         self.rejected.extend(other.rejected)
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    url: str
-
-    def message(self) -> str:
-        """Mailgun's `message`, or the start of a non-JSON body (a 401 is `text/plain`)."""
-        try:
-            payload = orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return self.body[:200].decode("utf-8", "replace").strip()
-        if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-            return str(payload["message"])
-        return self.body[:200].decode("utf-8", "replace").strip()
-
-
-class HttpObserver(Protocol):
-    """Hears every answer (None: no answer at all) and every retry; metrics implement it."""
-
-    def on_response(self, method: str, status: int | None) -> None: ...
-
-    def on_retry(self, status: int | None) -> None: ...
-
-
-class _Unobserved:
-    def on_response(self, method: str, status: int | None) -> None:
-        pass
-
-    def on_retry(self, status: int | None) -> None:
-        pass
-
-
-# Mailgun's answer for an address a list does not hold (reference, section 5.3); compared without
-# case or a trailing full stop.
-NOT_LISTED = {
-    SuppressionList.BOUNCES: "address not found in bounces table",
-    SuppressionList.UNSUBSCRIBES: "address not found in unsubscribers table",
-    SuppressionList.COMPLAINTS: "no spam complaints found for this address",
-    SuppressionList.ALLOWLIST: "address/domain not found in whitelists table",
-}
-
-
-def _not_listed(kind: SuppressionList, reply: _Reply) -> bool:
-    return reply.message().strip().rstrip(".").lower() == NOT_LISTED[kind]
-
-
 def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
@@ -164,23 +107,15 @@ class MailgunClient:
         api_version: str = "v3",
         observer: HttpObserver | None = None,
     ) -> None:
-        self._session = session
-        self._base = validate_api_base(api_base)
-        self._origin = urlsplit(self._base)
-        self._auth = aiohttp.encode_basic_auth("api", api_key)
-        self._retry = retry or RetryPolicy()
+        self._transport = Transport(session, api_base=api_base, api_key=api_key, retry=retry,
+                                    max_response_bytes=max_response_bytes, timeout=timeout,
+                                    observer=observer)
+        self._base = self._transport.base
+        self._origin = self._transport.origin
         self._page_limit = page_limit
         self._max_pages = max_pages
-        self._max_response_bytes = max_response_bytes
         self._push_concurrency = push_concurrency
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._version = api_version
-        self._observer = observer or _Unobserved()
-        self._budget = RequestBudget(reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
-        # The Domains API is limited on its own (reference §5.5): its answers must not make the
-        # suppression lists wait, nor theirs the domain listing.
-        self._domains_budget = RequestBudget(
-            reserve=2, max_wait=self._retry.backoff_max, sleep=self._retry.sleep)
 
     def __repr__(self) -> str:
         return f"MailgunClient(api_base={self._base!r})"
@@ -224,7 +159,7 @@ class MailgunClient:
         # The next page is requested as soon as its URL is known and checked, so Mailgun's answer
         # travels while this page is normalised and stored.
         upcoming: asyncio.Future[dict[str, Any]] | None = asyncio.ensure_future(
-            self._get_page(url, domain, kind))
+            self._transport.get_json(url, domain, kind))
         try:
             while upcoming is not None:
                 payload = await upcoming
@@ -261,7 +196,7 @@ class MailgunClient:
                             f"begin alike ({last[:80]!r}...); paging cannot get past them", url=url)
                 beyond = until is not None and last > until
                 if not beyond and number + 1 < self._max_pages:
-                    upcoming = asyncio.ensure_future(self._get_page(next_url, domain, kind))
+                    upcoming = asyncio.ensure_future(self._transport.get_json(next_url, domain, kind))
                 number += 1
                 page = self._page(number, url, kind, items, domain)
                 if trace is not None and number == 1:
@@ -328,7 +263,7 @@ class MailgunClient:
         is two answers disagreeing (say `items: null` mid-list and again at the end).
         """
         url = f"{base}?page=last&{tail}"
-        payload = await self._get_page(url, domain, kind)
+        payload = await self._transport.get_json(url, domain, kind)
         items = payload.get("items")
         final = None
         if isinstance(items, list) and items and isinstance(items[-1], dict):
@@ -483,7 +418,7 @@ class MailgunClient:
             if offset >= total:
                 return
             url = f"{base}?skip={offset - 1}&limit={self._page_limit}"
-            payload = await self._get_page(url, domain, kind)
+            payload = await self._transport.get_json(url, domain, kind)
         raise errors.PagingError(f"{domain} {kind.value}: stopped after {self._max_pages} pages", url=url)
 
     def _page(self, number: int, url: str, kind: SuppressionList, items: list[Any],
@@ -558,7 +493,7 @@ class MailgunClient:
         for _ in range(self._max_pages):
             skip = max(len(found) - 1, 0)
             url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={skip}"
-            payload = await self._get_page(url, "", None)
+            payload = await self._transport.get_json(url, "", None)
             items, total = payload.get("items"), payload.get("total_count")
             if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
                 raise errors.MalformedPageError(
@@ -593,49 +528,21 @@ class MailgunClient:
         state = str(item.get("state") or "")
         return AccountDomain(name, state, item.get("is_disabled") is True or state == "disabled")
 
-    async def _get_page(self, url: str, domain: str, kind: SuppressionList | None) -> dict[str, Any]:
-        budget = self._domains_budget if kind is None else self._budget
-
-        async def attempt() -> dict[str, Any]:
-            reply = await self._send("GET", url, budget=budget)
-            if reply.status != 200:
-                raise self._error(reply, domain, kind)
-            try:
-                payload = orjson.loads(reply.body)
-            except orjson.JSONDecodeError as exc:
-                # Usually a body cut short on the way; another try normally gets it whole.
-                raise Retryable(f"page is not JSON ({exc})", status=reply.status) from None
-            if not isinstance(payload, dict):
-                raise Retryable(f"page is JSON {type(payload).__name__}, expected an object",
-                                status=reply.status)
-            return payload
-
-        try:
-            return await self._retrying(attempt, "GET", url, domain, kind)
-        except errors.MailgunUnavailableError as exc:
-            if exc.status == 200:
-                raise errors.MalformedPageError(str(exc), status=200, url=url) from exc
-            raise
-
     async def get(self, domain: str, kind: SuppressionList, address: str) -> Record | None:
         """One record, or None when Mailgun does not list the address (its own answer for that,
         not any 404)."""
         url = self.address_url(domain, kind, address)
 
-        async def attempt() -> Record | None:
-            reply = await self._send("GET", url)
-            if reply.status == 404 and _not_listed(kind, reply):
-                return None
-            if reply.status != 200:
-                raise self._error(reply, domain, kind)
-            try:
-                return parse_record(kind, single_item(kind, orjson.loads(reply.body)))
-            except (orjson.JSONDecodeError, MalformedRecordError) as exc:
-                raise errors.MalformedPageError(
-                    f"{domain} {kind.value}: unreadable record for {address!r}: {exc}",
-                    url=url) from exc
-
-        return await self._retrying(attempt, "GET", url, domain, kind)
+        reply = await self._transport.request("GET", url, domain, kind)
+        if reply.status == 404 and reply.not_listed(kind):
+            return None
+        if reply.status != 200:
+            raise self._transport.error(reply, domain, kind)
+        try:
+            return parse_record(kind, single_item(kind, orjson.loads(reply.body)))
+        except (orjson.JSONDecodeError, MalformedRecordError) as exc:
+            raise errors.MalformedPageError(
+                f"{domain} {kind.value}: unreadable record for {address!r}: {exc}", url=url) from exc
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -673,14 +580,12 @@ class MailgunClient:
         url = self.list_url(domain, kind)
         if kind.accepts_batches:
             body = orjson.dumps([batch_item(kind, r) for r in records])
-            reply = await self._retrying(
-                partial(self._send, "POST", url, json_body=body), "POST", url, domain, kind)
+            reply = await self._transport.request("POST", url, domain, kind, json_body=body)
         else:
             outcome = PushOutcome()
             for record in records:
                 form = form_fields(kind, record)
-                reply = await self._retrying(
-                    partial(self._send, "POST", url, form=form), "POST", url, domain, kind)
+                reply = await self._transport.request("POST", url, domain, kind, form=form)
                 outcome.extend(self._one_outcome(reply, [record], domain, kind))
             return outcome
         if reply.status in (400, 413) and len(records) > 1:
@@ -690,13 +595,13 @@ class MailgunClient:
             return outcome
         return self._one_outcome(reply, records, domain, kind)
 
-    def _one_outcome(self, reply: _Reply, records: Sequence[Record], domain: str,
+    def _one_outcome(self, reply: Reply, records: Sequence[Record], domain: str,
                      kind: SuppressionList) -> PushOutcome:
         if 200 <= reply.status < 300:
             return PushOutcome(accepted=list(records))
         if reply.status in (400, 413):
             return PushOutcome(rejected=[Rejection(r, reply.message()) for r in records])
-        raise self._error(reply, domain, kind)
+        raise self._transport.error(reply, domain, kind)
 
     async def delete(self, domain: str, kind: SuppressionList, address: str,
                      *, tag: str | None = None) -> bool:
@@ -709,13 +614,13 @@ class MailgunClient:
         url = self.address_url(domain, kind, address)
         if tag is not None:
             url += f"?tag={quote_plus(tag)}"
-        reply = await self._retrying(partial(self._send, "DELETE", url), "DELETE", url, domain, kind)
+        reply = await self._transport.request("DELETE", url, domain, kind)
         if 200 <= reply.status < 300:
             return True
-        if reply.status == 404 and (_not_listed(kind, reply)
+        if reply.status == 404 and (reply.not_listed(kind)
                                     or await self._absent(domain, kind, address, tag)):
             return False
-        raise self._error(reply, domain, kind)
+        raise self._transport.error(reply, domain, kind)
 
     async def _absent(self, domain: str, kind: SuppressionList, address: str, tag: str | None) -> bool:
         """Whether Mailgun does not list the address (or, for a tag, the address with that tag)."""
@@ -724,92 +629,3 @@ class MailgunClient:
         except errors.MailgunError:
             return False  # the DELETE's own answer is the error to report
         return record is None or (tag is not None and tag not in record.tags)
-
-    # ---- transport ------------------------------------------------------------------------
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]], method: str, url: str,
-                        domain: str, kind: SuppressionList | None) -> T:
-        try:
-            async for try_ in self._retry.retrying(self._observer.on_retry, method=method, domain=domain,
-                                                   list=kind.value if kind else "domains"):
-                with try_:
-                    return await attempt()
-        except Retryable as exc:
-            raise errors.MailgunUnavailableError(
-                f"{_where(domain, kind)}: {method} still failing after {self._retry.max_attempts} "
-                f"attempts: {exc.reason}", status=exc.status, url=url) from exc
-        raise AssertionError("unreachable: tenacity either returns or raises")
-
-    async def _send(self, method: str, url: str, *, json_body: bytes | None = None,
-                    form: dict[str, str] | None = None, budget: RequestBudget | None = None) -> _Reply:
-        """Send once; a retryable answer raises `Retryable`, any other is returned. `budget`:
-        the request budget it counts in (the suppression lists' unless given)."""
-        budget = budget or self._budget
-        headers = {"Authorization": self._auth}
-        data: Any = None
-        if json_body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json_body
-        elif form is not None:
-            data = form
-        status: int | None = None
-        await budget.spend()
-        try:
-            async with self._session.request(
-                method, URL(url, encoded=True), headers=headers, data=data,
-                allow_redirects=False, timeout=self._timeout,
-            ) as response:
-                status = response.status
-                budget.note(response.headers)
-                body = await self._read_capped(response, url)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._observer.on_response(method, None)
-            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
-        self._observer.on_response(method, status)
-        if status == 429 or status >= 500:
-            raise Retryable(f"HTTP {status}", status=status,
-                            wait_hint=server_wait_hint(status, response.headers))
-        return _Reply(status, body, url)
-
-    async def _read_capped(self, response: aiohttp.ClientResponse, url: str) -> bytes:
-        cap = self._max_response_bytes
-        if response.content_length is not None and response.content_length > cap:
-            raise errors.MalformedPageError(
-                f"response of {response.content_length} bytes exceeds the {cap}-byte cap", url=url)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_chunked(256 * 1024):
-            size += len(chunk)
-            if size > cap:
-                raise errors.MalformedPageError(
-                    f"response exceeds the {cap}-byte cap", url=url)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _error(self, reply: _Reply, domain: str, kind: SuppressionList | None) -> errors.MailgunError:
-        """A typed error for a final (non-retryable) answer. A domain asked of the wrong region
-        gets a 401 or a 404 from Mailgun, so both name the region asked."""
-        message = reply.message()
-        where = _where(domain, kind)
-        named = region_of(self._base)
-        region = self._base if named == self._base else f"the {named} region ({self._base})"
-        if reply.status == 401:
-            return errors.MailgunAuthError(
-                f"{where}: Mailgun refused the API key (401 {message}) at {region}. Check "
-                "MAILGUN_API_KEY, and that the domain lives in this region (US https://api.mailgun.net, "
-                "EU https://api.eu.mailgun.net: MAILGUN_API_BASE, or `region` in SYNC_CONFIG)",
-                status=401, mailgun_message=message, url=reply.url)
-        if reply.status == 404:
-            hint = (f"{region} does not know the domain: check its name, and that it lives in this "
-                    "region (`region` in SYNC_CONFIG, or MAILGUN_API_BASE)"
-                    if "domain not found" in message.lower() else "check the domain name and region")
-            return errors.MailgunNotFoundError(
-                f"{where}: Mailgun answered 404 ({message}); {hint}",
-                status=404, mailgun_message=message, url=reply.url)
-        if 300 <= reply.status < 400:
-            return errors.MailgunRejectedError(
-                f"{where}: Mailgun answered a redirect ({reply.status}), which is not followed",
-                status=reply.status, mailgun_message=message, url=reply.url)
-        return errors.MailgunRejectedError(
-            f"{where}: Mailgun refused the request ({reply.status} {message})",
-            status=reply.status, mailgun_message=message, url=reply.url)
