@@ -4,14 +4,8 @@
 `budget` decide when a request may be sent again.
 """
 
-from worker.mailgun.client import (
-    DEFAULT_PAGE_LIMIT,
-    AccountDomain,
-    MailgunClient,
-    PushOutcome,
-    RangeTrace,
-    Rejection,
-)
+from worker.mailgun.client import DEFAULT_PAGE_LIMIT, MailgunClient, PushOutcome, RangeTrace, Rejection
+from worker.mailgun.domain_listing import AccountDomain
 from worker.mailgun.transport import HttpObserver
 
 __all__ = [

@@ -21,6 +21,7 @@ import orjson
 
 from worker import errors
 from worker.logs import get_logger
+from worker.mailgun.domain_listing import AccountDomain, list_account_domains
 from worker.mailgun.retry import RetryPolicy
 from worker.mailgun.transport import DEFAULT_MAX_RESPONSE_BYTES, HttpObserver, Reply, Transport
 from worker.records import (
@@ -40,23 +41,9 @@ log = get_logger(__name__)
 
 DEFAULT_PAGE_LIMIT = 1000
 DEFAULT_MAX_PAGES = 1_000_000
-# `GET /v3/domains` pages by offset; 1000 is the largest page Mailgun documents for it.
-DOMAIN_PAGE = 1000
 # The longest URL sent: most servers refuse a request line over 8 KB, and a cursor is an address,
 # which Mailgun may hold at any length (one of 10,000 characters has been seen).
 MAX_URL = 4096
-# Readings of the domain listing when it shifts while being read; then discovery keeps the last
-# complete listing.
-DOMAIN_LISTING_ATTEMPTS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class AccountDomain:
-    """A sending domain of the account, as `GET /v3/domains` lists it."""
-
-    name: str
-    state: str
-    disabled: bool
 
 
 @dataclass(slots=True)
@@ -470,63 +457,8 @@ class MailgunClient:
         return nxt, last_address
 
     async def account_domains(self) -> list[AccountDomain]:
-        """Every domain of the account in this client's region (`GET /v3/domains`, offset paging:
-        `skip` and `limit`, with `total_count`). Reads to the end or raises: a listing that shifted
-        while it was read is read again, up to DOMAIN_LISTING_ATTEMPTS times in all."""
-        for attempt in range(1, DOMAIN_LISTING_ATTEMPTS + 1):
-            try:
-                return await self._domain_listing()
-            except errors.ListShiftedError as exc:
-                if attempt == DOMAIN_LISTING_ATTEMPTS:
-                    raise
-                log.warning("domain_listing_restarted", reason=str(exc), attempt=attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def _domain_listing(self) -> list[AccountDomain]:
-        """One reading of the listing. A domain missed is unscheduled and its webhooks refused, so
-        only a complete listing is returned. Offsets move when domains before them come or go
-        between pages (a deletion and an addition even leave `total_count` as it was), so every
-        page after the first is asked from one domain back and must begin with the last domain
-        read; else, or if the total changed, ListShiftedError."""
-        found: list[AccountDomain] = []
-        first_total: int | None = None
-        for _ in range(self._max_pages):
-            skip = max(len(found) - 1, 0)
-            url = f"{self._base}/v3/domains?limit={DOMAIN_PAGE}&skip={skip}"
-            payload = await self._transport.get_json(url, "", None)
-            items, total = payload.get("items"), payload.get("total_count")
-            if not isinstance(items, list) or isinstance(total, bool) or not isinstance(total, int):
-                raise errors.MalformedPageError(
-                    "the account's domains: a page needs a list `items` and a number `total_count`",
-                    url=url)
-            page = [self._account_domain(item, url) for item in items]
-            first_total = total if first_total is None else first_total
-            if total != first_total:
-                raise errors.ListShiftedError(
-                    f"the account's domains: total_count changed from {first_total} to {total} "
-                    "while listing", url=url)
-            if found:
-                if not page or page[0].name != found[-1].name:
-                    raise errors.ListShiftedError(
-                        f"the account's domains changed while listing: the page at {skip} does not "
-                        f"begin with {found[-1].name!r}, the last domain read", url=url)
-                page = page[1:]
-            found.extend(page)
-            if len(found) >= total:
-                return found
-            if not page:
-                raise errors.PagingError(
-                    f"the account's domains: the listing ended at {len(found)} of {total}", url=url)
-        raise errors.PagingError(f"the account's domains: stopped after {self._max_pages} pages")
-
-    @staticmethod
-    def _account_domain(item: object, url: str) -> AccountDomain:
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(item, dict) or not isinstance(name, str) or not name:
-            raise errors.MalformedPageError(
-                f"the account's domains: an item without a text `name`: {str(item)[:200]}", url=url)
-        state = str(item.get("state") or "")
-        return AccountDomain(name, state, item.get("is_disabled") is True or state == "disabled")
+        """Every domain of the account in this client's region, read whole or raising."""
+        return await list_account_domains(self._transport, max_pages=self._max_pages)
 
     async def get(self, domain: str, kind: SuppressionList, address: str) -> Record | None:
         """One record, or None when Mailgun does not list the address (its own answer for that,
