@@ -1,11 +1,10 @@
-"""Talking to Mailgun: the client and the parts it is built from.
+"""Talking to Mailgun. `client` is the API the worker uses; it is built on `transport` (one request:
+the key, the budget of `budget`, the retries of `retry`, typed errors), `paging` (one pull of a
+list, with its guards) and `domain_listing` (the account's domains)."""
 
-`client` is the API the worker uses (pages, pushes, deletes, the account's domains); `retry` and
-`budget` decide when a request may be sent again.
-"""
-
-from worker.mailgun.client import DEFAULT_PAGE_LIMIT, MailgunClient, PushOutcome, RangeTrace, Rejection
+from worker.mailgun.client import DEFAULT_PAGE_LIMIT, MailgunClient, PushOutcome, Rejection
 from worker.mailgun.domain_listing import AccountDomain
+from worker.mailgun.paging import RangeTrace
 from worker.mailgun.transport import HttpObserver
 
 __all__ = [

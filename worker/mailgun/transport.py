@@ -26,8 +26,6 @@ from worker.settings import region_of, validate_api_base
 
 T = TypeVar("T")
 
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-
 # Mailgun's answer for an address a list does not hold (reference, section 5.3); compared without
 # case or a trailing full stop.
 NOT_LISTED = {
@@ -83,22 +81,15 @@ class _Unobserved:
 
 
 class Transport:
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        *,
-        api_base: str,
-        api_key: str,
-        retry: RetryPolicy | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        timeout: float = 30.0,
-        observer: HttpObserver | None = None,
-    ) -> None:
+    """Requests to one origin with one key; the client sets the defaults."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, api_base: str, api_key: str, retry: RetryPolicy,
+                 max_response_bytes: int, timeout: float, observer: HttpObserver | None) -> None:
         self._session = session
         self.base = validate_api_base(api_base)
         self.origin = urlsplit(self.base)
         self._auth = aiohttp.encode_basic_auth("api", api_key)
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._max_response_bytes = max_response_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._observer = observer or _Unobserved()
