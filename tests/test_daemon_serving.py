@@ -1,5 +1,6 @@
 """The daemon's webhooks and probes: never behind the runs, answered in time whatever PostgreSQL
-does, and on a port of their own with WEBHOOK_PORT. Each test runs `mailgun-sync daemon` as a
+does (also after a failover lost the connection they wrote on, and at SIGTERM), and on a port of
+their own with WEBHOOK_PORT. Each test runs `mailgun-sync daemon` as a
 child process against the emulator and a real PostgreSQL."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from worker.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
 from worker.store import POOL_SIZE
+from worker.webhook_store import WRITE_WITHIN
 
 # 3 domains of 4 lists: 12 runs at once, more than the runs' connections.
 DOMAINS = ("mg.example.com", "mg.example.org", "mg.example.net")
@@ -81,7 +83,13 @@ async def daemon(emulator: MailgunEmulator, database_url: str, session: aiohttp.
         emulator.release()
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
+        try:
+            code = await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise AssertionError("the daemon was still running 30 s after SIGTERM (killed)") from None
+        assert code == 0
 
 
 async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, float]:
@@ -161,6 +169,87 @@ async def test_readyz_answers_503_within_a_second_when_postgresql_goes_silent_an
         status, _, elapsed = await timed_get(session, f"{running.http}/readyz")
         assert status == 200
         assert elapsed < PROBE_TIMEOUT
+
+
+# ---- a connection lost for good (a failover) ----------------------------------------------------
+
+
+async def first_runs_over(pool) -> None:
+    """Every list's first run has ended: none of them holds a connection the proxy cuts."""
+    lists = len(DOMAINS) * len(SuppressionList)
+    for _ in range(300):
+        if await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs") >= lists:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the first runs did not end")
+
+
+async def written_once(session: aiohttp.ClientSession, running: Running, address: str) -> None:
+    """A webhook stored through the pool's connection (the one the proxy will cut), and the
+    tokens' first prune, which follows, over."""
+    assert await deliver(session, event("complained", address, DOMAINS[0]), url=running.webhooks) \
+        == (200, "stored")
+    await asyncio.sleep(0.5)
+
+
+async def test_a_ready_daemon_answers_webhooks_after_the_database_connection_it_wrote_on_was_lost(
+        emulator, pool, database_url):
+    # The old server never answers on the connections open at the cut, the new one takes
+    # connections at once: /readyz soon says ready, so Mailgun's webhooks keep coming here.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
+            SilentProxy(database_url).running() as proxy, \
+            daemon(emulator, proxy.url, session) as running:
+        await until_ready(session, running)
+        await first_runs_over(pool)
+        await written_once(session, running, "first@example.com")
+
+        proxy.cut()
+        lost = event("complained", "lost@example.com", DOMAINS[0])
+        started = time.monotonic()
+        pending = asyncio.ensure_future(deliver(session, lost, url=running.webhooks))
+        await asyncio.sleep(0.5)
+        await until_ready(session, running)
+        after = await deliver(session, event("complained", "after@example.com", DOMAINS[0]),
+                              url=running.webhooks)
+        after_elapsed = time.monotonic() - started
+        answer = await pending
+        answered_in = time.monotonic() - started
+        retried = await deliver(session, lost, url=running.webhooks)  # Mailgun's retry: same token
+
+    assert answer[0] == 503  # nothing committed: Mailgun retries
+    assert answered_in < WRITE_WITHIN + 1.0
+    # Behind the abandoned batch, then on a connection of its own.
+    assert after == (200, "stored")
+    assert after_elapsed < 2 * WRITE_WITHIN + 1.0
+    assert retried == (200, "stored")  # the token was not used up by the abandoned write
+    assert sorted(await rows(pool, SuppressionList.COMPLAINTS)) == [
+        "after@example.com", "first@example.com", "lost@example.com"]
+
+
+async def test_sigterm_stops_the_daemon_within_its_grace_while_a_webhook_write_waits_on_a_lost_connection(
+        emulator, pool, database_url):
+    grace = 1.0  # below WRITE_WITHIN: the grace, not the write's own bound, stops the write
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
+            SilentProxy(database_url).running() as proxy, \
+            daemon(emulator, proxy.url, session, SHUTDOWN_GRACE=str(grace)) as running:
+        await until_ready(session, running)
+        await first_runs_over(pool)
+        await written_once(session, running, "first@example.com")
+
+        proxy.cut()
+        pending = asyncio.ensure_future(
+            deliver(session, event("complained", "lost@example.com", DOMAINS[0]), url=running.webhooks))
+        await asyncio.sleep(0.3)
+        running.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.wait_for(running.process.wait(), 30)
+        elapsed = time.monotonic() - started
+        answer = await pending
+
+    assert code == 0
+    assert elapsed < grace + 2.5  # and closing the pools: a second at most
+    assert answer[0] == 503  # not stored, and answered before the process went
+    assert sorted(await rows(pool, SuppressionList.COMPLAINTS)) == ["first@example.com"]
 
 
 # ---- WEBHOOK_PORT --------------------------------------------------------------------------------

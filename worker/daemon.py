@@ -357,6 +357,8 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         await runner.setup()
     if writer is not None:
         writer.start()
+    loop = asyncio.get_running_loop()
+    stopped_at: float | None = None
     try:
         # The ports open first, so /healthz answers while the domains are planned (discovery may
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
@@ -364,19 +366,25 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         # reach the pod's address, never its loopback; what is exposed is the Service's business.
         for runner, (_, port) in zip(runners, sites, strict=True):
             await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await daemon.start()
         await stop.wait()
         log.info("stop_requested")
+        stopped_at = loop.time()
         await daemon.drain(settings.shutdown_grace)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)
+        # The webhooks in flight are written within the grace too: past it the writer gives up
+        # the write under way (a database that does not answer) and they are answered 503.
+        deadline = (loop.time() if stopped_at is None else stopped_at) + settings.shutdown_grace
+        abandon = loop.call_at(deadline, writer.abandon) if writer is not None else None
         for runner in runners:
             await runner.cleanup()  # answers the webhooks in flight first
         if writer is not None:
-            await writer.stop()
+            await writer.stop(within=max(deadline - loop.time(), 0.0))
+        if abandon is not None:
+            abandon.cancel()
     log.info("daemon_stopped")

@@ -11,6 +11,7 @@
     │       ├── MalformedPageError   a page that is not the JSON Mailgun documents
     │       └── PagingOrderError     records not in the order parallel ranges rely on
     ├── DatabaseError              PostgreSQL refused or could not be reached
+    │   └── DatabaseTimeoutError   PostgreSQL did not answer in time (the connection was closed)
     └── WebhookError               a webhook delivery refused; `status` is the answer Mailgun gets
         ├── WebhookAuthError       401: unsigned, badly signed or stale (Mailgun retries)
         └── WebhookPayloadError    406: a payload that will never be valid (Mailgun stops)
@@ -90,6 +91,11 @@ class ListShiftedError(PagingError):
 
 class DatabaseError(SyncError):
     """PostgreSQL refused the operation or could not be reached."""
+
+
+class DatabaseTimeoutError(DatabaseError):
+    """PostgreSQL did not answer in time, and the connection was closed: a transaction whose
+    COMMIT was under way may have been committed or not."""
 
 
 class WebhookError(SyncError):

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.errors import ConfigError, DatabaseError
+from worker.errors import ConfigError, DatabaseError, DatabaseTimeoutError
 from worker.records import Page, Record, StagingRow, SuppressionList
 from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
@@ -70,6 +70,8 @@ async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
 
 # Connections of a process's runs: each run holds one for its whole pull.
 POOL_SIZE = 10
+# How long closing a pool waits for the server to see its connections off before closing them.
+POOL_CLOSE_WITHIN = 1.0
 
 
 @contextlib.asynccontextmanager
@@ -95,35 +97,52 @@ async def open_pool(database_url: str, *, max_size: int = POOL_SIZE) -> AsyncIte
     try:
         yield pool
     finally:
-        await pool.close()
+        # Closing politely waits for each server to answer; one a failover lost never does, and
+        # closing fails over to terminating them.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.close(), POOL_CLOSE_WITHIN)
+
+
+@contextlib.asynccontextmanager
+async def connection_within(pool: asyncpg.Pool, within: float,
+                            doing: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of `pool` for work that is over within `within` seconds whatever the server
+    does, or raises DatabaseTimeoutError. A connection that has not answered in time is terminated:
+    asyncpg's own query timeout sends a cancel request, and its release waits for that and for a
+    reset, all on the silent server, forever on a connection a failover lost. So is one whose work
+    was cancelled or failed otherwise than by the server's answer: it is not trusted again, and a
+    terminated connection's release waits for nothing."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    late = f"PostgreSQL did not answer within {within:g} s"
+    async with wrap_db_errors(doing):
+        try:
+            connection = await pool.acquire(timeout=within)
+        except TimeoutError:
+            raise DatabaseTimeoutError(f"{late} (connecting)") from None
+        timer = loop.call_at(deadline, connection.terminate)
+        try:
+            yield connection
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError) and loop.time() >= deadline:
+                raise DatabaseTimeoutError(f"{late} while {doing}") from None
+            if not isinstance(exc, asyncpg.PostgresError):  # the server's refusal leaves it usable
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    connection.terminate()
+            raise
+        finally:
+            timer.cancel()
+            # Its reset has what is left of the time: past it the connection is terminated, and
+            # the work done stands.
+            with contextlib.suppress(TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await pool.release(connection, timeout=max(deadline - loop.time(), 0.0))
 
 
 async def ping(pool: asyncpg.Pool, within: float) -> None:
     """Return once PostgreSQL answers, or raise DatabaseError by `within` seconds whatever the
-    server does. A connection that has not answered in time is terminated: asyncpg's own query
-    timeout sends a cancel request and its release waits for that, both on the silent server."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    late = f"PostgreSQL did not answer within {within:g} s"
-    async with wrap_db_errors("checking the connection"):
-        try:
-            connection = await pool.acquire(timeout=within)
-        except TimeoutError:
-            raise DatabaseError(f"{late} (connecting)") from None
-        timer = loop.call_at(deadline, connection.terminate)
-        try:
-            await connection.fetchval(queries()["ping"])
-        except BaseException as exc:
-            # Whatever stopped it (the deadline, an error, a cancelled request), the connection is
-            # not trusted again, and a terminated connection's release waits for nothing.
-            with contextlib.suppress(asyncpg.InterfaceError):
-                connection.terminate()
-            if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError) and loop.time() >= deadline:
-                raise DatabaseError(late) from None
-            raise
-        finally:
-            timer.cancel()
-            await pool.release(connection)
+    server does (see connection_within)."""
+    async with connection_within(pool, within, "checking the connection") as connection:
+        await connection.fetchval(queries()["ping"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,11 @@ token with its row (or its being superseded), an ignored or refused delivery's t
 replays, within a batch as across batches and replicas (the token's primary key). A batch that
 fails commits nothing, its tokens included, so Mailgun's retry of the delivery (same token) is
 taken as new.
+
+A batch's transaction is over within WRITE_WITHIN seconds or abandoned, its connection terminated,
+and its requests answered 503: a connection a failover lost would otherwise never answer, and every
+webhook after it would wait behind it. If it was abandoned during its COMMIT, it may have been
+committed; Mailgun's retry is then a replay, answered 200.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.errors import SyncError
+from worker.errors import DatabaseTimeoutError, SyncError
 from worker.logs import get_logger
 from worker.records import SuppressionList
 from worker.sql import queries
-from worker.store import list_query, wrap_db_errors
+from worker.store import connection_within, list_query
 from worker.webhooks import TokenOnly, WebhookEvent
 
 log = get_logger(__name__)
@@ -40,6 +45,15 @@ log = get_logger(__name__)
 STORED, REPLAY, SUPERSEDED, USED = "stored", "replay", "superseded", "used"
 
 Delivery = WebhookEvent | TokenOnly
+
+# How long a batch's transaction may take before it is abandoned. A batch of 500 takes
+# a few tens of milliseconds; a request waits at most for the batch under way and its own, 8 s,
+# so it is answered before Mailgun gives up on it (about 10 s) and Mailgun's retry finds nothing
+# committed instead of a write still waiting.
+WRITE_WITHIN = 4.0
+# Pruning tokens deletes those of up to `prune_every` seconds of webhooks at once: more time, on a
+# connection of its own beside the writer's, but bounded all the same.
+PRUNE_WITHIN = 30.0
 
 
 def _row(event: WebhookEvent) -> dict[str, Any]:
@@ -74,8 +88,11 @@ def rounds(events: Sequence[WebhookEvent]) -> tuple[list[dict[SuppressionList, l
 
 
 class WebhookStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, within: float = WRITE_WITHIN,
+                 prune_within: float = PRUNE_WITHIN) -> None:
         self._pool = pool
+        self._within = within
+        self._prune_within = prune_within
 
     async def write(self, deliveries: Sequence[Delivery]) -> list[str]:
         """Write deliveries in one transaction; each one's outcome, in order: an event's stored,
@@ -90,7 +107,7 @@ class WebhookStore:
         batches, _ = rounds([d for d in firsts if isinstance(d, WebhookEvent)])
         only = [d for d in firsts if isinstance(d, TokenOnly)]
         outcome: dict[str, str] = {}
-        async with wrap_db_errors("storing webhook events"), self._pool.acquire() as connection, \
+        async with connection_within(self._pool, self._within, "storing webhook events") as connection, \
                 connection.transaction():
             if only:
                 fresh = {row["token"] for row in await connection.fetch(
@@ -106,8 +123,8 @@ class WebhookStore:
         return [REPLAY if i in repeated else outcome[d.token] for i, d in enumerate(deliveries)]
 
     async def prune_tokens(self, older_than: datetime) -> int:
-        async with wrap_db_errors("pruning webhook tokens"):
-            status = await self._pool.execute(queries()["webhook_prune_tokens"], older_than)
+        async with connection_within(self._pool, self._prune_within, "pruning webhook tokens") as connection:
+            status = await connection.execute(queries()["webhook_prune_tokens"], older_than)
         return int(status.split()[-1])
 
 
@@ -126,18 +143,29 @@ class WebhookWriter:
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._pruned = 0.0
+        # Pruning goes on beside the batches: a slow or lost prune never holds a webhook up.
+        self._pruning: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="webhook-writer")
 
-    async def stop(self) -> None:
-        """Write what is queued, then stop."""
+    async def stop(self, within: float | None = None) -> None:
+        """Write what is queued, then stop; after `within` seconds, abandon (below) instead."""
         if self._task is None:
             return
         self._queue.put_nowait(None)
+        if within is not None:
+            await asyncio.wait({self._task}, timeout=within)
+            self.abandon()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+
+    def abandon(self) -> None:
+        """Stop now: the write under way is given up (its connection terminated) and every
+        delivery not committed fails, as in a failed batch."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def __aenter__(self) -> WebhookWriter:
         self.start()
@@ -162,31 +190,51 @@ class WebhookWriter:
 
     async def _run(self) -> None:
         stopping = False
-        while not (stopping and self._queue.empty()):
-            # Whatever queued up while the last batch was being written, up to max_batch.
-            batch: list[_Item] = []
-            item = await self._queue.get()
-            while True:
-                if item is None:
-                    stopping = True
-                else:
+        batch: list[_Item] = []
+        try:
+            while not (stopping and self._queue.empty()):
+                # Whatever queued up while the last batch was being written, up to max_batch.
+                batch = []
+                item = await self._queue.get()
+                while True:
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
+                    if len(batch) >= self._max_batch or self._queue.empty():
+                        break
+                    item = self._queue.get_nowait()
+                if batch:
+                    try:
+                        await self._flush(batch)
+                    except Exception:  # the writer's guard: one broken batch must not stop it
+                        log.exception("webhook_batch_crashed", events=len(batch))
+                        for _, done in batch:
+                            _settle(done, error=SyncError("storing the webhook event failed unexpectedly"))
+                if not stopping:
+                    self._maybe_prune()
+        finally:
+            # Abandoned: what was not committed is answered, not left waiting.
+            while not self._queue.empty():
+                if (item := self._queue.get_nowait()) is not None:
                     batch.append(item)
-                if len(batch) >= self._max_batch or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            if batch:
-                try:
-                    await self._flush(batch)
-                except Exception:  # the writer's guard: one broken batch must not stop it
-                    log.exception("webhook_batch_crashed", events=len(batch))
-                    for _, done in batch:
-                        _settle(done, error=SyncError("storing the webhook event failed unexpectedly"))
-            if not stopping:
-                await self._maybe_prune()
+            error = SyncError("the webhook writer stopped before storing the event")
+            for _, done in batch:
+                _settle(done, error=error)
+            if self._pruning is not None:
+                self._pruning.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._pruning
 
     async def _flush(self, batch: list[_Item]) -> None:
         try:
             outcomes = await self._store.write([delivery for delivery, _ in batch])
+        except DatabaseTimeoutError as exc:
+            # The database, not an event: written one by one, each would wait as long again.
+            log.warning("webhook_batch_abandoned", events=len(batch), error=str(exc))
+            for _, done in batch:
+                _settle(done, error=exc)
+            return
         except SyncError as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], error=exc)
@@ -198,10 +246,14 @@ class WebhookWriter:
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             _settle(done, outcome=outcome)
 
-    async def _maybe_prune(self) -> None:
-        if time.monotonic() - self._pruned < self._prune_every:
+    def _maybe_prune(self) -> None:
+        if time.monotonic() - self._pruned < self._prune_every or \
+                (self._pruning is not None and not self._pruning.done()):
             return
         self._pruned = time.monotonic()
+        self._pruning = asyncio.get_running_loop().create_task(self._prune(), name="webhook-token-prune")
+
+    async def _prune(self) -> None:
         cutoff = datetime.now(UTC) - timedelta(seconds=self._max_age + 60)
         try:
             pruned = await self._store.prune_tokens(cutoff)
