@@ -22,6 +22,7 @@ from tests.support.mirror import rows
 from tests.support.proxy import SilentProxy
 from tests.support.webhooks import SIGNING_KEY, deliver, event
 from worker.benchmark.run import _free_port
+from worker.daemon import CANCELLED_RUNS_WITHIN
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
 from worker.store import POOL_SIZE
@@ -250,6 +251,33 @@ async def test_sigterm_stops_the_daemon_within_its_grace_while_a_webhook_write_w
     assert elapsed < grace + 2.5  # and closing the pools: a second at most
     assert answer[0] == 503  # not stored, and answered before the process went
     assert sorted(await rows(pool, SuppressionList.COMPLAINTS)) == ["first@example.com"]
+
+
+async def test_sigterm_stops_the_daemon_while_a_run_waits_on_a_connection_lost_for_good(
+        emulator, pool, database_url):
+    # A pull read slowly, a page a second, so the first runs are under way when the connections go.
+    for domain in DOMAINS:
+        emulator.seed(domain, BOUNCES, [{"address": f"b{i:03}@example.com"} for i in range(600)])
+    emulator.inject(Fault(action="delay", delay_s=1.0, times=None, method="GET", list="bounces"))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
+            SilentProxy(database_url).running() as proxy, \
+            daemon(emulator, proxy.url, session, SHUTDOWN_GRACE="1") as running:
+        await until_ready(session, running)
+        for _ in range(300):
+            if any("/bounces" in r.path for r in emulator.requests):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # a page or two staged: the run is between its statements
+        proxy.cut()
+        await asyncio.sleep(1.5)
+        running.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.wait_for(running.process.wait(), 30)
+        elapsed = time.monotonic() - started
+
+    assert code == 0
+    # The grace, then the cancelled runs' own bound, then closing the pools.
+    assert elapsed < 1 + CANCELLED_RUNS_WITHIN + 4
 
 
 # ---- WEBHOOK_PORT --------------------------------------------------------------------------------

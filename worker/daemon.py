@@ -41,6 +41,11 @@ from worker.webhook_store import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 
+# How long a cancelled run may take to record itself as failed before the stop goes on without
+# it: far more than that write needs, unless its connection was lost without being closed.
+CANCELLED_RUNS_WITHIN = 5.0
+
+
 def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTrigger:
     """The domain's own schedule if it has one, else `SYNC_CRON` (crontab, read as cron reads it)
     if set, else every `SYNC_INTERVAL` seconds."""
@@ -298,7 +303,12 @@ class Daemon:
                 task.cancel()
             if late:
                 log.warning("runs_cancelled_at_shutdown", runs=len(late))
-                await asyncio.gather(*late, return_exceptions=True)
+                _, stuck = await asyncio.wait(late, timeout=CANCELLED_RUNS_WITHIN)
+                if stuck:
+                    # Waiting on a connection that no longer answers: closing the pools, next,
+                    # terminates it, which ends them.
+                    log.error("runs_abandoned_at_shutdown", runs=len(stuck),
+                              reason=f"not over {CANCELLED_RUNS_WITHIN:g} s after being cancelled")
         self._scheduler.shutdown(wait=False)
 
 
