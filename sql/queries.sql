@@ -747,6 +747,11 @@ SELECT * FROM unnest($1::text[], $2::timestamptz[])
 ON CONFLICT (token) DO NOTHING
 RETURNING token;
 
+-- name: webhook_statement_allowance
+-- $1 milliseconds. The webhook pool's sessions end any statement after the time a batch has
+-- (statement_timeout); pruning, rare and bounded on its own, gets longer for this transaction.
+SELECT set_config('statement_timeout', $1, true);
+
 -- name: webhook_prune_tokens
 -- $1 the oldest signature time still accepted: a replay of an older token fails that check anyway.
 DELETE FROM mailgun.webhook_tokens WHERE signed_at < $1;

@@ -334,3 +334,49 @@ async def test_a_password_given_in_the_query_shows_no_piece_of_itself_when_it_ho
     shown = sorted(piece for piece in {password[i:i + 3] for i in range(len(password) - 2)}
                    if piece in outcome.out + outcome.err)
     assert not shown, f"pieces of the password {shown} in: {outcome.err!r}"
+
+
+MISPLACED = "S3cretKey9"
+MISPLACED_URL = f"postgresql://mirror:{MISPLACED}@db.internal/app"
+QUOTED_URL = "postgresql://mirror:S3c'retKey9@db.internal/app"  # a ' needs no percent-encoding
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", f"--d={MISPLACED_URL}"],  # an abbreviation that could match --domain, --dry-run, --database-url
+    ["run", f"--ma={MISPLACED}"],
+    ["run", f"--dry-run={MISPLACED}"],  # "ignored explicit argument"
+    ["status", f"--json={MISPLACED}"],
+    [QUOTED_URL],  # a URL given where the command was expected, with a ' in its password
+    ["run", "--list", "S3c'retKey9"],
+    ["run", "--domain", "mg.example.com", "--backoff-max", MISPLACED_URL],  # a secret to the wrong flag
+    ["run", "--domain", "mg.example.com", "--api-base", f"key-{MISPLACED}"],
+    ["run", "--domain", "mg.example.com", "--max-attempts", f"key-{MISPLACED}"],
+    ["daemon", "--domain", "mg.example.com", "--http-port", MISPLACED],
+    ["run", f"-p{MISPLACED}"],
+], ids=["ambiguous-abbrev-with-eq", "ambiguous-abbrev", "store-true-with-eq", "json-with-eq",
+        "command-url-with-quote", "list-choice-with-quote", "backoff-max-given-url",
+        "api-base-given-key", "max-attempts-given-key", "http-port-given-secret", "short-option-attached"])
+async def test_no_error_echoes_a_value_given_on_the_command_line(invoke, argv):
+    # Argparse quotes or cuts values in many ways, and a setting's check quotes what it refuses.
+    outcome = await invoke(*argv, env={"MAILGUN_API_KEY": API_KEY})
+    assert outcome.code == 2
+    assert "S3c" not in outcome.out + outcome.err, outcome.err
+
+
+async def test_an_unknown_log_level_is_one_line_exit_2_not_a_traceback(invoke):
+    outcome = await invoke("--log-level", "verbose", "status", env={})
+    assert (outcome.code, outcome.out) == (2, "")
+    [line] = outcome.err.splitlines()
+    assert line.startswith("mailgun-sync: ")
+
+
+async def test_an_ssl_key_password_in_the_query_shows_no_piece_of_itself_when_it_holds_an_ampersand(invoke):
+    # As the ?password= case: asyncpg also reads sslpassword= from the query, and what
+    # follows an unencoded & in it is sent to the server as a setting's name, which it quotes back.
+    password = "Xk9&mZ2q=Pw7"
+    outcome = await invoke("status", env={
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/postgres?sslpassword={password}"})
+    assert outcome.code in (1, 2)
+    shown = sorted(piece for piece in {password[i:i + 3] for i in range(len(password) - 2)}
+                   if piece in outcome.out + outcome.err)
+    assert not shown, f"pieces of the password {shown} in: {outcome.err!r}"

@@ -56,29 +56,35 @@ log = get_logger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-_OPTION = re.compile(r"--?[A-Za-z][\w-]*")
-_QUOTED_VALUE = re.compile(r"(invalid [\w ]*?(?:choice|value)): '[^']*'")
+# An option's name as the parser spells them (long, lower case) or -h: a word of the command line
+# shaped so is shown in a usage error; any other word (a value, "-pSECRET") is not.
+_OPTION_NAME = re.compile(r"--[a-z][a-z0-9-]*|-h")
 
 
-def shown_usage_error(message: str) -> str:
-    """Argparse's message without the values it quotes: a secret given to the wrong flag, or a
-    URL given where a command was expected, would be echoed. Option names are kept."""
-    head, found, rest = message.partition("unrecognized arguments: ")
-    if found:
-        words = rest.split()
-        flags = [w for w in words if _OPTION.fullmatch(w.split("=", 1)[0])]
-        options = [w.split("=", 1)[0] for w in flags]
-        hidden = len(words) - len(flags) + sum("=" in w for w in flags)
-        shown = " ".join(options) + (f" (and {hidden} value(s), not shown)" if hidden else "")
-        message = head + found + shown
-    return _QUOTED_VALUE.sub(r"\1 (not shown)", message)
+# The subcommands' names, shown in usage errors (filled when the parser is built).
+_COMMAND_NAMES: set[str] = set()
+# Shorter words are not hidden: replacing them would garble the message, and shown alone they
+# give away no secret.
+_SHORTEST_HIDDEN = 4
+
+
+def shown_usage_error(message: str, argv: Sequence[str]) -> str:
+    """An error's message without any value of the command line in it, however argparse or a
+    setting's check quoted or cut it: a secret given to the wrong flag, or a URL given where a
+    command was expected, would be echoed. Option and command names are kept."""
+    words = set(argv) | {part for word in argv if "=" in word for part in word.split("=", 1)}
+    hidden = sorted((w for w in words if len(w) >= _SHORTEST_HIDDEN and not _OPTION_NAME.fullmatch(w)
+                     and w not in _COMMAND_NAMES), key=len, reverse=True)
+    for word in hidden:
+        message = message.replace(word, "…")
+    return message
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors become ConfigError, so they leave through the same one-line boundary."""
 
     def error(self, message: str) -> Any:
-        raise ConfigError("arguments", shown_usage_error(message))
+        raise ConfigError("arguments", message)  # cli() hides the command line's values in it
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mailgun-sync",
         description="Keep Mailgun's suppression lists and a PostgreSQL mirror in step.")
     parser.add_argument("--version", action="version", version=f"mailgun-sync {__version__}")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)")
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
 
@@ -281,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="requests per window per key before 429 (X-Request-Limit)")
     emulator.add_argument("--generate", action="append", default=[], metavar="LIST=N",
                           help="add N synthetic records to a list of the first domain (repeatable)")
+    _COMMAND_NAMES.update(commands.choices)
     return parser
 
 
@@ -557,7 +565,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             return await run_demo(keep=args.keep)
         return await serve_emulator(args)
     except ConfigError as exc:
-        print(f"mailgun-sync: {exc}", file=sys.stderr)
+        # Nothing given on the command line is shown back: it may be a secret given to the wrong flag.
+        print(f"mailgun-sync: {exc.setting}: {shown_usage_error(exc.problem, argv)}", file=sys.stderr)
         return EXIT_USAGE
     except SyncError as exc:
         print(f"mailgun-sync: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from worker.mailgun import HttpObserver, MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.settings import Settings
 from worker.store import MirrorStore, open_pool
+from worker.webhook_store import WRITE_WITHIN
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ async def open_resources(settings: Settings, *, observer: HttpObserver | None = 
     async with contextlib.AsyncExitStack() as stack:
         pool = await stack.enter_async_context(open_pool(settings.database_url))
         serving_pool = await stack.enter_async_context(
-            open_pool(settings.database_url, max_size=settings.webhook_pool_size)) if serving else None
+            open_pool(settings.database_url, max_size=settings.webhook_pool_size,
+                      statement_timeout=WRITE_WITHIN)) if serving else None
         session = await stack.enter_async_context(aiohttp.ClientSession())
 
         @functools.cache

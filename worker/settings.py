@@ -254,7 +254,7 @@ def check_database_url(value: str, setting: str = "DATABASE_URL", where: str = "
             fields = parse_qs(query, strict_parsing=True)  # as the driver reads it
         except ValueError:
             raise refuse("the query is not name=value pairs joined by &") from None
-        if "password" in fields:
+        if {"password", "sslpassword"} & set(fields):
             # An & or = in it would cut it into a setting the server names back in its refusal.
             raise refuse("a password in the query; give it after the user name (user:password@host)")
         if not _only(query, _QUERY):

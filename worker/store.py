@@ -75,7 +75,8 @@ POOL_CLOSE_WITHIN = 1.0
 
 
 @contextlib.asynccontextmanager
-async def open_pool(database_url: str, *, max_size: int = POOL_SIZE) -> AsyncIterator[asyncpg.Pool]:
+async def open_pool(database_url: str, *, max_size: int = POOL_SIZE,
+                    statement_timeout: float | None = None) -> AsyncIterator[asyncpg.Pool]:
     # No statement cache: each reconcile creates its own temporary tables, which would
     # invalidate cached plans, and an unnamed statement costs one parse per query.
     # temp_buffers can only be set before a session's first temporary table: a million staged
@@ -86,7 +87,7 @@ async def open_pool(database_url: str, *, max_size: int = POOL_SIZE) -> AsyncIte
             pool = await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
                 server_settings={"application_name": "mailgun-sync", "temp_buffers": "256MB",
-                                 "jit": "off"})
+                                 "jit": "off", **_ends_statements_after(statement_timeout)})
         except (ValueError, TypeError, OverflowError, IndexError) as exc:
             # The settings checked the URL (check_database_url); what the driver still cannot parse
             # (its query) it quotes, and any part of a URL may hold a piece of the password: only
@@ -101,6 +102,12 @@ async def open_pool(database_url: str, *, max_size: int = POOL_SIZE) -> AsyncIte
         # closing fails over to terminating them.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(pool.close(), POOL_CLOSE_WITHIN)
+
+
+def _ends_statements_after(seconds: float | None) -> dict[str, str]:
+    # The server's own limit: a connection given up on the client's side is only closed there, and
+    # its session would go on waiting (for a lock, say) until it got what it waited for.
+    return {} if seconds is None else {"statement_timeout": str(int(seconds * 1000))}
 
 
 @contextlib.asynccontextmanager

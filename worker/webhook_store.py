@@ -123,7 +123,10 @@ class WebhookStore:
         return [REPLAY if i in repeated else outcome[d.token] for i, d in enumerate(deliveries)]
 
     async def prune_tokens(self, older_than: datetime) -> int:
-        async with connection_within(self._pool, self._prune_within, "pruning webhook tokens") as connection:
+        within = connection_within(self._pool, self._prune_within, "pruning webhook tokens")
+        async with within as connection, connection.transaction():
+            await connection.execute(queries()["webhook_statement_allowance"],
+                                     str(int(self._prune_within * 1000)))
             status = await connection.execute(queries()["webhook_prune_tokens"], older_than)
         return int(status.split()[-1])
 
@@ -230,9 +233,12 @@ class WebhookWriter:
         try:
             outcomes = await self._store.write([delivery for delivery, _ in batch])
         except DatabaseTimeoutError as exc:
-            # The database, not an event: written one by one, each would wait as long again.
-            log.warning("webhook_batch_abandoned", events=len(batch), error=str(exc))
-            for _, done in batch:
+            # The database, not an event: written one by one, each would wait as long again; and so
+            # would the deliveries queued behind it, batch after batch. All are answered now, and
+            # Mailgun retries them.
+            waiting = self._take_waiting()
+            log.warning("webhook_batch_abandoned", events=len(batch), waiting=len(waiting), error=str(exc))
+            for _, done in batch + waiting:
                 _settle(done, error=exc)
             return
         except SyncError as exc:
@@ -245,6 +251,18 @@ class WebhookWriter:
             return
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             _settle(done, outcome=outcome)
+
+    def _take_waiting(self) -> list[_Item]:
+        items: list[_Item] = []
+        stop = False
+        while not self._queue.empty():
+            if (item := self._queue.get_nowait()) is None:
+                stop = True
+            else:
+                items.append(item)
+        if stop:
+            self._queue.put_nowait(None)
+        return items
 
     def _maybe_prune(self) -> None:
         if time.monotonic() - self._pruned < self._prune_every or \
