@@ -181,12 +181,7 @@ class Reconciler:
 
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         options = self._options
-        try:
-            with result.timed("delete"):
-                await self._send_removals(session, run_id, result)
-        except MailgunError as exc:
-            result.status = FAILED
-            result.error = f"deletions stopped, the rest stay queued; nothing else done: {exc}"
+        if not await self._deleted(session, run_id, result, "delete", "nothing else done"):
             return
         try:
             with result.timed("pull"):
@@ -216,16 +211,11 @@ class Reconciler:
         result.inserted, result.updated = applied.inserted, applied.updated
         result.removed, result.adopted = applied.removed, applied.adopted
         await self._applied(session, guarded=guarded)
-        if plan.requeues:
-            # Another spelling of an address deleted earlier: deleted now, so that this run leaves
-            # both sides in step rather than the next.
-            try:
-                with result.timed("delete again"):
-                    await self._send_removals(session, run_id, result)
-            except MailgunError as exc:
-                result.status = FAILED
-                result.error = f"deletions stopped, the rest stay queued; nothing pushed: {exc}"
-                return
+        # Another spelling of an address deleted earlier: deleted now, so that this run leaves
+        # both sides in step rather than the next.
+        if plan.requeues and not await self._deleted(session, run_id, result, "delete again",
+                                                     "nothing pushed"):
+            return
         if not options.push:
             return
         try:
@@ -234,6 +224,18 @@ class Reconciler:
         except MailgunError as exc:
             result.status = FAILED
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
+
+    async def _deleted(self, session: ListSession, run_id: uuid.UUID, result: ListResult, step: str,
+                       skipped: str) -> bool:
+        """Send the queued removals; False, the list failed, if Mailgun stopped them."""
+        try:
+            with result.timed(step):
+                await self._send_removals(session, run_id, result)
+        except MailgunError as exc:
+            result.status = FAILED
+            result.error = f"deletions stopped, the rest stay queued; {skipped}: {exc}"
+            return False
+        return True
 
     async def _send_removals(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         """Delete at Mailgun what the application removed locally, before the pull, so the pull
