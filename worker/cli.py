@@ -66,6 +66,8 @@ _COMMAND_NAMES: set[str] = set()
 # Shorter words are not hidden: replacing them would garble the message, and shown alone they
 # give away no secret.
 _SHORTEST_HIDDEN = 4
+# A file's path is shown: an error about a file must say which, and a secret is no path.
+_PATH_STARTS = ("/", "./", "../", "~/")
 
 
 def shown_usage_error(message: str, argv: Sequence[str]) -> str:
@@ -74,7 +76,7 @@ def shown_usage_error(message: str, argv: Sequence[str]) -> str:
     command was expected, would be echoed. Option and command names are kept."""
     words = set(argv) | {part for word in argv if "=" in word for part in word.split("=", 1)}
     hidden = sorted((w for w in words if len(w) >= _SHORTEST_HIDDEN and not _OPTION_NAME.fullmatch(w)
-                     and w not in _COMMAND_NAMES), key=len, reverse=True)
+                     and w not in _COMMAND_NAMES and not w.startswith(_PATH_STARTS)), key=len, reverse=True)
     for word in hidden:
         message = message.replace(word, "…")
     return message

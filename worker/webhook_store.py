@@ -146,6 +146,7 @@ class WebhookWriter:
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._pruned = 0.0
+        self._behind = 0
         # Pruning goes on beside the batches: a slow or lost prune never holds a webhook up.
         self._pruning: asyncio.Task[None] | None = None
 
@@ -207,6 +208,9 @@ class WebhookWriter:
                     if len(batch) >= self._max_batch or self._queue.empty():
                         break
                     item = self._queue.get_nowait()
+                # Deliveries already waiting behind this batch (it is full): if it is given up,
+                # they have waited as long as it, and are answered with it.
+                self._behind = self._queue.qsize()
                 if batch:
                     try:
                         await self._flush(batch)
@@ -233,10 +237,11 @@ class WebhookWriter:
         try:
             outcomes = await self._store.write([delivery for delivery, _ in batch])
         except DatabaseTimeoutError as exc:
-            # The database, not an event: written one by one, each would wait as long again; and so
-            # would the deliveries queued behind it, batch after batch. All are answered now, and
-            # Mailgun retries them.
-            waiting = self._take_waiting()
+            # The database, not an event: written one by one, each would wait as long again. So
+            # would the deliveries that were already waiting when it began, batch after batch:
+            # they are answered now, and Mailgun retries them. Those that came during it get
+            # a batch of their own, on another connection.
+            waiting = self._take_waiting(self._behind)
             log.warning("webhook_batch_abandoned", events=len(batch), waiting=len(waiting), error=str(exc))
             for _, done in batch + waiting:
                 _settle(done, error=exc)
@@ -252,10 +257,10 @@ class WebhookWriter:
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             _settle(done, outcome=outcome)
 
-    def _take_waiting(self) -> list[_Item]:
+    def _take_waiting(self, count: int) -> list[_Item]:
         items: list[_Item] = []
         stop = False
-        while not self._queue.empty():
+        for _ in range(min(count, self._queue.qsize())):
             if (item := self._queue.get_nowait()) is None:
                 stop = True
             else:
