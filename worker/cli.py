@@ -525,7 +525,7 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         if args.command == "prune":
             return await prune_command(args, env)
         if args.command == "bench":
-            from worker.benchmark.run import render, run_benchmark
+            from worker.devtools.benchmark.run import render, run_benchmark
 
             report = await run_benchmark(
                 records=args.records, pending=args.pending, page_latency_ms=args.page_latency_ms,
@@ -535,8 +535,8 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         if args.command == "webhook-test":
             return await webhook_test_command(args, env)
         if args.command == "bench-webhooks":
-            from worker.benchmark.webhooks import render as render_webhooks
-            from worker.benchmark.webhooks import run_benchmark as bench_webhooks
+            from worker.devtools.benchmark.webhooks import render as render_webhooks
+            from worker.devtools.benchmark.webhooks import run_benchmark as bench_webhooks
 
             report = await bench_webhooks(
                 events=args.events, rate=args.rate, connections=args.connections,
@@ -546,7 +546,7 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                              else render_webhooks(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "bench-prune":
-            from worker.benchmark import prune as bench_prune
+            from worker.devtools.benchmark import prune as bench_prune
 
             report = await bench_prune.run_benchmark(
                 old=args.old, fresh=args.fresh, runs=args.runs, rate=args.rate,
@@ -555,14 +555,14 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                              else bench_prune.render(report))
             return EXIT_OK if report["ok"] else EXIT_FAILED
         if args.command == "soak":
-            from worker.benchmark import soak as soaking
+            from worker.devtools import soak as soaking
 
             report = await soaking.run_soak(seconds=args.seconds, failure_rate=args.failure_rate,
                                             records=args.records, database_url=args.database_url)
             sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else soaking.render(report))
             return EXIT_OK if report["converged"] else EXIT_FAILED
         if args.command == "demo":
-            from worker.demo import run_demo
+            from worker.devtools.demo import run_demo
 
             return await run_demo(keep=args.keep)
         return await serve_emulator(args)

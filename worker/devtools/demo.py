@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from worker.embedded import embedded_postgres
+from worker.devtools.embedded import embedded_postgres
 from worker.emulator import MailgunEmulator
 from worker.emulator.recorded import RECORDED_BOUNCES, RECORDED_UNSUBSCRIBES
 from worker.mailgun import MailgunClient

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from worker.embedded import embedded_postgres
+from worker.devtools.embedded import embedded_postgres
 from worker.sql import queries
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -22,9 +22,9 @@ from typing import Any
 
 import asyncpg
 
+from worker.devtools.scratch import scratch_database
 from worker.migrate import migrate
 from worker.retention import PruneReport, prune
-from worker.scratch import scratch_database
 from worker.sql import migrations, queries
 from worker.store import open_pool
 
