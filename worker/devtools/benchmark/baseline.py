@@ -14,7 +14,7 @@ import sys
 import asyncpg
 import orjson
 
-from worker.sql import queries
+from worker.devtools.sql import queries
 
 
 async def main() -> None:

@@ -24,8 +24,8 @@ import asyncpg
 import orjson
 
 from worker.devtools.scratch import scratch_database
+from worker.devtools.sql import queries
 from worker.migrate import migrate
-from worker.sql import queries
 from worker.store import open_pool
 
 DOMAIN = "mg.bench.example"
