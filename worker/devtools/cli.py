@@ -27,8 +27,17 @@ def _server(args: argparse.Namespace) -> str | None:
     return url
 
 
-def _print(report: dict[str, Any], render: Callable[[dict[str, Any]], str], *, as_json: bool) -> None:
-    sys.stdout.write(orjson.dumps(report).decode() + "\n" if as_json else render(report))
+def _add_server_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument("--database-url", metavar="URL",
+                        help=f"a server to create {whose} own database on (default: local or embedded)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _report(report: dict[str, Any], render: Callable[[dict[str, Any]], str], args: argparse.Namespace,
+            *, ok: bool) -> int:
+    """Print the report, as one JSON object with --json; the exit code."""
+    sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def add_demo(commands: Commands) -> None:
@@ -58,9 +67,7 @@ def add_bench(commands: Commands) -> None:
                        help="added to every request to the emulator, as a round trip to Mailgun")
     bench.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                        help="also run the hand-written baseline (default: up to 200000 records)")
-    bench.add_argument("--database-url", metavar="URL",
-                       help="a server to create the benchmark's own database on (default: local or embedded)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_server_flags(bench, "the benchmark's")
     bench.set_defaults(handler=bench_command)
 
 
@@ -70,8 +77,7 @@ async def bench_command(args: argparse.Namespace, env: Mapping[str, str]) -> int
     report = await run_benchmark(
         records=args.records, pending=args.pending, page_latency_ms=args.page_latency_ms,
         baseline=args.baseline, database_url=_server(args), deletions=args.deletions)
-    _print(report, render, as_json=args.json)
-    return EXIT_OK
+    return _report(report, render, args, ok=True)
 
 
 def add_soak(commands: Commands) -> None:
@@ -80,9 +86,7 @@ def add_soak(commands: Commands) -> None:
     soak.add_argument("--seconds", type=float, default=600.0, help="how long (default 600)")
     soak.add_argument("--failure-rate", type=float, default=0.05, help="share of requests failing")
     soak.add_argument("--records", type=int, default=20_000, help="bounces at the emulator")
-    soak.add_argument("--database-url", metavar="URL",
-                      help="a server to create the soak's own database on (default: local or embedded)")
-    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_server_flags(soak, "the soak's")
     soak.set_defaults(handler=soak_command)
 
 
@@ -91,8 +95,7 @@ async def soak_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     report = await run_soak(seconds=args.seconds, failure_rate=args.failure_rate,
                             records=args.records, database_url=_server(args))
-    _print(report, render, as_json=args.json)
-    return EXIT_OK if report["converged"] else EXIT_FAILED
+    return _report(report, render, args, ok=report["converged"])
 
 
 def add_bench_webhooks(commands: Commands) -> None:
@@ -110,10 +113,7 @@ def add_bench_webhooks(commands: Commands) -> None:
                                 help="seconds the emulator takes for each page of those pulls (default 4)")
     bench_webhooks.add_argument("--flood", type=float, default=0.0, metavar="R",
                                 help="also take the burst alongside R badly signed requests a second")
-    bench_webhooks.add_argument("--database-url", metavar="URL",
-                                help="a server to create the benchmark's own database on "
-                                "(default: local or embedded)")
-    bench_webhooks.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_server_flags(bench_webhooks, "the benchmark's")
     bench_webhooks.set_defaults(handler=bench_webhooks_command)
 
 
@@ -124,8 +124,7 @@ async def bench_webhooks_command(args: argparse.Namespace, env: Mapping[str, str
         events=args.events, rate=args.rate, connections=args.connections,
         database_url=_server(args), slow_runs=args.slow_runs, page_delay=args.page_delay,
         flood=args.flood)
-    _print(report, render, as_json=args.json)
-    return EXIT_OK if report["ok"] else EXIT_FAILED
+    return _report(report, render, args, ok=report["ok"])
 
 
 def add_bench_prune(commands: Commands) -> None:
@@ -141,10 +140,7 @@ def add_bench_prune(commands: Commands) -> None:
                              help="the concurrent writer's inserts per second (default 200)")
     bench_prune.add_argument("--baseline-seconds", type=float, default=10.0, metavar="S",
                              help="how long the writer runs alone first (default 10)")
-    bench_prune.add_argument("--database-url", metavar="URL",
-                             help="a server to create the benchmark's own database on "
-                             "(default: local or embedded)")
-    bench_prune.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_server_flags(bench_prune, "the benchmark's")
     bench_prune.set_defaults(handler=bench_prune_command)
 
 
@@ -154,5 +150,4 @@ async def bench_prune_command(args: argparse.Namespace, env: Mapping[str, str]) 
     report = await run_benchmark(
         old=args.old, fresh=args.fresh, runs=args.runs, rate=args.rate,
         baseline_seconds=args.baseline_seconds, database_url=_server(args))
-    _print(report, render, as_json=args.json)
-    return EXIT_OK if report["ok"] else EXIT_FAILED
+    return _report(report, render, args, ok=report["ok"])
