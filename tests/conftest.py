@@ -15,12 +15,12 @@ import structlog
 
 from tests.support.database import TestDatabase, open_test_database
 from tests.support.mirror import empty_mirror
+from worker.devtools.scratch import database_statement, run_admin, with_database
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.mailgun import MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
-from worker.scratch import database_statement, run_admin, with_database
 from worker.store import MirrorStore, open_pool
 
 DOMAIN = "mg.example.com"

@@ -21,8 +21,8 @@ from tests.conftest import API_KEY
 from tests.support.mirror import rows
 from tests.support.proxy import SilentProxy
 from tests.support.webhooks import SIGNING_KEY, deliver, event
-from worker.benchmark.run import _free_port
 from worker.daemon import CANCELLED_RUNS_WITHIN
+from worker.devtools.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
 from worker.store import POOL_SIZE

@@ -11,11 +11,11 @@ import asyncpg
 
 from tests.conftest import DOMAIN
 from tests.support.mirror import rows
+from worker.devtools.sql import queries
 from worker.emulator import Fault
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
-from worker.sql import queries
 from worker.store import MirrorStore, open_pool
 
 BOUNCES = SuppressionList.BOUNCES

@@ -10,10 +10,10 @@ import pytest
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import rows
+from worker.devtools.sql import queries
 from worker.emulator import Fault
 from worker.mailgun.retry import RetryPolicy
 from worker.records import SuppressionList
-from worker.sql import queries
 
 BOUNCES = SuppressionList.BOUNCES
 N, PENDING = 400, 25

@@ -16,10 +16,10 @@ import pytest
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from worker.devtools.scratch import database_statement, run_admin, with_database
 from worker.mailgun import MailgunClient
 from worker.migrate import migrate
 from worker.records import SuppressionList
-from worker.scratch import database_statement, run_admin, with_database
 from worker.settings import Settings
 from worker.store import open_pool
 

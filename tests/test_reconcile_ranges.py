@@ -9,9 +9,9 @@ from structlog.testing import capture_logs
 
 from tests.conftest import DOMAIN
 from tests.support.mirror import rows
+from worker.devtools.sql import queries
 from worker.emulator import EmulatorSettings
 from worker.records import SuppressionList
-from worker.sql import queries
 
 BOUNCES = SuppressionList.BOUNCES
 N = 12_000

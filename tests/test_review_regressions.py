@@ -10,9 +10,9 @@ import pytest
 from tests.conftest import DOMAIN
 from tests.support.mirror import insert_row, rows
 from worker import errors
+from worker.devtools.sql import queries
 from worker.emulator import EmulatorSettings, Fault
 from worker.records import SuppressionList
-from worker.sql import queries
 
 BOUNCES = SuppressionList.BOUNCES
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES

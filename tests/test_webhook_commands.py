@@ -15,7 +15,7 @@ import orjson
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.mirror import rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event
-from worker.benchmark.run import _free_port
+from worker.devtools.benchmark.run import _free_port
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.webhook_test import TEST_RECIPIENT
 

@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ from worker.retention import render as render_prune
 from worker.settings import (
     US_API_BASE,
     Settings,
-    check_database_url,
     domain_names,
     require_database_url,
     retention_days,
@@ -54,6 +53,9 @@ from worker.store import MirrorStore, open_pool, wrap_db_errors
 log = get_logger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# What a command runs, set on its parser as set_defaults(handler=...).
+Handler = Callable[[argparse.Namespace, Mapping[str, str]], Awaitable[int]]
 
 
 # An option's name as the parser spells them (long, lower case) or -h: a word of the command line
@@ -123,12 +125,15 @@ def _add_scope_flags(parser: argparse.ArgumentParser) -> None:
 
 @functools.cache  # parsing leaves the parser as it was; building it costs more than a parse
 def build_parser() -> argparse.ArgumentParser:
+    from worker.devtools import cli as devtools  # imported here: it imports this module
+
     parser = _Parser(
         prog="mailgun-sync",
         description="Keep Mailgun's suppression lists and a PostgreSQL mirror in step.")
     parser.add_argument("--version", action="version", version=f"mailgun-sync {__version__}")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)")
+    parser.set_defaults(default_log_level="INFO")  # a command may set its own
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
 
@@ -140,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-mass-delete", action="store_true",
                      help="let a run remove more than SYNC_MAX_DELETE_FRACTION of a list")
     _add_settings_flags(run)
+    run.set_defaults(handler=run_command)
 
     daemon = commands.add_parser("daemon", help="reconcile every domain and list on a schedule, serve "
                                  "/healthz, /readyz and /metrics, drain on SIGTERM")
@@ -159,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--shutdown-grace", dest="SHUTDOWN_GRACE", metavar="SECONDS",
                         help="how long a stop waits for the run in progress (env SHUTDOWN_GRACE, 25)")
     _add_settings_flags(daemon)
+    daemon.set_defaults(handler=daemon_command)
 
     backfill = commands.add_parser(
         "backfill", help="one-shot full pull into the mirror, resumable; pushes only with --push")
@@ -167,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--allow-mass-delete", action="store_true",
                           help="let the backfill remove more than SYNC_MAX_DELETE_FRACTION of a list")
     _add_settings_flags(backfill)
+    backfill.set_defaults(handler=backfill_command)
 
     status = commands.add_parser("status", help="the last run, pending and rejected rows of every list")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
+    status.set_defaults(handler=status_command)
 
     prune = commands.add_parser(
         "prune", help="delete change log and run records older than the retention, in small batches")
@@ -179,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                        help="PostgreSQL URL of the mirror (env DATABASE_URL)")
     prune.add_argument("--json", action="store_true", help="print one JSON object")
+    prune.set_defaults(handler=prune_command)
 
     migrate_cmd = commands.add_parser("migrate", help="create or update the mirror's schema")
     migrate_cmd.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                              help="PostgreSQL URL of the mirror (env DATABASE_URL)")
     migrate_cmd.add_argument("--app-role", metavar="ROLE",
                              help="then grant the applications' role exactly its rights in the schema")
+    migrate_cmd.set_defaults(handler=migrate_command)
 
     grants = commands.add_parser(
         "grants", help="print or apply the least-privilege grants of the worker's and applications' roles")
@@ -197,36 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the statements on DATABASE_URL instead of printing them")
     grants.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror, with --apply (env DATABASE_URL)")
+    grants.set_defaults(handler=grants_command)
 
-    demo = commands.add_parser(
-        "demo", help="run a full reconcile against the emulator and an embedded PostgreSQL")
-    demo.add_argument("--keep", type=Path, metavar="DIR",
-                      help="keep the embedded database in DIR instead of a temporary directory")
-
-    bench = commands.add_parser(
-        "bench", help="measure a reconcile of N records against the hand-written baseline")
-    bench.add_argument("--records", type=int, default=100_000, metavar="N",
-                       help="bounces at the emulator (default 100000)")
-    bench.add_argument("--pending", type=int, metavar="N",
-                       help="pending local additions to push (default 1 %% of --records)")
-    bench.add_argument("--deletions", type=int, default=0, metavar="N",
-                       help="also have the application delete N synced rows, deleted at Mailgun by the run")
-    bench.add_argument("--page-latency-ms", type=float, default=0.0, metavar="L",
-                       help="added to every request to the emulator, as a round trip to Mailgun")
-    bench.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                       help="also run the hand-written baseline (default: up to 200000 records)")
-    bench.add_argument("--database-url", metavar="URL",
-                       help="a server to create the benchmark's own database on (default: local or embedded)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-
-    soak = commands.add_parser(
-        "soak", help="the daemon against the emulator with failing requests: convergence and drift")
-    soak.add_argument("--seconds", type=float, default=600.0, help="how long (default 600)")
-    soak.add_argument("--failure-rate", type=float, default=0.05, help="share of requests failing")
-    soak.add_argument("--records", type=int, default=20_000, help="bounces at the emulator")
-    soak.add_argument("--database-url", metavar="URL",
-                      help="a server to create the soak's own database on (default: local or embedded)")
-    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    devtools.add_demo(commands)
+    devtools.add_bench(commands)
+    devtools.add_soak(commands)
 
     webhook_test = commands.add_parser(
         "webhook-test", help="sign and send sample Mailgun webhooks to an endpoint and check its answers")
@@ -238,42 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="the sending domain the samples name (default: first of MAILGUN_DOMAINS)")
     webhook_test.add_argument("--recipient", metavar="ADDRESS",
                               help="the address the samples suppress (default: one at example.com)")
+    webhook_test.set_defaults(handler=webhook_test_command)
 
-    bench_webhooks = commands.add_parser(
-        "bench-webhooks", help="measure the daemon absorbing a burst of signed webhooks")
-    bench_webhooks.add_argument("--events", type=int, default=20_000, metavar="N",
-                                help="webhooks to send (default 20000)")
-    bench_webhooks.add_argument("--rate", type=float, default=1000.0, metavar="R",
-                                help="webhooks per second to send at (default 1000)")
-    bench_webhooks.add_argument("--connections", type=int, default=100, metavar="C",
-                                help="most requests in flight at once (default 100)")
-    bench_webhooks.add_argument("--slow-runs", type=int, default=0, metavar="N",
-                                help="also take the burst while N lists are being pulled, slowly")
-    bench_webhooks.add_argument("--page-delay", type=float, default=4.0, metavar="S",
-                                help="seconds the emulator takes for each page of those pulls (default 4)")
-    bench_webhooks.add_argument("--flood", type=float, default=0.0, metavar="R",
-                                help="also take the burst alongside R badly signed requests a second")
-    bench_webhooks.add_argument("--database-url", metavar="URL",
-                                help="a server to create the benchmark's own database on "
-                                "(default: local or embedded)")
-    bench_webhooks.add_argument("--json", action="store_true", help="print one JSON object")
-
-    bench_prune = commands.add_parser(
-        "bench-prune", help="measure pruning a large change log, and a writer's latency meanwhile")
-    bench_prune.add_argument("--old", type=int, default=5_000_000, metavar="N",
-                             help="change rows past the 30-day retention (default 5000000)")
-    bench_prune.add_argument("--fresh", type=int, metavar="N",
-                             help="change rows within it, kept (default a tenth of --old)")
-    bench_prune.add_argument("--runs", type=int, metavar="N",
-                             help="run records over 61 days (default a hundredth of --old)")
-    bench_prune.add_argument("--rate", type=float, default=200.0, metavar="R",
-                             help="the concurrent writer's inserts per second (default 200)")
-    bench_prune.add_argument("--baseline-seconds", type=float, default=10.0, metavar="S",
-                             help="how long the writer runs alone first (default 10)")
-    bench_prune.add_argument("--database-url", metavar="URL",
-                             help="a server to create the benchmark's own database on "
-                             "(default: local or embedded)")
-    bench_prune.add_argument("--json", action="store_true", help="print one JSON object")
+    devtools.add_bench_webhooks(commands)
+    devtools.add_bench_prune(commands)
 
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
@@ -290,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="requests per window per key before 429 (X-Request-Limit)")
     emulator.add_argument("--generate", action="append", default=[], metavar="LIST=N",
                           help="add N synthetic records to a list of the first domain (repeatable)")
+    emulator.set_defaults(handler=emulator_command)
     _COMMAND_NAMES.update(commands.choices)
     return parser
 
@@ -468,7 +423,7 @@ async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str])
     return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
 
 
-async def serve_emulator(args: argparse.Namespace) -> int:
+async def emulator_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = EmulatorSettings(
         latency_s=args.latency_ms / 1000, rate_limit=args.rate_limit,
         auto_create_domains=not args.domains)
@@ -507,65 +462,9 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     try:
         args = build_parser().parse_args(argv)
-        configure_logging(level=args.log_level or ("WARNING" if args.command == "demo" else "INFO"))
-        if getattr(args, "database_url", None):  # the benchmarks' server, checked as DATABASE_URL is
-            check_database_url(args.database_url, "--database-url")
-        if args.command == "run":
-            return await run_command(args, env)
-        if args.command == "migrate":
-            return await migrate_command(args, env)
-        if args.command == "grants":
-            return await grants_command(args, env)
-        if args.command == "daemon":
-            return await daemon_command(args, env)
-        if args.command == "backfill":
-            return await backfill_command(args, env)
-        if args.command == "status":
-            return await status_command(args, env)
-        if args.command == "prune":
-            return await prune_command(args, env)
-        if args.command == "bench":
-            from worker.benchmark.run import render, run_benchmark
-
-            report = await run_benchmark(
-                records=args.records, pending=args.pending, page_latency_ms=args.page_latency_ms,
-                baseline=args.baseline, database_url=args.database_url, deletions=args.deletions)
-            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else render(report))
-            return EXIT_OK
-        if args.command == "webhook-test":
-            return await webhook_test_command(args, env)
-        if args.command == "bench-webhooks":
-            from worker.benchmark.webhooks import render as render_webhooks
-            from worker.benchmark.webhooks import run_benchmark as bench_webhooks
-
-            report = await bench_webhooks(
-                events=args.events, rate=args.rate, connections=args.connections,
-                database_url=args.database_url, slow_runs=args.slow_runs, page_delay=args.page_delay,
-                flood=args.flood)
-            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
-                             else render_webhooks(report))
-            return EXIT_OK if report["ok"] else EXIT_FAILED
-        if args.command == "bench-prune":
-            from worker.benchmark import prune as bench_prune
-
-            report = await bench_prune.run_benchmark(
-                old=args.old, fresh=args.fresh, runs=args.runs, rate=args.rate,
-                baseline_seconds=args.baseline_seconds, database_url=args.database_url)
-            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json
-                             else bench_prune.render(report))
-            return EXIT_OK if report["ok"] else EXIT_FAILED
-        if args.command == "soak":
-            from worker.benchmark import soak as soaking
-
-            report = await soaking.run_soak(seconds=args.seconds, failure_rate=args.failure_rate,
-                                            records=args.records, database_url=args.database_url)
-            sys.stdout.write(orjson.dumps(report).decode() + "\n" if args.json else soaking.render(report))
-            return EXIT_OK if report["converged"] else EXIT_FAILED
-        if args.command == "demo":
-            from worker.demo import run_demo
-
-            return await run_demo(keep=args.keep)
-        return await serve_emulator(args)
+        configure_logging(level=args.log_level or args.default_log_level)
+        handler: Handler = args.handler
+        return await handler(args, env)
     except ConfigError as exc:
         # Nothing given on the command line is shown back: it may be a secret given to the wrong flag.
         print(f"mailgun-sync: {exc.setting}: {shown_usage_error(exc.problem, argv)}", file=sys.stderr)

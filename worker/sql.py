@@ -33,9 +33,14 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
+def named_queries(file_name: str) -> dict[str, str]:
+    """The `-- name:` sections of a file in sql/."""
+    return parse_queries((sql_dir() / file_name).read_text(encoding="utf-8"))
+
+
 @functools.cache
 def queries() -> dict[str, str]:
-    return parse_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+    return named_queries("queries.sql")
 
 
 @dataclass(frozen=True)

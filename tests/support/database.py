@@ -15,9 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from worker.embedded import embedded_postgres
-from worker.scratch import LOCAL_SERVER, database_statement, run_admin, server_answers, with_database
-from worker.sql import queries
+from worker.devtools.embedded import embedded_postgres
+from worker.devtools.scratch import LOCAL_SERVER, database_statement, run_admin, server_answers, with_database
+from worker.devtools.sql import queries
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import aiohttp
 import asyncpg
 import orjson
 
+from worker.devtools.scratch import scratch_database
+from worker.devtools.sql import queries
 from worker.migrate import migrate
-from worker.scratch import scratch_database
-from worker.sql import queries
 from worker.store import open_pool
 
 DOMAIN = "mg.bench.example"
@@ -168,7 +168,7 @@ async def _run_worker(emulator: Emulator, database_url: str, records: int, *,
 
 async def _run_baseline(emulator: Emulator, database_url: str, records: int) -> Measured:
     before = await emulator.served_gets()
-    argv = [sys.executable, "-m", "worker.benchmark.baseline"]
+    argv = [sys.executable, "-m", "worker.devtools.benchmark.baseline"]
     measured, out, err = await asyncio.to_thread(_measure, argv, _env(emulator, database_url))
     if measured.exit_code != 0:
         raise RuntimeError(f"the baseline failed: {err.strip()[-500:]}")

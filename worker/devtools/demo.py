@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from worker.embedded import embedded_postgres
+from worker.devtools.embedded import embedded_postgres
+from worker.devtools.sql import queries
 from worker.emulator import MailgunEmulator
 from worker.emulator.recorded import RECORDED_BOUNCES, RECORDED_UNSUBSCRIBES
 from worker.mailgun import MailgunClient
@@ -29,7 +30,6 @@ from worker.migrate import migrate
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import render_table
-from worker.sql import queries
 from worker.store import MirrorStore, open_pool
 
 DOMAIN = "mg.demo.example"

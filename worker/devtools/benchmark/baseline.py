@@ -1,7 +1,7 @@
 """The sync a user would write by hand, as the benchmark's yardstick: the official Mailgun SDK's
 `stream()`, then one upsert per record, one delete per vanished row, and one add per local row.
 
-Run as `python -m worker.benchmark.baseline` with MAILGUN_API_KEY, MAILGUN_API_BASE,
+Run as `python -m worker.devtools.benchmark.baseline` with MAILGUN_API_KEY, MAILGUN_API_BASE,
 MAILGUN_DOMAINS (one domain) and DATABASE_URL. It prints one JSON line of counts.
 """
 
@@ -14,7 +14,7 @@ import sys
 import asyncpg
 import orjson
 
-from worker.sql import queries
+from worker.devtools.sql import queries
 
 
 async def main() -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import aiohttp
 
-from worker.benchmark.run import DOMAIN, Emulator, _env, _free_port, _prepare_mirror
+from worker.devtools.benchmark.run import DOMAIN, Emulator, _env, _free_port, _prepare_mirror
+from worker.devtools.scratch import scratch_database
+from worker.devtools.sql import queries
 from worker.migrate import migrate
-from worker.scratch import scratch_database
-from worker.sql import queries
 from worker.store import open_pool
 
 

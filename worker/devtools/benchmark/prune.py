@@ -22,10 +22,11 @@ from typing import Any
 
 import asyncpg
 
+from worker.devtools.scratch import scratch_database
+from worker.devtools.sql import queries
 from worker.migrate import migrate
 from worker.retention import PruneReport, prune
-from worker.scratch import scratch_database
-from worker.sql import migrations, queries
+from worker.sql import migrations
 from worker.store import open_pool
 
 RETENTION_DAYS = 30

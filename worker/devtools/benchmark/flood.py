@@ -1,4 +1,4 @@
-"""Badly signed webhooks at a steady rate: `python -m worker.benchmark.flood URL RATE DOMAIN`.
+"""Badly signed webhooks at a steady rate: `python -m worker.devtools.benchmark.flood URL RATE DOMAIN`.
 
 It runs in a process of its own, so the benchmark's sender of good deliveries keeps its core
 time, and speaks HTTP/1.1 over plain keep-alive streams instead of a client library, so that

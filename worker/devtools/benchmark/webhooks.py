@@ -25,12 +25,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from worker.benchmark.run import API_KEY, DOMAIN, Emulator, _free_port
+from worker.devtools.benchmark.run import API_KEY, DOMAIN, Emulator, _free_port
+from worker.devtools.scratch import scratch_database
+from worker.devtools.sql import queries
 from worker.mailgun import DEFAULT_PAGE_LIMIT
 from worker.migrate import migrate
 from worker.records import SYNCED_LISTS
-from worker.scratch import scratch_database
-from worker.sql import queries
 from worker.store import POOL_SIZE, open_pool
 from worker.webhook_test import event_data, signed
 
@@ -162,7 +162,7 @@ async def _phase(url: str, emulator: Emulator, domains: tuple[str, ...], *, name
                     await asyncio.sleep(1.0)  # the first scheduled reconciles (empty lists) are done
                 if flood:
                     flooder = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "worker.benchmark.flood", f"{base}/webhooks/mailgun",
+                        sys.executable, "-m", "worker.devtools.benchmark.flood", f"{base}/webhooks/mailgun",
                         str(flood), DOMAIN, stdout=asyncio.subprocess.PIPE)
                     await asyncio.sleep(1.0)  # the flood is under way before the burst starts
                 sent = await _send(session, f"{base}/webhooks/mailgun", bodies, rate, connections)

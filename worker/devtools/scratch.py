@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from worker.embedded import embedded_postgres
-from worker.sql import queries
+from worker.devtools.embedded import embedded_postgres
+from worker.devtools.sql import queries
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
