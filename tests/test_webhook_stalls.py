@@ -131,7 +131,11 @@ async def test_sigterm_stops_the_daemon_within_its_grace_while_a_webhook_write_w
         holder.cancel()
     assert code == 0
     assert elapsed < grace + 2.5, elapsed
-    assert all(not isinstance(a, BaseException) and a[0] == 503 for a in answers), answers[:3]
+    # Every delivery the daemon read is answered 503 (Mailgun retries it); one it had not read yet
+    # on a loaded machine finds the port closed, which Mailgun retries as well.
+    answered = [a for a in answers if not isinstance(a, BaseException)]
+    assert answered and all(a[0] == 503 for a in answered), answered[:3]
+    assert all(isinstance(a, aiohttp.ClientError) for a in answers if isinstance(a, BaseException))
 
 
 async def test_writes_given_up_one_after_another_leave_no_sessions_behind_on_the_server(
