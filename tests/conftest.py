@@ -15,13 +15,14 @@ import structlog
 
 from tests.support.database import TestDatabase, open_test_database
 from tests.support.mirror import empty_mirror
+from worker.database import open_pool
 from worker.devtools.scratch import database_statement, run_admin, with_database
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.mailgun import MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
-from worker.store import MirrorStore, open_pool
+from worker.store import MirrorStore
 
 DOMAIN = "mg.example.com"
 API_KEY = "key-test-0123456789abcdef"

@@ -21,6 +21,7 @@ from tests.conftest import API_KEY, DOMAIN
 from tests.support import database
 from tests.support.mirror import insert_row, rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from worker.database import open_pool
 from worker.emulator import MailgunEmulator
 from worker.mailgun import MailgunClient
 from worker.migrate import migrate
@@ -28,7 +29,7 @@ from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.settings import Settings
 from worker.sql import migrations, queries
-from worker.store import MirrorStore, open_pool
+from worker.store import MirrorStore
 
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
 # Upper and lower case, punctuation, an accented letter: en-US sorts them _x, a, B, Z, é.

@@ -22,10 +22,10 @@ from tests.support.mirror import rows
 from tests.support.proxy import SilentProxy
 from tests.support.webhooks import SIGNING_KEY, deliver, event
 from worker.daemon import CANCELLED_RUNS_WITHIN
+from worker.database import POOL_SIZE
 from worker.devtools.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
-from worker.store import POOL_SIZE
 from worker.webhook_store import WRITE_WITHIN
 
 # 3 domains of 4 lists: 12 runs at once, more than the runs' connections.

@@ -5,18 +5,24 @@ which is what these tests do; the server itself is shared by the whole test run.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+import sys
 import uuid
 
 import asyncpg
+import orjson
+import pytest
 
 from tests.conftest import DOMAIN
 from tests.support.mirror import rows
+from worker.database import open_pool
 from worker.devtools.sql import queries
 from worker.emulator import Fault
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
-from worker.store import MirrorStore, open_pool
+from worker.store import MirrorStore
 
 BOUNCES = SuppressionList.BOUNCES
 N, PENDING = 300, 20
@@ -104,3 +110,64 @@ async def test_a_read_only_database_is_a_clear_error_and_changes_nothing(
         assert str(result.error).startswith("PostgreSQL failed while")
         assert await rows(pool, BOUNCES) == before
         assert not [r for r in emulator.requests if r.method == "POST"]
+
+
+def _own_network_namespaces() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+async def _over_a_socket_file(pool) -> str:
+    """The test database's URL by the server's Unix socket, which a network namespace leaves
+    reachable."""
+    directory = (await pool.fetchval("SHOW unix_socket_directories")).split(",")[0].strip()
+    port, name, user = await pool.fetchrow("SELECT current_setting('port'), current_database(), current_user")
+    return f"postgresql://{user}@/{name}?host={directory}&port={port}"
+
+
+async def _statement_on_a_lost_server(pool, dead_after: float, give_up: float) -> dict:
+    child = await asyncio.create_subprocess_exec(
+        "unshare", "-n", sys.executable, "-m", "tests.support.lost_network",
+        await _over_a_socket_file(pool), str(dead_after), str(give_up),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(child.communicate(), give_up + 30)
+    return orjson.loads(out)
+
+
+needs_network_namespaces = pytest.mark.skipif(
+    not _own_network_namespaces(), reason="needs `unshare -n` (root) and `ip`")
+
+
+@needs_network_namespaces
+async def test_a_statement_whose_server_is_lost_without_a_word_fails_within_dead_after(pool):
+    # A run waits for its statement's answer on its one connection; a server gone without closing
+    # it (a failover, a powered-off host) never answers, and without the kernel's probes the run,
+    # and the list with it, would wait until a restart.
+    outcome = await _statement_on_a_lost_server(pool, dead_after=3, give_up=20)
+    assert outcome["outcome"] == "failed"
+    assert outcome["seconds"] <= 4
+    assert outcome["error"].startswith("PostgreSQL failed while waiting for a long statement")
+
+
+@needs_network_namespaces
+async def test_the_lost_server_above_is_silent_indeed_for_an_unprobed_connection(pool):
+    # The control: the same loss, with probes too late to matter, is a statement still waiting.
+    outcome = await _statement_on_a_lost_server(pool, dead_after=600, give_up=5)
+    assert outcome["outcome"] == "still waiting"
+
+
+async def test_the_server_gives_up_a_silent_worker_as_soon_as_the_worker_gives_it_up(database_url):
+    # Its end of a lost connection holds the list's advisory lock; left to the server's defaults
+    # (two hours), the list would stay locked for the next run long after the worker moved on.
+    async with open_pool(database_url, max_size=1, dead_after=60) as pool:
+        settings = await pool.fetchrow(
+            "SELECT current_setting('tcp_keepalives_idle') AS idle, "
+            "current_setting('tcp_keepalives_interval') AS interval, "
+            "current_setting('tcp_keepalives_count') AS probes, "
+            "current_setting('tcp_user_timeout') AS user_timeout, "
+            "inet_client_addr() IS NULL AS over_a_socket_file")
+    if settings["over_a_socket_file"]:
+        pytest.skip("a Unix socket has no TCP settings")
+    assert dict(settings) == {"idle": "20", "interval": "10", "probes": "4",
+                              "user_timeout": "60000", "over_a_socket_file": False}

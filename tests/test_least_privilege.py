@@ -16,12 +16,12 @@ import pytest
 
 from tests.conftest import API_KEY, DOMAIN
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
+from worker.database import open_pool
 from worker.devtools.scratch import database_statement, run_admin, with_database
 from worker.mailgun import MailgunClient
 from worker.migrate import migrate
 from worker.records import SuppressionList
 from worker.settings import Settings
-from worker.store import open_pool
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 CREATED = "Mon, 02 Mar 2026 10:00:00 UTC"

@@ -7,9 +7,9 @@ import asyncio
 
 import asyncpg
 
+from worker.database import open_pool
 from worker.migrate import migrate, pending_migrations
 from worker.sql import migrations, queries
-from worker.store import open_pool
 
 EVERY_VERSION = [m.version for m in migrations()]
 MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "sync_runs", "changes")

@@ -26,13 +26,14 @@ from tests.support.cli import BASIC_AUTH
 from tests.support.webhooks import SIGNING_KEY
 from tests.test_webhook_commands import start_daemon, stop
 from worker import errors
+from worker.database import open_pool
 from worker.devtools.embedded import embedded_postgres
 from worker.devtools.sql import queries
 from worker.emulator import Fault, MailgunEmulator
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.report import list_status
-from worker.store import DATA_COLUMNS, list_query, open_pool
+from worker.store import DATA_COLUMNS, list_query
 
 BOUNCES = SuppressionList.BOUNCES
 ROOT = Path(__file__).resolve().parents[1]

@@ -428,7 +428,7 @@ async def test_stopping_the_writer_writes_everything_queued_first(pool):
 
 async def test_a_database_failure_answers_503_and_the_retry_is_stored(
         pool, client, emulator, aiohttp_client, database_url):
-    from worker.store import open_pool
+    from worker.database import open_pool
 
     payload = event("complained", "retry@example.com", DOMAIN)
     async with open_pool(database_url, max_size=2) as doomed, \
@@ -584,7 +584,7 @@ async def test_a_signature_cut_elsewhere_between_timestamp_and_token_is_no_new_t
 
 async def test_an_ignored_delivery_the_database_cannot_record_is_503_and_mailguns_retry_is_taken(
         pool, client, emulator, aiohttp_client, database_url):
-    from worker.store import open_pool
+    from worker.database import open_pool
 
     delivery = event("failed", "later@example.com", DOMAIN, severity="temporary")
     async with open_pool(database_url, max_size=2) as doomed, \
@@ -685,7 +685,7 @@ def _no_token() -> dict:
 ], ids=["wrong signature", "no signature", "no token", "stale", "not JSON", "too large"])
 async def test_a_request_no_signature_vouches_for_costs_no_database_work_and_is_counted_by_reason(
         database_url, aiohttp_client, body, status, reason):
-    from worker.store import open_pool
+    from worker.database import open_pool
 
     metrics = Metrics()
     async with open_pool(database_url, max_size=1) as closed:

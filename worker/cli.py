@@ -26,6 +26,7 @@ import orjson
 from worker import __version__
 from worker.backfill import Backfiller, Progress
 from worker.daemon import build_trigger, serve
+from worker.database import open_pool, wrap_db_errors
 from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
 from worker.errors import ConfigError, SyncError
@@ -48,7 +49,7 @@ from worker.settings import (
     retention_days,
     secret,
 )
-from worker.store import MirrorStore, open_pool, wrap_db_errors
+from worker.store import MirrorStore
 
 log = get_logger(__name__)
 

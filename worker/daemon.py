@@ -26,6 +26,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from worker.cron import parse_cron
+from worker.database import ping
 from worker.domains import DomainPlan, Planned
 from worker.errors import ConfigError, DatabaseError, SyncError
 from worker.lifespan import Resources
@@ -35,7 +36,6 @@ from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.retention import prune
 from worker.settings import Settings
-from worker.store import ping
 from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import aiohttp
 import asyncpg
 
+from worker.database import open_pool
 from worker.errors import ConfigError
 from worker.mailgun import HttpObserver, MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.settings import Settings
-from worker.store import MirrorStore, open_pool
+from worker.store import MirrorStore
 from worker.webhook_store import WRITE_WITHIN
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncpg
 
+from worker.database import wrap_db_errors
 from worker.grants import apply_app_grants
 from worker.logs import get_logger
 from worker.sql import migrations, queries
-from worker.store import wrap_db_errors
 
 log = get_logger(__name__)
 

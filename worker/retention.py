@@ -21,9 +21,9 @@ from typing import Any
 
 import asyncpg
 
+from worker.database import wrap_db_errors
 from worker.logs import get_logger
 from worker.sql import queries
-from worker.store import wrap_db_errors
 
 log = get_logger(__name__)
 

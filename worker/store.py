@@ -7,7 +7,6 @@ lives whole in Python.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import re
@@ -19,9 +18,8 @@ from typing import Any
 
 import asyncpg
 
-from worker.errors import ConfigError, DatabaseError, DatabaseTimeoutError
+from worker.database import wrap_db_errors
 from worker.records import Page, Record, StagingRow, SuppressionList
-from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
 
 # The data columns of each mirror table, the ones Mailgun owns, each with the staging column it is
@@ -55,101 +53,6 @@ def list_query(name: str, kind: SuppressionList) -> str:
         "address_key": f"{address}_key",
     }
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
-
-
-@contextlib.asynccontextmanager
-async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
-    """Turn driver and connection failures into a DatabaseError that says what was being done."""
-    try:
-        yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DatabaseError(f"PostgreSQL failed while {doing}: {type(exc).__name__}: {exc}") from exc
-    except (OSError, TimeoutError) as exc:
-        raise DatabaseError(f"PostgreSQL could not be reached while {doing}: {exc}") from exc
-
-
-# Connections of a process's runs: each run holds one for its whole pull.
-POOL_SIZE = 10
-# How long closing a pool waits for the server to see its connections off before closing them.
-POOL_CLOSE_WITHIN = 1.0
-
-
-@contextlib.asynccontextmanager
-async def open_pool(database_url: str, *, max_size: int = POOL_SIZE,
-                    statement_timeout: float | None = None) -> AsyncIterator[asyncpg.Pool]:
-    # No statement cache: each reconcile creates its own temporary tables, which would
-    # invalidate cached plans, and an unnamed statement costs one parse per query.
-    # temp_buffers can only be set before a session's first temporary table: a million staged
-    # rows then stay in memory instead of going to disk and back. JIT compiling the diff costs
-    # more (about 0.3 s) than it saves on these plans.
-    async with wrap_db_errors("connecting"):
-        try:
-            pool = await asyncpg.create_pool(
-                database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
-                server_settings={"application_name": "mailgun-sync", "temp_buffers": "256MB",
-                                 "jit": "off", **_ends_statements_after(statement_timeout)})
-        except (ValueError, TypeError, OverflowError, IndexError) as exc:
-            # The settings checked the URL (check_database_url); what the driver still cannot parse
-            # (its query) it quotes, and any part of a URL may hold a piece of the password: only
-            # the kind of error is shown.
-            problem = (f"the driver cannot use it ({type(exc).__name__}; check the host, port and "
-                       f"query parameters); {PERCENT_ENCODE}")
-            raise ConfigError("DATABASE_URL", problem) from None
-    try:
-        yield pool
-    finally:
-        # Closing politely waits for each server to answer; one a failover lost never does, and
-        # closing fails over to terminating them.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pool.close(), POOL_CLOSE_WITHIN)
-
-
-def _ends_statements_after(seconds: float | None) -> dict[str, str]:
-    # The server's own limit: a connection given up on the client's side is only closed there, and
-    # its session would go on waiting (for a lock, say) until it got what it waited for.
-    return {} if seconds is None else {"statement_timeout": str(int(seconds * 1000))}
-
-
-@contextlib.asynccontextmanager
-async def connection_within(pool: asyncpg.Pool, within: float,
-                            doing: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of `pool` for work that is over within `within` seconds whatever the server
-    does, or raises DatabaseTimeoutError. A connection that has not answered in time is terminated:
-    asyncpg's own query timeout sends a cancel request, and its release waits for that and for a
-    reset, all on the silent server, forever on a connection a failover lost. So is one whose work
-    was cancelled or failed otherwise than by the server's answer: it is not trusted again, and a
-    terminated connection's release waits for nothing."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    late = f"PostgreSQL did not answer within {within:g} s"
-    async with wrap_db_errors(doing):
-        try:
-            connection = await pool.acquire(timeout=within)
-        except TimeoutError:
-            raise DatabaseTimeoutError(f"{late} (connecting)") from None
-        timer = loop.call_at(deadline, connection.terminate)
-        try:
-            yield connection
-        except BaseException as exc:
-            if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError) and loop.time() >= deadline:
-                raise DatabaseTimeoutError(f"{late} while {doing}") from None
-            if not isinstance(exc, asyncpg.PostgresError):  # the server's refusal leaves it usable
-                with contextlib.suppress(asyncpg.InterfaceError):
-                    connection.terminate()
-            raise
-        finally:
-            timer.cancel()
-            # Its reset has what is left of the time: past it the connection is terminated, and
-            # the work done stands.
-            with contextlib.suppress(TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await pool.release(connection, timeout=max(deadline - loop.time(), 0.0))
-
-
-async def ping(pool: asyncpg.Pool, within: float) -> None:
-    """Return once PostgreSQL answers, or raise DatabaseError by `within` seconds whatever the
-    server does (see connection_within)."""
-    async with connection_within(pool, within, "checking the connection") as connection:
-        await connection.fetchval(queries()["ping"])
 
 
 @dataclass(frozen=True, slots=True)

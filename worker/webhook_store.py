@@ -32,11 +32,12 @@ from typing import Any
 import asyncpg
 import orjson
 
+from worker.database import connection_within
 from worker.errors import DatabaseTimeoutError, SyncError
 from worker.logs import get_logger
 from worker.records import SuppressionList
 from worker.sql import queries
-from worker.store import connection_within, list_query
+from worker.store import list_query
 from worker.webhooks import TokenOnly, WebhookEvent
 
 log = get_logger(__name__)

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from worker.database import open_pool
 from worker.devtools.embedded import embedded_postgres
 from worker.devtools.sql import queries
 from worker.emulator import MailgunEmulator
@@ -30,7 +31,7 @@ from worker.migrate import migrate
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import render_table
-from worker.store import MirrorStore, open_pool
+from worker.store import MirrorStore
 
 DOMAIN = "mg.demo.example"
 API_KEY = "key-demo-not-a-secret"

@@ -15,11 +15,11 @@ from typing import Any
 
 import aiohttp
 
+from worker.database import open_pool
 from worker.devtools.benchmark.run import DOMAIN, Emulator, _env, _free_port, _prepare_mirror
 from worker.devtools.scratch import scratch_database
 from worker.devtools.sql import queries
 from worker.migrate import migrate
-from worker.store import open_pool
 
 
 def _proc_sample(pid: int) -> tuple[float, int]:

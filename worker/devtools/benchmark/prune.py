@@ -22,12 +22,12 @@ from typing import Any
 
 import asyncpg
 
+from worker.database import open_pool
 from worker.devtools.scratch import scratch_database
 from worker.devtools.sql import queries
 from worker.migrate import migrate
 from worker.retention import PruneReport, prune
 from worker.sql import migrations
-from worker.store import open_pool
 
 RETENTION_DAYS = 30
 RETENTION_MIGRATION = 7

@@ -23,10 +23,10 @@ import aiohttp
 import asyncpg
 import orjson
 
+from worker.database import open_pool
 from worker.devtools.scratch import scratch_database
 from worker.devtools.sql import queries
 from worker.migrate import migrate
-from worker.store import open_pool
 
 DOMAIN = "mg.bench.example"
 API_KEY = "key-bench"

@@ -25,13 +25,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+from worker.database import POOL_SIZE, open_pool
 from worker.devtools.benchmark.run import API_KEY, DOMAIN, Emulator, _free_port
 from worker.devtools.scratch import scratch_database
 from worker.devtools.sql import queries
 from worker.mailgun import DEFAULT_PAGE_LIMIT
 from worker.migrate import migrate
 from worker.records import SYNCED_LISTS
-from worker.store import POOL_SIZE, open_pool
 from worker.webhook_test import event_data, signed
 
 SIGNING_KEY = "bench-webhook-signing-key"
