@@ -75,7 +75,7 @@ from worker.records import SuppressionList, format_timestamp
 from worker.store import MirrorStore
 from worker.webhook_store import WebhookStore
 from worker.webhook_test import event_data, signed
-from worker.webhooks import WebhookEvent, address_key, read_event
+from worker.webhooks.events import WebhookEvent, address_key, read_event
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 LISTS = (BOUNCES, UNSUBSCRIBES)

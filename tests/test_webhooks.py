@@ -25,7 +25,7 @@ from worker.settings import Settings
 from worker.webhook_endpoint import MAX_BODY, PATH, WebhookEndpoint
 from worker.webhook_store import WebhookStore, WebhookWriter, rounds
 from worker.webhook_test import event_data, signed
-from worker.webhooks import TokenOnly, WebhookEvent
+from worker.webhooks.events import TokenOnly, WebhookEvent
 
 BOUNCES, UNSUBSCRIBES, COMPLAINTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES,
                                      SuppressionList.COMPLAINTS)

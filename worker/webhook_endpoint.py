@@ -22,7 +22,7 @@ from worker.errors import SyncError, UnknownDomainError, WebhookError, WebhookPa
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.webhook_store import USED, Delivery, WebhookWriter
-from worker.webhooks import Ignored, Signed, TokenOnly, authenticate, event_label, read_signed
+from worker.webhooks.events import Ignored, Signed, TokenOnly, authenticate, event_label, read_signed
 
 log = get_logger(__name__)
 

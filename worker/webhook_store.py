@@ -38,7 +38,7 @@ from worker.logs import get_logger
 from worker.records import SuppressionList
 from worker.sql import queries
 from worker.store import list_query
-from worker.webhooks import TokenOnly, WebhookEvent
+from worker.webhooks.events import TokenOnly, WebhookEvent
 
 log = get_logger(__name__)
 

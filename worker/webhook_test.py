@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from worker.webhooks import sign
+from worker.webhooks.events import sign
 
 TEST_RECIPIENT = "mailgun-sync-webhook-test@example.com"
 

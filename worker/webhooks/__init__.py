@@ -1,0 +1,2 @@
+"""Mailgun's signed webhooks into the mirror: `events` verifies a delivery and reads its event into a
+mirror row (no I/O)."""
