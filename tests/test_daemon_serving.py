@@ -26,7 +26,7 @@ from worker.database import POOL_SIZE
 from worker.devtools.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
-from worker.webhook_store import WRITE_WITHIN
+from worker.webhooks.writer import WRITE_WITHIN
 
 # 3 domains of 4 lists: 12 runs at once, more than the runs' connections.
 DOMAINS = ("mg.example.com", "mg.example.org", "mg.example.net")

@@ -21,7 +21,7 @@ from worker.mailgun.retry import RetryPolicy
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.webhook_endpoint import WebhookEndpoint
-from worker.webhook_store import WebhookStore, WebhookWriter
+from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 NAMED = "mg.named.example.com"
 FOUND = "mg.found.example.com"

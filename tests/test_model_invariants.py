@@ -73,9 +73,9 @@ from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SuppressionList, format_timestamp
 from worker.store import MirrorStore
-from worker.webhook_store import WebhookStore
 from worker.webhook_test import event_data, signed
 from worker.webhooks.events import WebhookEvent, address_key, read_event
+from worker.webhooks.writer import WebhookStore
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 LISTS = (BOUNCES, UNSUBSCRIBES)

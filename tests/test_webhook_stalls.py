@@ -18,7 +18,7 @@ from worker.emulator import MailgunEmulator
 from worker.lifespan import open_resources
 from worker.settings import Settings
 from worker.webhook_endpoint import PATH
-from worker.webhook_store import WRITE_WITHIN
+from worker.webhooks.writer import WRITE_WITHIN
 
 
 async def hold_lock(database_url: str, table: str, seconds: float, taken: asyncio.Event) -> None:

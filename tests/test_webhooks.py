@@ -23,9 +23,9 @@ from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.settings import Settings
 from worker.webhook_endpoint import MAX_BODY, PATH, WebhookEndpoint
-from worker.webhook_store import WebhookStore, WebhookWriter, rounds
 from worker.webhook_test import event_data, signed
 from worker.webhooks.events import TokenOnly, WebhookEvent
+from worker.webhooks.writer import WebhookStore, WebhookWriter, rounds
 
 BOUNCES, UNSUBSCRIBES, COMPLAINTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES,
                                      SuppressionList.COMPLAINTS)

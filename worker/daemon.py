@@ -37,7 +37,7 @@ from worker.records import SuppressionList
 from worker.retention import prune
 from worker.settings import Settings
 from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
-from worker.webhook_store import WebhookStore, WebhookWriter
+from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 

@@ -16,7 +16,7 @@ from worker.mailgun import HttpObserver, MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.settings import Settings
 from worker.store import MirrorStore
-from worker.webhook_store import WRITE_WITHIN
+from worker.webhooks.writer import WRITE_WITHIN
 
 
 @dataclass(frozen=True)

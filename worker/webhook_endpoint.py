@@ -21,8 +21,8 @@ from aiohttp import web
 from worker.errors import SyncError, UnknownDomainError, WebhookError, WebhookPayloadError
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.webhook_store import USED, Delivery, WebhookWriter
 from worker.webhooks.events import Ignored, Signed, TokenOnly, authenticate, event_label, read_signed
+from worker.webhooks.writer import USED, Delivery, WebhookWriter
 
 log = get_logger(__name__)
 

@@ -1,2 +1,2 @@
 """Mailgun's signed webhooks into the mirror: `events` verifies a delivery and reads its event into a
-mirror row (no I/O)."""
+mirror row (no I/O); `writer` writes the events in group-committed batches."""

@@ -8,7 +8,7 @@ wrong or stale signature, so Mailgun keeps retrying while a misconfigured key is
 
 Reading is in two steps: `authenticate` (the body and its signature, nothing else) and
 `read_signed` (the event). The signature does not cover `event-data`, so every delivery that
-passes the first step must use its token up, whatever the second says (see webhook_store).
+passes the first step must use its token up, whatever the second says (see writer).
 
 Events kept: `failed` with severity `permanent` (bounces), `complained` (complaints) and
 `unsubscribed` (unsubscribes, with the message's tags, `*` when it has none). Everything else is
