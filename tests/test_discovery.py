@@ -20,7 +20,7 @@ from worker.lifespan import Resources
 from worker.mailgun.retry import RetryPolicy
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.webhook_endpoint import WebhookEndpoint
+from worker.webhooks.endpoint import WebhookEndpoint
 from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 NAMED = "mg.named.example.com"

@@ -17,7 +17,7 @@ from tests.test_daemon_serving import DOMAINS, daemon, first_runs_over, until_re
 from worker.emulator import MailgunEmulator
 from worker.lifespan import open_resources
 from worker.settings import Settings
-from worker.webhook_endpoint import PATH
+from worker.webhooks.endpoint import PATH
 from worker.webhooks.writer import WRITE_WITHIN
 
 

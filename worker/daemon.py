@@ -1,5 +1,5 @@
 """`mailgun-sync daemon`: every (domain, list) on a schedule, with health, readiness and metrics,
-Mailgun's webhooks (worker/webhook_endpoint.py), and a drain on SIGTERM.
+Mailgun's webhooks (worker/webhooks/endpoint.py), and a drain on SIGTERM.
 
 APScheduler 3's `shutdown(wait=True)` cancels running asyncio jobs instead of waiting for them,
 so the daemon tracks its own runs: on a stop signal it pauses the scheduler, waits for the runs
@@ -36,7 +36,7 @@ from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.retention import prune
 from worker.settings import Settings
-from worker.webhook_endpoint import MAX_BODY, WebhookEndpoint
+from worker.webhooks.endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)

@@ -1,2 +1,3 @@
-"""Mailgun's signed webhooks into the mirror: `events` verifies a delivery and reads its event into a
-mirror row (no I/O); `writer` writes the events in group-committed batches."""
+"""Mailgun's signed webhooks into the mirror: `endpoint` serves POST /webhooks/mailgun and answers
+each delivery; `events` verifies a delivery and reads its event into a mirror row (no I/O);
+`writer` writes the events in group-committed batches."""
