@@ -73,8 +73,8 @@ from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SuppressionList, format_timestamp
 from worker.store import MirrorStore
-from worker.webhook_test import event_data, signed
 from worker.webhooks.events import WebhookEvent, address_key, read_event
+from worker.webhooks.selftest import event_data, signed
 from worker.webhooks.writer import WebhookStore
 
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES

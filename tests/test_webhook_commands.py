@@ -17,7 +17,7 @@ from tests.support.mirror import rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event
 from worker.devtools.benchmark.run import _free_port
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.webhook_test import TEST_RECIPIENT
+from worker.webhooks.selftest import TEST_RECIPIENT
 
 
 async def start_daemon(emulator, database_url, **extra: str) -> tuple[asyncio.subprocess.Process, str]:

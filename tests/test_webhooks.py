@@ -22,9 +22,9 @@ from worker.errors import DatabaseError
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.settings import Settings
-from worker.webhook_test import event_data, signed
 from worker.webhooks.endpoint import MAX_BODY, PATH, WebhookEndpoint
 from worker.webhooks.events import TokenOnly, WebhookEvent
+from worker.webhooks.selftest import event_data, signed
 from worker.webhooks.writer import WebhookStore, WebhookWriter, rounds
 
 BOUNCES, UNSUBSCRIBES, COMPLAINTS = (SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES,

@@ -410,7 +410,7 @@ async def grants_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
 
 
 async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from worker.webhook_test import TEST_RECIPIENT, render, run_webhook_test
+    from worker.webhooks.selftest import TEST_RECIPIENT, render, run_webhook_test
 
     key = secret(env, "MAILGUN_WEBHOOK_SIGNING_KEY", args.MAILGUN_WEBHOOK_SIGNING_KEY).strip()
     if not key:

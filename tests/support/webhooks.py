@@ -18,8 +18,8 @@ from worker.mailgun import MailgunClient
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.store import MirrorStore
-from worker.webhook_test import event_data, signed
 from worker.webhooks.endpoint import PATH, WebhookEndpoint
+from worker.webhooks.selftest import event_data, signed
 from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 SIGNING_KEY = "whk-test-0123456789abcdef0123456789"

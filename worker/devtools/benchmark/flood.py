@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from worker.webhook_test import event_data, signed
+from worker.webhooks.selftest import event_data, signed
 
 # Well-formed deliveries under a key that is not the daemon's: each costs the daemon a read and
 # an HMAC check, and must be answered 401.

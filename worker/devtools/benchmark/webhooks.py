@@ -32,7 +32,7 @@ from worker.devtools.sql import queries
 from worker.mailgun import DEFAULT_PAGE_LIMIT
 from worker.migrate import migrate
 from worker.records import SYNCED_LISTS
-from worker.webhook_test import event_data, signed
+from worker.webhooks.selftest import event_data, signed
 
 SIGNING_KEY = "bench-webhook-signing-key"
 KINDS = ("failed", "complained", "unsubscribed")
