@@ -32,9 +32,10 @@ from worker.errors import ConfigError, DatabaseError, SyncError
 from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.reconcile import FAILED, GUARDED, OK, ReconcileOptions, Reconciler
+from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
 from worker.retention import prune
+from worker.runs import RunStatus
 from worker.settings import Settings
 from worker.webhooks.endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhooks.writer import WebhookStore, WebhookWriter
@@ -211,9 +212,9 @@ class Daemon:
             clock = time.perf_counter()
             result = await self._reconciler(plan).reconcile(uuid.uuid4(), domain, kind)
             seconds = time.perf_counter() - clock
-            if result.status in (FAILED, GUARDED):
+            if result.status in (RunStatus.FAILED, RunStatus.GUARDED):
                 self._failed(key)
-            elif result.status == OK:
+            elif result.status is RunStatus.OK:
                 self._failed(key, reset=True)
             # The pending count first, so a scrape never shows a run without it; a count that
             # fails says nothing about the run.

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from worker.reconcile import ListResult
 from worker.retention import PruneReport
+from worker.runs import RunStatus
 
 # Run durations range from a second (a small list) to many minutes (millions of records).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -85,7 +86,7 @@ class Metrics:
                 self.records.labels(action=action, **labels).inc(count)
         if result.skipped:
             self.records.labels(action="skipped", **labels).inc(result.skipped)
-        if result.status == "ok":
+        if result.status is RunStatus.OK:
             self.last_success.labels(**labels).set(time.time())
 
     def observe_failures(self, domain: str, kind: str, in_a_row: int) -> None:

@@ -23,6 +23,7 @@ from worker.errors import DatabaseError, ListShiftedError, MailgunError, PagingO
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import MAX_BATCH, SuppressionList, record_problem
+from worker.runs import RunStatus
 from worker.store import ListSession, MirrorStore, PendingRow, QueuedRemoval
 
 log = get_logger(__name__)
@@ -34,8 +35,6 @@ GUARD_MIN_REMOVALS = 10
 # Reads of a list whose offsets shifted under the legacy pager, before the run fails.
 LIST_SHIFTED_ATTEMPTS = 3
 
-OK, SKIPPED, FAILED, GUARDED = "ok", "skipped", "failed", "guarded"
-
 # Removals are written down as sent, then recorded as carried out, this many at a time: a crash
 # sends at most this many DELETEs again (each answered "not found" the second time).
 REMOVALS_AT_ONCE = 500
@@ -45,7 +44,7 @@ REMOVALS_AT_ONCE = 500
 class ListResult:
     domain: str
     list: str
-    status: str = OK
+    status: RunStatus = RunStatus.OK
     pulled: int = 0
     inserted: int = 0
     updated: int = 0
@@ -62,7 +61,7 @@ class ListResult:
 
     @property
     def succeeded(self) -> bool:
-        return self.status in (OK, SKIPPED)
+        return self.status.succeeded
 
     def counts(self) -> tuple[int, ...]:
         return (self.pulled, self.inserted, self.updated, self.removed, self.adopted, self.pushed,
@@ -120,7 +119,7 @@ class Reconciler:
             try:
                 async with self._store.list_session(domain, kind) as session:
                     if session is None:
-                        result.status = SKIPPED
+                        result.status = RunStatus.SKIPPED
                     else:
                         span[0] = datetime.now(UTC)
                         try:
@@ -128,9 +127,9 @@ class Reconciler:
                         finally:
                             span[1] = datetime.now(UTC)
             except SyncError as exc:
-                result.status, result.error = FAILED, str(exc)
+                result.status, result.error = RunStatus.FAILED, str(exc)
             except asyncio.CancelledError:
-                result.status = FAILED
+                result.status = RunStatus.FAILED
                 result.error = "interrupted before the end; unconfirmed rows stay pending"
                 await self._finish(run_id, kind, result, span, clock)
                 raise
@@ -140,7 +139,7 @@ class Reconciler:
     async def _finish(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
                       span: list[datetime | None], clock: float) -> None:
         # A skipped run did nothing; recording it would bury the real runs under replicas' skips.
-        if not self._options.dry_run and result.status != SKIPPED:
+        if not self._options.dry_run and result.status is not RunStatus.SKIPPED:
             started, finished = span
             await self._record(run_id, kind, result, started or datetime.now(UTC),
                                finished or datetime.now(UTC))
@@ -187,14 +186,14 @@ class Reconciler:
             with result.timed("pull"):
                 pull_started = await self._pull(session, result)
         except MailgunError as exc:
-            result.status, result.error = FAILED, f"pull incomplete, nothing changed: {exc}"
+            result.status, result.error = RunStatus.FAILED, f"pull incomplete, nothing changed: {exc}"
             return
         with result.timed("diff"):
             plan = await session.plan(pull_started)
         guarded = not options.allow_mass_delete and guard_trips(
             plan.removals, plan.synced_rows, options.max_delete_fraction)
-        if guarded and result.status != GUARDED:
-            result.status = GUARDED
+        if guarded and result.status is not RunStatus.GUARDED:
+            result.status = RunStatus.GUARDED
             result.error = (
                 f"would remove {plan.removals} of {plan.synced_rows} synced rows, more than "
                 f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; removed nothing "
@@ -222,7 +221,7 @@ class Reconciler:
             with result.timed("push"):
                 await self._push(session, run_id, result, pull_started)
         except MailgunError as exc:
-            result.status = FAILED
+            result.status = RunStatus.FAILED
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
 
     async def _deleted(self, session: ListSession, run_id: uuid.UUID, result: ListResult, step: str,
@@ -232,7 +231,7 @@ class Reconciler:
             with result.timed(step):
                 await self._send_removals(session, run_id, result)
         except MailgunError as exc:
-            result.status = FAILED
+            result.status = RunStatus.FAILED
             result.error = f"deletions stopped, the rest stay queued; {skipped}: {exc}"
             return False
         return True
@@ -253,7 +252,7 @@ class Reconciler:
         synced = await session.count_synced()
         if not options.allow_mass_delete and guard_trips(len(whole), synced + len(whole),
                                                          options.max_delete_fraction):
-            result.status = GUARDED
+            result.status = RunStatus.GUARDED
             result.error = (
                 f"would delete {len(whole)} of {synced + len(whole)} records at Mailgun, more than "
                 f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; deleted nothing "

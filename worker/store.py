@@ -20,6 +20,7 @@ import asyncpg
 
 from worker.database import wrap_db_errors
 from worker.records import Page, Record, StagingRow, SuppressionList
+from worker.runs import RunStatus
 from worker.sql import queries
 
 # The data columns of each mirror table, the ones Mailgun owns, each with the staging column it is
@@ -451,7 +452,7 @@ class MirrorStore:
         async with wrap_db_errors("reading the last successes"):
             return [dict(r) for r in await self._pool.fetch(queries()["last_successes"])]
 
-    async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: str,
+    async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: RunStatus,
                          dry_run: bool, counts: Sequence[int], skipped: int, error: str | None,
                          started: datetime, finished: datetime) -> None:
         async with wrap_db_errors("recording the run"):
