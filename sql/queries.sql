@@ -350,11 +350,11 @@ SELECT count(*) FROM logged;
 
 -- name: record_run
 -- $1 run id, $2 domain, $3 list, $4 status, $5 dry run,
--- $6..$13 pulled, inserted, updated, removed, adopted, pushed, rejected, deleted,
--- $14 error, $15 started, $16 finished, $17 skipped
+-- $6..$14 the counts in worker/runs.py's order: pulled, inserted, updated, removed, adopted, pushed,
+-- rejected, deleted, skipped; $15 error, $16 started, $17 finished
 INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated, removed,
-                               adopted, pushed, rejected, deleted, error, started_at, finished_at,
-                               skipped)
+                               adopted, pushed, rejected, deleted, skipped, error, started_at,
+                               finished_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17);
 
 -- name: database_now

@@ -404,7 +404,7 @@ async def test_a_reconcile_of_a_list_being_backfilled_is_skipped(
     backfilled = await running
 
     assert concurrent.status == "skipped"
-    assert concurrent.counts() == (0, 0, 0, 0, 0, 0, 0, 0)
+    assert concurrent.counts() == (0, 0, 0, 0, 0, 0, 0, 0, 0)
     assert other_list.status == "ok"  # the lock is the list's, not the domain's
     assert backfilled.status == "ok"
     # Every read of bounces was the backfill's: its four pages (and the last-page check), no second pull.

@@ -67,7 +67,7 @@ async def test_unicode_addresses_are_pushed_and_mirrored(pool, emulator, make_re
     assert {r["address"] for r in emulator.records(DOMAIN, BOUNCES)} == {
         "用户@例子.广告", "josé.garcía@correo.es", "müller@bücher.de"}
     again = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
-    assert again.counts()[1:] == (0, 0, 0, 0, 0, 0, 0)
+    assert again.changes() == 0
 
 
 async def test_the_application_cannot_insert_one_mailbox_twice(pool):

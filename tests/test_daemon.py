@@ -23,6 +23,7 @@ from worker.errors import ConfigError, DatabaseError
 from worker.lifespan import Resources
 from worker.metrics import Metrics
 from worker.records import SYNCED_LISTS, SuppressionList
+from worker.runs import RunCounts, RunStatus
 from worker.settings import Settings
 from worker.store import MirrorStore
 
@@ -164,7 +165,7 @@ async def test_the_last_success_is_known_from_the_run_log_before_this_process_su
     from worker.mailgun.retry import RetryPolicy
 
     earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
-    await store.record_run(uuid4(), DOMAIN, BOUNCES, status="ok", dry_run=False, counts=[0] * 8, skipped=0,
+    await store.record_run(uuid4(), DOMAIN, BOUNCES, status=RunStatus.OK, dry_run=False, counts=RunCounts(),
                            error=None, started=earlier - timedelta(seconds=5), finished=earlier)
     emulator.fail_next(503, times=None, list="bounces")
     client = make_client(retry=RetryPolicy(max_attempts=1))
@@ -186,8 +187,8 @@ def last_success(metrics: Metrics, domain: str) -> float | None:
 
 async def test_a_list_no_longer_synced_gets_no_last_success_gauge_at_start(emulator, pool, store, client):
     long_ago = datetime.now(UTC).replace(microsecond=0) - timedelta(days=30)
-    await store.record_run(uuid.uuid4(), "mg.retired.example.com", BOUNCES, status="ok", dry_run=False,
-                           counts=[0] * 8, skipped=0, error=None, started=long_ago, finished=long_ago)
+    await store.record_run(uuid.uuid4(), "mg.retired.example.com", BOUNCES, status=RunStatus.OK,
+                           dry_run=False, counts=RunCounts(), error=None, started=long_ago, finished=long_ago)
     metrics = Metrics()
     daemon = Daemon(daemon_settings(emulator, sync_interval=3600),
                     Resources(pool=pool, store=store, mailgun=client),
@@ -208,8 +209,8 @@ async def test_a_list_scheduled_by_a_refresh_gets_its_last_success_and_one_unsch
     other = "mg.other.example.com"
     earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
     for domain in (DOMAIN, other):
-        await store.record_run(uuid.uuid4(), domain, BOUNCES, status="ok", dry_run=False, counts=[0] * 8,
-                               skipped=0, error=None, started=earlier, finished=earlier)
+        await store.record_run(uuid.uuid4(), domain, BOUNCES, status=RunStatus.OK, dry_run=False,
+                               counts=RunCounts(), error=None, started=earlier, finished=earlier)
     emulator.fail_next(503, times=None, list="bounces")  # no run succeeds: the gauge is the log's
     client = make_client(retry=RetryPolicy(max_attempts=1))
     planned = [DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]

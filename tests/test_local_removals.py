@@ -180,7 +180,7 @@ async def test_dropping_a_tag_and_adding_another_sends_both(pool, emulator, make
     assert [r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)] == [["news", "weekly"]]
     row = (await rows(pool, UNSUBSCRIBES))["reader@example.com"]
     assert (row["tags"], row["sync_state"]) == (["news", "weekly"], "synced")
-    assert (await run_unsubscribes(make_reconciler)).counts() == (1, 0, 0, 0, 0, 0, 0, 0)
+    assert (await run_unsubscribes(make_reconciler)).counts() == (1, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 async def test_deleting_the_row_after_dropping_a_tag_deletes_the_record(pool, emulator, make_reconciler):
@@ -320,7 +320,7 @@ async def test_an_address_mailgun_holds_in_two_spellings_is_deleted_in_both(pool
     assert (first.status, first.deleted, first.inserted) == ("ok", 2, 0)
     assert await rows(pool, BOUNCES) == {}
     assert emulator.records(DOMAIN, BOUNCES) == []
-    assert (await run(make_reconciler)).counts()[1:] == (0, 0, 0, 0, 0, 0, 0)
+    assert (await run(make_reconciler)).changes() == 0
 
 
 async def test_a_spelling_found_after_a_failed_pull_is_deleted_by_the_run_that_finds_it(

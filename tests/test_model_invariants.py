@@ -650,7 +650,7 @@ class ModelMachine(RuleBasedStateMachine):
                 assert self.completing is not None
                 result = self.completing.task.result()
                 assert result.status == "ok", f"a fault-free run failed: {result}"
-                if not any(result.counts()[1:]):
+                if not result.changes():
                     break
         mirror = await self._mirror()
         for kind in LISTS:

@@ -70,7 +70,7 @@ async def test_the_next_reconcile_agrees_with_the_webhooks_and_pushes_nothing_ba
 
     for kind in (BOUNCES, UNSUBSCRIBES):
         result = await reconcile(make_reconciler, kind)
-        assert result.counts() == (2 if kind is BOUNCES else 1, 0, 0, 0, 0, 0, 0, 0)
+        assert result.counts() == (2 if kind is BOUNCES else 1, 0, 0, 0, 0, 0, 0, 0, 0)
 
     assert await rows(pool, BOUNCES) == before
     assert not [r for r in emulator.requests if r.method != "GET"]

@@ -14,7 +14,6 @@ from worker.runs import RunStatus
 
 # Run durations range from a second (a small list) to many minutes (millions of records).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-RECORD_ACTIONS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
 
 
 class Metrics:
@@ -81,11 +80,9 @@ class Metrics:
         labels = {"domain": result.domain, "list": result.list}
         self.runs.labels(status=result.status, **labels).inc()
         self.duration.labels(**labels).observe(seconds)
-        for action, count in zip(RECORD_ACTIONS, result.counts(), strict=True):
+        for action, count in result.by_name().items():
             if count:
                 self.records.labels(action=action, **labels).inc(count)
-        if result.skipped:
-            self.records.labels(action="skipped", **labels).inc(result.skipped)
         if result.status is RunStatus.OK:
             self.last_success.labels(**labels).set(time.time())
 

@@ -14,7 +14,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
@@ -23,7 +23,7 @@ from worker.errors import DatabaseError, ListShiftedError, MailgunError, PagingO
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.records import MAX_BATCH, SuppressionList, record_problem
-from worker.runs import RunStatus
+from worker.runs import RunCounts, RunStatus
 from worker.store import ListSession, MirrorStore, PendingRow, QueuedRemoval
 
 log = get_logger(__name__)
@@ -41,20 +41,12 @@ REMOVALS_AT_ONCE = 500
 
 
 @dataclass(slots=True)
-class ListResult:
+class ListResult(RunCounts):
+    """A run of one (domain, list): its status, its counts, and why it did not end ok."""
+
     domain: str
     list: str
     status: RunStatus = RunStatus.OK
-    pulled: int = 0
-    inserted: int = 0
-    updated: int = 0
-    removed: int = 0
-    adopted: int = 0
-    pushed: int = 0
-    rejected: int = 0
-    deleted: int = 0
-    # Records Mailgun listed that the mirror cannot hold: left out, their mirror rows untouched.
-    skipped: int = 0
     error: str | None = None
     # Seconds spent in each step (pull, diff, apply, push): logged, not part of the report.
     timings: dict[str, float] = field(default_factory=dict, repr=False)
@@ -63,14 +55,9 @@ class ListResult:
     def succeeded(self) -> bool:
         return self.status.succeeded
 
-    def counts(self) -> tuple[int, ...]:
-        return (self.pulled, self.inserted, self.updated, self.removed, self.adopted, self.pushed,
-                self.rejected, self.deleted)
-
     def as_json(self) -> dict[str, object]:
-        report = asdict(self)
-        del report["timings"]
-        return report
+        return {"domain": self.domain, "list": self.list, "status": self.status,
+                **self.by_name(), "error": self.error}
 
     @contextlib.contextmanager
     def timed(self, step: str) -> Iterator[None]:
@@ -324,8 +311,7 @@ class Reconciler:
                       started: datetime, finished: datetime) -> None:
         try:
             await self._store.record_run(
-                run_id, result.domain, kind, status=result.status, dry_run=False,
-                counts=result.counts(), skipped=result.skipped, error=result.error, started=started,
-                finished=finished)
+                run_id, result.domain, kind, status=result.status, dry_run=False, counts=result,
+                error=result.error, started=started, finished=finished)
         except DatabaseError as exc:
             log.error("run_not_recorded", error=str(exc))

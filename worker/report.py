@@ -6,11 +6,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from worker.reconcile import ListResult
+from worker.runs import RUN_COUNTS
 from worker.store import MIRRORED_LISTS, MirrorStore
-
-COLUMNS = ("pulled", "inserted", "updated", "removed", "adopted", "pushed", "rejected", "deleted")
-# Records Mailgun listed that the mirror cannot hold (not part of ListResult.counts()).
-SKIPPED = "skipped"
 
 
 def render_table(results: Sequence[ListResult]) -> str:
@@ -18,12 +15,11 @@ def render_table(results: Sequence[ListResult]) -> str:
         return "nothing to reconcile\n"
     domain_width = max(len("domain"), *(len(r.domain) for r in results))
     header = f"{'domain':<{domain_width}}  {'list':<12}  {'status':<8}" + "".join(
-        f"  {c:>8}" for c in (*COLUMNS, SKIPPED))
+        f"  {c:>8}" for c in RUN_COUNTS)
     lines = [header, "-" * len(header)]
     for r in results:
-        counts = (*r.counts(), r.skipped)
         lines.append(f"{r.domain:<{domain_width}}  {r.list:<12}  {r.status:<8}"
-                     + "".join(f"  {n:>8}" for n in counts))
+                     + "".join(f"  {n:>8}" for n in r.counts()))
         if r.error:
             lines.append(f"{'':<{domain_width}}  error: {r.error}")
     return "\n".join(lines) + "\n"
@@ -43,7 +39,7 @@ async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()
                 "domain": domain, "list": kind.value,
                 "last_run_at": run["finished_at"].isoformat() if run else None,
                 "status": run["status"] if run else None,
-                **{c: (run[c] if run else 0) for c in (*COLUMNS, SKIPPED)},
+                **{c: (run[c] if run else 0) for c in RUN_COUNTS},
                 "pending_rows": pending, "rejected_rows": rejected,
                 "error": run["error"] if run else None,
             })

@@ -20,7 +20,7 @@ import asyncpg
 
 from worker.database import wrap_db_errors
 from worker.records import Page, Record, StagingRow, SuppressionList
-from worker.runs import RunStatus
+from worker.runs import RunCounts, RunStatus
 from worker.sql import queries
 
 # The data columns of each mirror table, the ones Mailgun owns, each with the staging column it is
@@ -453,8 +453,8 @@ class MirrorStore:
             return [dict(r) for r in await self._pool.fetch(queries()["last_successes"])]
 
     async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: RunStatus,
-                         dry_run: bool, counts: Sequence[int], skipped: int, error: str | None,
-                         started: datetime, finished: datetime) -> None:
+                         dry_run: bool, counts: RunCounts, error: str | None, started: datetime,
+                         finished: datetime) -> None:
         async with wrap_db_errors("recording the run"):
             await self._pool.execute(queries()["record_run"], run_id, domain, kind.value, status,
-                                     dry_run, *counts, error, started, finished, skipped)
+                                     dry_run, *counts.counts(), error, started, finished)

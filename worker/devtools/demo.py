@@ -145,6 +145,6 @@ async def run_demo(*, keep: Path | None = None) -> int:
             _say(f"\nPending rows left: {pending}; the invalid address stays in the mirror as rejected,"
                  " with its reason in sync_error.")
             again = await _reconcile(store, client)
-            changed = sum(sum(r.counts()[1:]) for r in again)
+            changed = sum(r.changes() for r in again)
             _say(f"\n4. A third run finds both sides in step: {changed} changes.")
     return 0 if all(r.succeeded for r in results + again) and changed == 0 else 1
