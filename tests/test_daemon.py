@@ -22,7 +22,7 @@ from worker.emulator import Fault
 from worker.errors import ConfigError, DatabaseError
 from worker.lifespan import Resources
 from worker.metrics import Metrics
-from worker.records import SYNCED_LISTS, SuppressionList
+from worker.records import SYNCED_LISTS, ListRef, SuppressionList
 from worker.runs import RunCounts, RunStatus
 from worker.settings import Settings
 from worker.store import MirrorStore
@@ -250,7 +250,7 @@ async def test_a_run_skipped_because_the_last_one_is_still_going_is_counted(
 class PendingCountFails(MirrorStore):
     """The mirror, but counting a list's pending rows fails as a lost connection would."""
 
-    async def count_states(self, domain: str, kind: SuppressionList) -> tuple[int, int]:
+    async def count_states(self, ref: ListRef) -> tuple[int, int]:
         raise DatabaseError("PostgreSQL could not be reached while counting: connection lost")
 
 

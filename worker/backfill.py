@@ -15,6 +15,7 @@ from typing import TextIO
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
+from worker.records import ListRef
 from worker.store import ListSession, MirrorStore
 
 log = get_logger(__name__)
@@ -34,16 +35,16 @@ class Progress:
         self._started = time.monotonic()
         self._last_log = self._started
 
-    def page(self, domain: str, kind: str, records: int, pages: int, resumed_pages: int) -> None:
+    def page(self, ref: ListRef, records: int, pages: int, resumed_pages: int) -> None:
         now = time.monotonic()
         elapsed = max(now - self._started, 1e-6)
         rate = (pages - resumed_pages) / elapsed
         if now - self._last_log >= self._every:
             self._last_log = now
-            log.info("backfill_progress", domain=domain, list=kind, records=records, pages=pages,
+            log.info("backfill_progress", **ref.labels, records=records, pages=pages,
                      pages_per_s=round(rate, 1), elapsed_s=round(elapsed, 1))
         if self._bar:
-            self._out.write(f"\r{domain} {kind}: {records:,} records, {pages:,} pages, "
+            self._out.write(f"\r{ref}: {records:,} records, {pages:,} pages, "
                             f"{rate:,.1f} pages/s, {elapsed:,.0f}s   ")
             self._out.flush()
 
@@ -89,7 +90,7 @@ class Backfiller(Reconciler):
                 records += page.held
                 unheld += sum(1 for s in page.skipped if not s.held)
                 pages += 1
-                self._progress.page(session.domain, session.kind.value, records, pages, resumed)
+                self._progress.page(session.ref, records, pages, resumed)
         finally:
             self._progress.done()
         staged = await session.stage_backfill()

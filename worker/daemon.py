@@ -33,7 +33,7 @@ from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.reconcile import ReconcileOptions, Reconciler
-from worker.records import SuppressionList
+from worker.records import ListRef, SuppressionList
 from worker.retention import prune
 from worker.runs import RunStatus
 from worker.settings import Settings
@@ -219,7 +219,7 @@ class Daemon:
             # The pending count first, so a scrape never shows a run without it; a count that
             # fails says nothing about the run.
             try:
-                pending, _ = await self._resources.store.count_states(domain, kind)
+                pending, _ = await self._resources.store.count_states(ListRef(domain, kind))
                 self._metrics.observe_pending(domain, kind.value, pending)
             except SyncError as exc:
                 log.warning("pending_rows_not_counted", domain=domain, list=kind.value, error=str(exc))

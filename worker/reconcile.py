@@ -22,7 +22,7 @@ import structlog
 from worker.errors import DatabaseError, ListShiftedError, MailgunError, PagingOrderError, SyncError
 from worker.logs import get_logger
 from worker.mailgun import MailgunClient
-from worker.records import MAX_BATCH, SuppressionList, record_problem
+from worker.records import MAX_BATCH, ListRef, SuppressionList, record_problem
 from worker.runs import RunCounts, RunStatus
 from worker.store import ListSession, MirrorStore, PendingRow, QueuedRemoval
 
@@ -98,13 +98,14 @@ class Reconciler:
         """Reconcile one list; every outcome is a result, except a cancellation, which is recorded
         as a failed run and then propagates. Nothing is half-applied either way: the diff is one
         transaction, and a row is marked pushed only from Mailgun's answer to its own batch."""
+        ref = ListRef(domain, kind)
         result = ListResult(domain, kind.value)
         # The recorded span is the time the list's lock was held, so runs of one list never overlap.
         span: list[datetime | None] = [datetime.now(UTC), None]
         clock = time.perf_counter()
-        with structlog.contextvars.bound_contextvars(run_id=str(run_id), domain=domain, list=kind.value):
+        with structlog.contextvars.bound_contextvars(run_id=str(run_id), **ref.labels):
             try:
-                async with self._store.list_session(domain, kind) as session:
+                async with self._store.list_session(ref) as session:
                     if session is None:
                         result.status = RunStatus.SKIPPED
                     else:

@@ -64,6 +64,23 @@ class SuppressionList(enum.StrEnum):
 # Every list the worker mirrors, in the order it reconciles them.
 SYNCED_LISTS = tuple(SuppressionList)
 
+
+@dataclass(frozen=True, slots=True)
+class ListRef:
+    """One list of one sending domain: what a run locks and reconciles, and logs and messages name."""
+
+    domain: str
+    list: SuppressionList
+
+    def __str__(self) -> str:
+        """As messages name it: `mg.example.com bounces`."""
+        return f"{self.domain} {self.list.value}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Its fields in log lines and its labels in metrics."""
+        return {"domain": self.domain, "list": self.list.value}
+
 # The largest JSON array Mailgun accepts in one add-many request.
 MAX_BATCH = 1000
 

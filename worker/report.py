@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from worker.reconcile import ListResult
+from worker.records import ListRef
 from worker.runs import RUN_COUNTS
 from worker.store import MIRRORED_LISTS, MirrorStore
 
@@ -34,7 +35,7 @@ async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()
     for domain in sorted(domains):
         for kind in MIRRORED_LISTS:
             run = runs.get((domain, kind.value))
-            pending, rejected = await store.count_states(domain, kind)
+            pending, rejected = await store.count_states(ListRef(domain, kind))
             report.append({
                 "domain": domain, "list": kind.value,
                 "last_run_at": run["finished_at"].isoformat() if run else None,

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from worker.database import wrap_db_errors
-from worker.records import Page, Record, StagingRow, SuppressionList
+from worker.records import ListRef, Page, Record, StagingRow, SuppressionList
 from worker.runs import RunCounts, RunStatus
 from worker.sql import queries
 
@@ -164,10 +164,17 @@ def _pending_record(kind: SuppressionList, row: asyncpg.Record) -> Record:
 class ListSession:
     """One (domain, list) on one connection, with its advisory lock held."""
 
-    def __init__(self, connection: asyncpg.Connection, domain: str, kind: SuppressionList) -> None:
+    def __init__(self, connection: asyncpg.Connection, ref: ListRef) -> None:
         self._db = connection
-        self.domain = domain
-        self.kind = kind
+        self.ref = ref
+
+    @property
+    def domain(self) -> str:
+        return self.ref.domain
+
+    @property
+    def kind(self) -> SuppressionList:
+        return self.ref.list
 
     def _q(self, name: str) -> str:
         return list_query(name, self.kind)
@@ -197,7 +204,7 @@ class ListSession:
                     yield row
 
         # Closed at once if the COPY fails, so no page request is left running in the background.
-        async with contextlib.aclosing(pages), wrap_db_errors(f"staging {self.domain} {self.kind.value}"):
+        async with contextlib.aclosing(pages), wrap_db_errors(f"staging {self.ref}"):
             await self._db.execute(queries()["create_staging"])
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
             await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
@@ -212,7 +219,7 @@ class ListSession:
     async def pivots(self, ranges: int, *, sample_rows: int = 5000) -> list[str]:
         """Addresses that cut the mirror's part of the list into `ranges` parts of about equal
         size, from a sample of the table; none when the list is too small to be worth it."""
-        async with wrap_db_errors(f"sampling {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"sampling {self.ref}"):
             rows = await self._db.fetchval(self._q("count_rows"), self.domain)
             if ranges < 2 or rows < ranges * 1000:
                 return []
@@ -226,19 +233,19 @@ class ListSession:
     # ---- local removals, sent to Mailgun ------------------------------------------------
 
     async def queued_removals(self) -> list[QueuedRemoval]:
-        async with wrap_db_errors(f"reading removals of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"reading removals of {self.ref}"):
             found = await self._db.fetch(queries()["queued_removals"], self.domain, self.kind.value)
         return [QueuedRemoval(r["id"], r["address"], r["address_key"], r["tag"] or None, r["removed_at"])
                 for r in found]
 
     async def count_synced(self) -> int:
-        async with wrap_db_errors(f"counting {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"counting {self.ref}"):
             synced: int = await self._db.fetchval(self._q("count_synced"), self.domain)
         return synced
 
     async def removals_sending(self, removals: Sequence[QueuedRemoval]) -> list[QueuedRemoval]:
         """Write down that these DELETEs are about to leave; the ones still queued, to be sent."""
-        async with wrap_db_errors(f"noting removals of {self.domain} {self.kind.value} sent"):
+        async with wrap_db_errors(f"noting removals of {self.ref} sent"):
             still = {r["id"] for r in await self._db.fetch(queries()["removals_sending"],
                                                            [r.id for r in removals])}
         return [r for r in removals if r.id in still]
@@ -250,7 +257,7 @@ class ListSession:
             return
         addresses = [r.address for r in removals]
         tags = [r.tag or "" for r in removals]
-        async with wrap_db_errors(f"recording removals of {self.domain} {self.kind.value}"), \
+        async with wrap_db_errors(f"recording removals of {self.ref}"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             await self._db.execute(queries()["removals_done"], run_id, self.domain, self.kind.value,
@@ -259,17 +266,17 @@ class ListSession:
             await self._db.execute(self._q("resend_after_removal"), self.domain, addresses, tags)
 
     async def removals_superseded(self, removals: Sequence[int]) -> None:
-        async with wrap_db_errors(f"clearing removals of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"clearing removals of {self.ref}"):
             await self._db.execute(queries()["removals_superseded"], list(removals))
 
     async def removal_failed(self, removal: int, why: str) -> None:
-        async with wrap_db_errors(f"noting a failed removal of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"noting a failed removal of {self.ref}"):
             await self._db.execute(queries()["removal_failed"], removal, why)
 
     # ---- a resumable backfill: pages committed one by one, with their cursor ------------------
 
     async def backfill_progress(self) -> BackfillProgress | None:
-        async with wrap_db_errors(f"reading backfill progress of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"reading backfill progress of {self.ref}"):
             row = await self._db.fetchrow(queries()["backfill_progress"], self.domain, self.kind.value)
         return BackfillProgress(**dict(row)) if row else None
 
@@ -280,7 +287,7 @@ class ListSession:
         # (a resume reads a few records again), or where it was.
         cursor = page.last_address if "\x00" not in page.last_address else \
             (page.rows[-1][1] if page.rows else None)
-        async with wrap_db_errors(f"saving a backfill page of {self.domain} {self.kind.value}"), \
+        async with wrap_db_errors(f"saving a backfill page of {self.ref}"), \
                 self._db.transaction():
             await self._db.copy_records_to_table(
                 "backfill_pages", schema_name="mailgun", records=rows,
@@ -292,25 +299,25 @@ class ListSession:
     async def stage_backfill(self) -> Staged:
         """Stage a completed backfill's pages as if they had been pulled in one go. The skipped
         count is of the placeholders kept with the pages (records whose address fits the mirror)."""
-        async with wrap_db_errors(f"staging the backfill of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"staging the backfill of {self.ref}"):
             await self._db.execute(queries()["create_staging"])
             row = await self._db.fetchrow(queries()["backfill_stage"], self.domain, self.kind.value)
             await self._finish_staging(maybe_repeats=True)
         return Staged(row["records"], row["skipped"])
 
     async def backfill_overtaken(self, started: datetime) -> bool:
-        async with wrap_db_errors(f"checking the backfill of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"checking the backfill of {self.ref}"):
             overtaken: bool = await self._db.fetchval(queries()["backfill_overtaken"], self.domain,
                                                       self.kind.value, started)
         return overtaken
 
     async def clear_backfill(self) -> None:
-        async with wrap_db_errors(f"clearing the backfill of {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"clearing the backfill of {self.ref}"):
             await self._db.execute(queries()["backfill_clear"], self.domain, self.kind.value)
 
     async def plan(self, pull_started: datetime) -> Plan:
         """Diff the staged list against the mirror (one full join) and count what it would do."""
-        async with wrap_db_errors(f"planning {self.domain} {self.kind.value}"):
+        async with wrap_db_errors(f"planning {self.ref}"):
             await self._db.execute(queries()["raise_work_mem"])
             await self._db.execute(self._q("build_diff"), self.domain, pull_started)
             await self._db.execute(queries()["analyze_diff"])
@@ -324,7 +331,7 @@ class ListSession:
         """Apply the complete pull in one transaction: adopt, update, insert, requeue removals
         (only when the plan has some: the removals table may be large), then (unless guarded)
         remove."""
-        async with wrap_db_errors(f"applying the pull of {self.domain} {self.kind.value}"), \
+        async with wrap_db_errors(f"applying the pull of {self.ref}"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             adopted = await self._db.fetchval(self._q("adopt"), self.domain, run_id, pull_started)
@@ -342,7 +349,7 @@ class ListSession:
         """Pending rows older than the pull, in key order, a batch at a time, read fresh each time."""
         after = ""
         while True:
-            async with wrap_db_errors(f"reading pending {self.domain} {self.kind.value}"):
+            async with wrap_db_errors(f"reading pending {self.ref}"):
                 rows = await self._db.fetch(self._q("select_pending"), self.domain, after, batch_size,
                                             pull_started)
             if not rows:
@@ -355,7 +362,7 @@ class ListSession:
         were read, with their new versions (a row changed meanwhile waits for the next run)."""
         if not rows:
             return []
-        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} sent"), \
+        async with wrap_db_errors(f"marking {self.ref} sent"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             found = await self._db.fetch(self._q("mark_sending"), self.domain,
@@ -367,7 +374,7 @@ class ListSession:
     async def mark_pushed(self, run_id: uuid.UUID, rows: Sequence[PendingRow]) -> int:
         if not rows:
             return 0
-        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} pushed"), \
+        async with wrap_db_errors(f"marking {self.ref} pushed"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             marked: int = await self._db.fetchval(
@@ -379,7 +386,7 @@ class ListSession:
         refused = list(rows)
         if not refused:
             return 0
-        async with wrap_db_errors(f"marking {self.domain} {self.kind.value} rejected"), \
+        async with wrap_db_errors(f"marking {self.ref} rejected"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             marked: int = await self._db.fetchval(
@@ -396,22 +403,22 @@ class MirrorStore:
         self._pool = pool
 
     @contextlib.asynccontextmanager
-    async def list_session(self, domain: str, kind: SuppressionList) -> AsyncIterator[ListSession | None]:
+    async def list_session(self, ref: ListRef) -> AsyncIterator[ListSession | None]:
         """A session for one list with its lock held, or None when another process holds it."""
-        async with wrap_db_errors(f"locking {domain} {kind.value}"):
+        async with wrap_db_errors(f"locking {ref}"):
             connection = await self._pool.acquire()
         try:
-            async with wrap_db_errors(f"locking {domain} {kind.value}"):
-                locked = await connection.fetchval(queries()["try_lock_list"], domain, kind.value)
+            async with wrap_db_errors(f"locking {ref}"):
+                locked = await connection.fetchval(queries()["try_lock_list"], ref.domain, ref.list.value)
             if not locked:
                 yield None
                 return
             try:
-                yield ListSession(connection, domain, kind)
+                yield ListSession(connection, ref)
             finally:
                 try:
                     await connection.execute(queries()["drop_staging"])
-                    await connection.fetchval(queries()["unlock_list"], domain, kind.value)
+                    await connection.fetchval(queries()["unlock_list"], ref.domain, ref.list.value)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
                         OSError):
                     # Cancelled mid-operation (a COPY, say), the connection cannot be cleaned up:
@@ -422,10 +429,10 @@ class MirrorStore:
         finally:
             await self._pool.release(connection)
 
-    async def count_states(self, domain: str, kind: SuppressionList) -> tuple[int, int]:
+    async def count_states(self, ref: ListRef) -> tuple[int, int]:
         """(pending, rejected) rows of one list."""
-        async with wrap_db_errors(f"counting {domain} {kind.value}"):
-            row = await self._pool.fetchrow(list_query("count_states", kind), domain)
+        async with wrap_db_errors(f"counting {ref}"):
+            row = await self._pool.fetchrow(list_query("count_states", ref.list), ref.domain)
         return row["pending"], row["rejected"]
 
     async def latest_runs(self) -> list[dict[str, Any]]:
