@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
+from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -77,6 +78,17 @@ _HOUSEKEEPING_JOBS = (_REFRESH_JOB, _PRUNE_JOB)
 READY_WITHIN = 0.8
 
 
+def _job_id(ref: ListRef) -> str:
+    """The id of the job that reconciles a list: `mg.example.com/bounces`."""
+    return f"{ref.domain}/{ref.list.value}"
+
+
+def _list_of(job: Job) -> ListRef:
+    """The list a reconcile job is for (its arguments are the domain's plan and the list)."""
+    plan, kind = job.args
+    return ListRef(plan.name, kind)
+
+
 def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
     async def planner() -> Planned:
         return Planned(list(plans), [])
@@ -97,7 +109,7 @@ class Daemon:
             "coalesce": True, "max_instances": 1,
             "misfire_grace_time": max(1, int(settings.sync_interval))})
         self._running: set[asyncio.Task[Any]] = set()
-        self._failures: dict[tuple[str, str], int] = {}
+        self._failures: dict[ListRef, int] = {}
         self._started = False
         self._stopping = False
         # The domains scheduled now; read by the webhook endpoint on every request.
@@ -136,7 +148,7 @@ class Daemon:
         """False while a region's last listing failed: a domain of it may be missing."""
         return not self._stale
 
-    def _schedule(self, planned: Planned) -> set[tuple[str, str]]:
+    def _schedule(self, planned: Planned) -> set[ListRef]:
         """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
         schedule changed, drop those no longer planned (and forget their failures and gauges). A
         region whose listing failed keeps the domains scheduled from it (the planner's last known
@@ -158,26 +170,29 @@ class Daemon:
         self._metrics.domain_refreshes.labels(outcome="stale" if planned.stale else "ok").inc()
         # Every trigger first: a bad schedule changes nothing.
         triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
-        wanted = {f"{plan.name}/{kind.value}": (plan, kind) for plan in plans for kind in plan.lists}
+        wanted = {ListRef(plan.name, kind): plan for plan in plans for kind in plan.lists}
         for job in self._scheduler.get_jobs():
-            if job.id in _HOUSEKEEPING_JOBS or (job.id in wanted and job.args[0] == wanted[job.id][0]):
+            if job.id in _HOUSEKEEPING_JOBS:
+                continue
+            ref = _list_of(job)
+            if ref in wanted and job.args[0] == wanted[ref]:
                 continue
             job.remove()
-            if job.id not in wanted:
-                plan, kind = job.args
-                self._failures.pop((plan.name, kind.value), None)
-                self._metrics.forget_list(plan.name, kind.value)
+            if ref not in wanted:
+                self._failures.pop(ref, None)
+                self._metrics.forget_list(ref)
                 log.info("list_unscheduled", job=job.id)
         now = datetime.now(UTC)
-        added: set[tuple[str, str]] = set()
-        for job_id, (plan, kind) in wanted.items():
+        added: set[ListRef] = set()
+        for ref, plan in wanted.items():
+            job_id = _job_id(ref)
             if self._scheduler.get_job(job_id) is not None:
                 continue
-            added.add((plan.name, kind.value))
+            added.add(ref)
             first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
             self._scheduler.add_job(
-                self._sync, triggers[plan.name], args=(plan, kind), id=job_id,
-                name=f"reconcile {plan.name} {kind.value}", next_run_time=first,
+                self._sync, triggers[plan.name], args=(plan, ref.list), id=job_id,
+                name=f"reconcile {ref}", next_run_time=first,
                 misfire_grace_time=max(1, int(plan.interval or self._settings.sync_interval)))
         self._domains = tuple(sorted({plan.name for plan in plans if plan.lists}))
         return added
@@ -203,61 +218,61 @@ class Daemon:
     async def _sync(self, plan: DomainPlan, kind: SuppressionList) -> None:
         if self._stopping:
             return
-        domain = plan.name
+        ref = ListRef(plan.name, kind)
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
-        key = (domain, kind.value)
         try:
             clock = time.perf_counter()
-            result = await self._reconciler(plan).reconcile(uuid.uuid4(), domain, kind)
+            result = await self._reconciler(plan).reconcile(uuid.uuid4(), ref.domain, ref.list)
             seconds = time.perf_counter() - clock
             if result.status in (RunStatus.FAILED, RunStatus.GUARDED):
-                self._failed(key)
+                self._failed(ref)
             elif result.status is RunStatus.OK:
-                self._failed(key, reset=True)
+                self._failed(ref, reset=True)
             # The pending count first, so a scrape never shows a run without it; a count that
             # fails says nothing about the run.
             try:
-                pending, _ = await self._resources.store.count_states(ListRef(domain, kind))
-                self._metrics.observe_pending(domain, kind.value, pending)
+                pending, _ = await self._resources.store.count_states(ref)
+                self._metrics.observe_pending(ref, pending)
             except SyncError as exc:
-                log.warning("pending_rows_not_counted", domain=domain, list=kind.value, error=str(exc))
+                log.warning("pending_rows_not_counted", **ref.labels, error=str(exc))
             self._metrics.observe_run(result, seconds)
         except SyncError as exc:
-            self._failed(key)
-            log.error("scheduled_run_failed", domain=domain, list=kind.value, error=str(exc))
+            self._failed(ref)
+            log.error("scheduled_run_failed", **ref.labels, error=str(exc))
         except Exception:  # the per-run guard: one broken run must not stop the daemon
-            self._failed(key)
-            log.exception("scheduled_run_crashed", domain=domain, list=kind.value)
+            self._failed(ref)
+            log.exception("scheduled_run_crashed", **ref.labels)
         finally:
             self._running.discard(task)
 
-    def _failed(self, key: tuple[str, str], *, reset: bool = False) -> None:
+    def _failed(self, ref: ListRef, *, reset: bool = False) -> None:
         """Count a list's runs that did not end ok in a row (for metrics and alerts)."""
-        self._failures[key] = 0 if reset else self._failures.get(key, 0) + 1
-        self._metrics.observe_failures(*key, self._failures[key])
+        self._failures[ref] = 0 if reset else self._failures.get(ref, 0) + 1
+        self._metrics.observe_failures(ref, self._failures[ref])
 
     def _on_skipped(self, event: JobEvent) -> None:
         """A run not started: the list's previous run was still going, or it was due too long ago."""
         job = self._scheduler.get_job(event.job_id)
         if job is None or job.id in _HOUSEKEEPING_JOBS:
             return
-        plan, kind = job.args
+        ref = _list_of(job)
         reason = "still_running" if event.code == EVENT_JOB_MAX_INSTANCES else "missed"
-        self._metrics.runs_skipped.labels(domain=plan.name, list=kind.value, reason=reason).inc()
-        log.warning("scheduled_run_skipped", domain=plan.name, list=kind.value, reason=reason)
+        self._metrics.runs_skipped.labels(**ref.labels, reason=reason).inc()
+        log.warning("scheduled_run_skipped", **ref.labels, reason=reason)
 
-    async def seed_metrics(self, lists: set[tuple[str, str]]) -> None:
+    async def seed_metrics(self, lists: set[ListRef]) -> None:
         """The last success of each of these newly scheduled lists from the mirror's run log, so
         the gauge (and an alert on its age) does not wait for this process's first success. Lists
         the run log knows but the daemon does not sync get no gauge: an alert would fire forever."""
         try:
+            # The run log names a list as text, which matches its value.
+            named = {(ref.domain, ref.list.value): ref for ref in lists}
             for row in await self._resources.store.last_successes():
-                key = (row["domain"], row["list"])
-                if key in lists and self._scheduler.get_job(f"{key[0]}/{key[1]}") is not None:
-                    self._metrics.last_success.labels(domain=key[0], list=key[1]).set(
-                        row["finished_at"].timestamp())
+                ref = named.get((row["domain"], row["list"]))
+                if ref is not None and self._scheduler.get_job(_job_id(ref)) is not None:
+                    self._metrics.last_success.labels(**ref.labels).set(row["finished_at"].timestamp())
         except SyncError as exc:
             log.warning("last_success_not_read", error=str(exc))
 

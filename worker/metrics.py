@@ -9,6 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from worker.reconcile import ListResult
+from worker.records import ListRef
 from worker.retention import PruneReport
 from worker.runs import RunStatus
 
@@ -86,15 +87,15 @@ class Metrics:
         if result.status is RunStatus.OK:
             self.last_success.labels(**labels).set(time.time())
 
-    def observe_failures(self, domain: str, kind: str, in_a_row: int) -> None:
-        self.consecutive_failures.labels(domain=domain, list=kind).set(in_a_row)
+    def observe_failures(self, ref: ListRef, in_a_row: int) -> None:
+        self.consecutive_failures.labels(**ref.labels).set(in_a_row)
 
-    def forget_list(self, domain: str, kind: str) -> None:
+    def forget_list(self, ref: ListRef) -> None:
         """A list no longer synced: its gauges would otherwise alert forever (a failure count that
         never resets, a last success that only grows older, pending rows never pushed)."""
         for gauge in (self.consecutive_failures, self.last_success, self.pending):
             with contextlib.suppress(KeyError):
-                gauge.remove(domain, kind)
+                gauge.remove(ref.domain, ref.list.value)
 
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()
@@ -106,8 +107,8 @@ class Metrics:
         for table in report.tables:
             self.pruned.labels(table=table.table).inc(table.rows)
 
-    def observe_pending(self, domain: str, kind: str, rows: int) -> None:
-        self.pending.labels(domain=domain, list=kind).set(rows)
+    def observe_pending(self, ref: ListRef, rows: int) -> None:
+        self.pending.labels(**ref.labels).set(rows)
 
     # The Mailgun client's observer interface.
     def on_response(self, method: str, status: int | None) -> None:
