@@ -21,7 +21,7 @@ from worker import errors
 from worker.mailgun.domain_listing import AccountDomain, list_account_domains
 from worker.mailgun.paging import ListPull, RangeTrace
 from worker.mailgun.retry import RetryPolicy
-from worker.mailgun.transport import HttpObserver, Reply, Transport
+from worker.mailgun.transport import HttpObserver, Reply, Transport, where
 from worker.records import (
     MAX_BATCH,
     MalformedRecordError,
@@ -143,7 +143,7 @@ class MailgunClient:
             return parse_record(kind, single_item(kind, orjson.loads(reply.body)))
         except (orjson.JSONDecodeError, MalformedRecordError) as exc:
             raise errors.MalformedPageError(
-                f"{domain} {kind.value}: unreadable record for {address!r}: {exc}", url=url) from exc
+                f"{where(domain, kind)}: unreadable record for {address!r}: {exc}", url=url) from exc
 
     # ---- writing --------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from yarl import URL
 from worker import errors
 from worker.mailgun.budget import RequestBudget
 from worker.mailgun.retry import Retryable, RetryPolicy, server_wait_hint
-from worker.records import SuppressionList
+from worker.records import ListRef, SuppressionList
 from worker.settings import region_of, validate_api_base
 
 T = TypeVar("T")
@@ -38,7 +38,7 @@ NOT_LISTED = {
 
 def where(domain: str, kind: SuppressionList | None) -> str:
     """What a request was about, for messages: a domain's list, or (no list) the domain listing."""
-    return f"{domain} {kind.value}" if kind is not None else "the account's domains"
+    return str(ListRef(domain, kind)) if kind is not None else "the account's domains"
 
 
 @dataclass(frozen=True, slots=True)
