@@ -61,9 +61,9 @@ async def test_one_refused_record_is_found_and_the_other_999_are_stored(emulator
 
 
 async def test_allowlist_entries_go_one_form_post_each(emulator, client):
-    entries = [Record("vip@example.com", kind="address", reason="ceo"),
-               Record("partner.example.org", kind="domain"),
-               Record("bad address@", kind="address")]
+    entries = [Record("vip@example.com", entry_type="address", reason="ceo"),
+               Record("partner.example.org", entry_type="domain"),
+               Record("bad address@", entry_type="address")]
     outcome = await push_all(client, SuppressionList.ALLOWLIST, entries)
     assert sorted(r.address for r in outcome.accepted) == ["partner.example.org", "vip@example.com"]
     assert [r.record.address for r in outcome.rejected] == ["bad address@"]

@@ -93,7 +93,7 @@ def test_allowlist_entries_read_value_type_and_camel_case_created_at():
     record = parse_record(SuppressionList.ALLOWLIST, {
         "value": "example.org", "type": "domain", "reason": "partner",
         "createdAt": "Thu, 13 Oct 2011 18:02:00 UTC"})
-    assert record == Record("example.org", MOMENT, kind="domain", reason="partner")
+    assert record == Record("example.org", MOMENT, entry_type="domain", reason="partner")
 
 
 @pytest.mark.parametrize("item", [
@@ -117,7 +117,7 @@ def test_batch_items_carry_only_what_the_list_takes():
 def test_forms_use_singular_tag_and_allowlist_address_or_domain():
     assert form_fields(SuppressionList.UNSUBSCRIBES, Record("a@x.com", tags=("news",))) == {
         "address": "a@x.com", "tag": "news"}
-    assert form_fields(SuppressionList.ALLOWLIST, Record("example.org", kind="domain")) == {
+    assert form_fields(SuppressionList.ALLOWLIST, Record("example.org", entry_type="domain")) == {
         "domain": "example.org"}
     assert form_fields(SuppressionList.ALLOWLIST, Record("a@x.com", reason="vip")) == {
         "address": "a@x.com", "reason": "vip"}

@@ -123,7 +123,8 @@ def _checked_address(address: str) -> str:
 class Record:
     """One suppression as the worker sees it, whatever list it came from.
 
-    `address` is the allowlist's `value` too (an address or, with `kind == "domain"`, a domain).
+    `address` is the allowlist's `value` too: an address or, with `entry_type == "domain"`, a domain
+    (`entry_type` is an allowlist entry's `type`, `address` or `domain`; None on the other lists).
     """
 
     address: str
@@ -131,7 +132,7 @@ class Record:
     code: str | None = None
     error: str | None = None
     tags: tuple[str, ...] = ()
-    kind: str | None = None
+    entry_type: str | None = None
     reason: str | None = None
 
 
@@ -221,7 +222,7 @@ def parse_record(kind: SuppressionList, item: object) -> Record:
     if kind is SuppressionList.COMPLAINTS:
         return Record(address, _timestamp(item, "created_at"))
     return Record(address, _timestamp(item, "createdAt") or _timestamp(item, "created_at"),
-                  kind=_entry_type(item), reason=_text(item, "reason"))
+                  entry_type=_entry_type(item), reason=_text(item, "reason"))
 
 
 def single_item(kind: SuppressionList, payload: object) -> object:
@@ -399,7 +400,7 @@ def batch_item(kind: SuppressionList, record: Record) -> dict[str, Any]:
 def form_fields(kind: SuppressionList, record: Record) -> dict[str, str]:
     """The form of a single add; the allowlist knows no other way to add."""
     if kind is SuppressionList.ALLOWLIST:
-        fields = {"domain" if record.kind == "domain" else "address": record.address}
+        fields = {"domain" if record.entry_type == "domain" else "address": record.address}
         if record.reason:
             fields["reason"] = record.reason
         return fields
@@ -430,7 +431,7 @@ def _domain_problem(domain: str) -> str | None:
 
 def record_problem(kind: SuppressionList, record: Record) -> str | None:
     """Why a local addition cannot be sent, or None: an allowlist entry may name a whole domain."""
-    if kind is SuppressionList.ALLOWLIST and record.kind == "domain":
+    if kind is SuppressionList.ALLOWLIST and record.entry_type == "domain":
         problem = _domain_problem(record.address)
         return problem and problem.replace("invalid address", "invalid domain", 1)
     return address_problem(record.address)

@@ -157,7 +157,7 @@ def _pending_record(kind: SuppressionList, row: asyncpg.Record) -> Record:
     if kind is SuppressionList.UNSUBSCRIBES:
         return Record(row["address"], row["created_at"], tags=tuple(row["tags"]))
     if kind is SuppressionList.ALLOWLIST:
-        return Record(row["address"], row["created_at"], kind=row["type"], reason=row["reason"])
+        return Record(row["address"], row["created_at"], entry_type=row["type"], reason=row["reason"])
     return Record(row["address"], row["created_at"])
 
 
