@@ -1,7 +1,8 @@
 """The `mailgun-sync` command: argument parsing, the one error boundary, and exit codes.
 
-Exit codes: 0 success; 1 a list did not end `ok` or `skipped`, or the run failed; 2 a setting or
-argument is missing or malformed.
+Exit codes: 0 success; 1 a list did not end `ok` or `skipped`, the run failed, or the system
+refused what the process needs (a port, a host, a path); 2 a setting or argument is missing or
+malformed.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import os
 import re
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,7 +32,7 @@ from worker.daemon import build_trigger, serve
 from worker.database import open_pool, wrap_db_errors
 from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
-from worker.errors import ConfigError, SyncError
+from worker.errors import ConfigError, StartupError, SyncError
 from worker.grants import grant_statements, role_identifier
 from worker.lifespan import Resources, open_resources
 from worker.logs import configure_logging, get_logger
@@ -90,6 +93,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         raise ConfigError("arguments", message)  # cli() hides the command line's values in it
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 0 to 65535")
+    return int(text)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
     emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8025)
+    emulator.add_argument("--port", type=port_number, default=8025, help="0 picks a free one (default 8025)")
     emulator.add_argument("--api-key", default="key-emulator",
                           help="the key clients must send as HTTP Basic password (user `api`)")
     emulator.add_argument("--domain", action="append", default=[], dest="domains",
@@ -445,7 +455,13 @@ async def emulator_command(args: argparse.Namespace, env: Mapping[str, str]) -> 
         except ValueError:
             raise ConfigError("--generate", f"{spec!r} is not LIST=N, e.g. bounces=1000000") from None
     gc.freeze()  # the seeded records live as long as the process
-    base_url = await emulator.start(args.host, args.port)
+    try:
+        base_url = await emulator.start(args.host, args.port)
+    except OSError as exc:
+        await emulator.stop()
+        setting = "--host" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
+            else "--port"
+        raise StartupError.listening(exc, setting, args.host, args.port) from None
     log.info("emulator_started", base_url=base_url, domains=args.domains or "any")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -473,6 +489,16 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     except SyncError as exc:
         print(f"mailgun-sync: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        # The system refused something no setting names (a full disk under stdout, say): one
+        # line, as for every other failure, not a traceback.
+        print(f"mailgun-sync: {os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -482,4 +508,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(asyncio.run(cli(sys.argv[1:] if argv is None else argv)))
+        code = asyncio.run(cli(sys.argv[1:] if argv is None else argv))
+        try:
+            sys.stdout.flush()
+        except OSError as exc:  # stdout a closed pipe or a full disk; said once
+            if code == EXIT_OK:
+                print(f"mailgun-sync: cannot write the output: {os_error(exc)}", file=sys.stderr)
+                code = EXIT_FAILED
+        finally:
+            # Nothing is left for the interpreter's own flush at exit, which would print a traceback.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(code)

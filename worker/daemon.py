@@ -28,7 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from worker.cron import parse_cron
 from worker.database import ping
 from worker.domains import DomainPlan, Planned
-from worker.errors import ConfigError, DatabaseError, SyncError
+from worker.errors import ConfigError, DatabaseError, StartupError, SyncError
 from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -357,11 +357,12 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
                                domains_complete=daemon.domains_complete)
     # With WEBHOOK_PORT the webhooks have a port of their own, which an ingress can expose whole;
     # /metrics and the probes stay on HTTP_PORT.
+    http_port = (settings.http_port, "HTTP_PORT (--http-port)")
     if settings.webhook_port is None:
-        sites = [(build_http_app(daemon, metrics, webhooks), settings.http_port)]
+        sites = [(build_http_app(daemon, metrics, webhooks), http_port)]
     else:
-        sites = [(build_http_app(daemon, metrics), settings.http_port),
-                 (build_webhook_app(webhooks), settings.webhook_port)]
+        sites = [(build_http_app(daemon, metrics), http_port),
+                 (build_webhook_app(webhooks), (settings.webhook_port, "WEBHOOK_PORT (--webhook-port)"))]
     runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, _ in sites]
     for runner in runners:
         await runner.setup()
@@ -374,8 +375,11 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
         # Every interface on purpose: in a container the probes, Prometheus and Mailgun's webhooks
         # reach the pod's address, never its loopback; what is exposed is the Service's business.
-        for runner, (_, port) in zip(runners, sites, strict=True):
-            await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
+        for runner, (_, (port, setting)) in zip(runners, sites, strict=True):
+            try:
+                await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
+            except OSError as exc:
+                raise StartupError.listening(exc, setting, "0.0.0.0", port) from None  # nosec B104
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await daemon.start()
