@@ -114,6 +114,15 @@ async def test_logs_are_json_lines_with_one_summary_per_list_bound_to_the_run(in
     assert len({s["run_id"] for s in summaries}) == 1
 
 
+async def test_a_failed_list_is_logged_at_error_and_an_ok_one_at_info(invoke, env, emulator):
+    emulator.fail_next(503, times=None, list="complaints")
+    outcome = await invoke("run", "--json", "--list", "bounces", "--list", "complaints",
+                           env={**env, "MAILGUN_MAX_ATTEMPTS": "1"})
+    assert outcome.code == 1
+    levels = {line["list"]: line["level"] for line in outcome.logs() if line["event"] == "list_reconciled"}
+    assert levels == {"bounces": "info", "complaints": "error"}
+
+
 async def test_each_in_process_call_logs_at_its_own_level(invoke, env):
     """Loggers are not left bound to the first call's configuration."""
     chatty = await invoke("run", "--json", "--list", "bounces", env=env)

@@ -190,6 +190,8 @@ class Daemon:
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
             self._metrics.domain_refreshes.labels(outcome="failed").inc()
             log.error("domains_not_refreshed", error=str(exc))
+        except asyncio.CancelledError:  # a stop; what is scheduled stays as it was
+            log.warning("domains_refresh_cancelled", reason="the daemon is stopping")
         except Exception:  # the daemon outlives a broken refresh, like a broken run
             log.exception("domains_refresh_crashed")
 
@@ -226,6 +228,10 @@ class Daemon:
         except SyncError as exc:
             self._failed(key)
             log.error("scheduled_run_failed", domain=domain, list=kind.value, error=str(exc))
+        except asyncio.CancelledError:
+            # Only a stop cancels a run (past SHUTDOWN_GRACE), and the run has logged itself
+            # failed: the job ends here, so the scheduler prints no traceback of it.
+            self._failed(key)
         except Exception:  # the per-run guard: one broken run must not stop the daemon
             self._failed(key)
             log.exception("scheduled_run_crashed", domain=domain, list=kind.value)
@@ -272,6 +278,8 @@ class Daemon:
             self._metrics.observe_prune(report)
         except SyncError as exc:  # try again at the next turn
             log.error("retention_prune_failed", error=str(exc))
+        except asyncio.CancelledError:  # a stop; each batch is a transaction of its own
+            log.warning("retention_prune_cancelled", reason="the daemon is stopping")
         except Exception:  # the daemon outlives a broken prune, like a broken run
             log.exception("retention_prune_crashed")
         finally:

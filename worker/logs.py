@@ -18,6 +18,11 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+# Libraries log through the standard library (APScheduler, aiohttp, asyncio): one handler renders
+# their records as the worker's own lines, so that stderr stays one JSON object a line.
+_LIBRARIES = logging.StreamHandler(_CurrentStderr())
+
+
 def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
     """Set up structlog. `json=None` picks JSON unless stderr is a terminal.
 
@@ -42,6 +47,17 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    _LIBRARIES.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    _LIBRARIES.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    root = logging.getLogger()
+    if _LIBRARIES not in root.handlers:
+        root.addHandler(_LIBRARIES)
+    # The daemon logs the runs the scheduler skips and the errors of its jobs itself.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

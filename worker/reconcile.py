@@ -132,19 +132,23 @@ class Reconciler:
             except asyncio.CancelledError:
                 result.status = FAILED
                 result.error = "interrupted before the end; unconfirmed rows stay pending"
-                await self._finish(run_id, kind, result, span, clock)
+                await self._finish(run_id, kind, result, span, clock, cancelled=True)
                 raise
             await self._finish(run_id, kind, result, span, clock)
         return result
 
     async def _finish(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
-                      span: list[datetime | None], clock: float) -> None:
+                      span: list[datetime | None], clock: float, *, cancelled: bool = False) -> None:
         # A skipped run did nothing; recording it would bury the real runs under replicas' skips.
         if not self._options.dry_run and result.status != SKIPPED:
             started, finished = span
             await self._record(run_id, kind, result, started or datetime.now(UTC),
                                finished or datetime.now(UTC))
-        log.info("list_reconciled", status=result.status, pulled=result.pulled,
+        # A failed list wants looking at; a guarded one, or one cancelled by a stop, will be run
+        # again.
+        level = (log.info if result.succeeded else log.warning if cancelled or result.status == GUARDED
+                 else log.error)
+        level("list_reconciled", status=result.status, pulled=result.pulled,
                  inserted=result.inserted, updated=result.updated, removed=result.removed,
                  adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
                  skipped=result.skipped, error=result.error, dry_run=self._options.dry_run,
