@@ -301,6 +301,16 @@ WHERE domain = $1 AND sync_state = 'pending' AND {address_key} > $2 AND updated_
 ORDER BY {address_key}
 LIMIT $3;
 
+-- name: select_planned_pushes
+-- $1 domain, $2 the last address_key already read ('' to start), $3 how many. For a dry run: the
+-- pending rows the diff would push (Mailgun does not have them), read as select_pending reads
+-- them, so that they are validated locally as a run validates them.
+SELECT m.{address} AS address, m.{address_key} AS address_key, {m_cols}, m.xmin::text AS version
+FROM {table} m JOIN diff d ON d.key = m.{address_key} AND d.action = 'push'
+WHERE m.domain = $1 AND m.sync_state = 'pending' AND m.{address_key} > $2
+ORDER BY m.{address_key}
+LIMIT $3;
+
 -- name: mark_sending
 -- $1 domain, $2 addresses, $3 versions: pending rows about to be sent, written down before the
 -- request leaves (Mailgun may hold them from then on, answered or not), so that an application's

@@ -403,3 +403,32 @@ async def test_the_cli_takes_allowlist_as_a_list_name(invoke, env, emulator):
     outcome = await invoke("run", "--json", "--list", "allowlist", env=env)
     assert outcome.code == 0, outcome.err
     assert [(r["list"], r["inserted"]) for r in outcome.report()["results"]] == [("allowlist", 1)]
+
+
+async def test_a_dry_run_validates_local_additions_so_its_counts_are_the_runs(invoke, env, emulator, pool):
+    for address in ("one@example.com", "two@example.com", "not an address"):
+        await insert_row(pool, "bounces", DOMAIN, address)
+    await insert_row(pool, "allowlist", DOMAIN, "partner..example", type="domain")
+
+    dry = await invoke("run", "--dry-run", "--json", env=env)
+    real = await invoke("run", "--json", env=env)
+
+    assert (dry.code, real.code) == (0, 0), dry.err + real.err
+    def counts(outcome):
+        return [(r["pushed"], r["rejected"]) for r in outcome.report()["results"]]
+
+    assert counts(dry) == counts(real)
+    assert (dry.result(DOMAIN, "bounces")["pushed"], dry.result(DOMAIN, "bounces")["rejected"]) == (2, 1)
+    assert dry.result(DOMAIN, "allowlist")["rejected"] == 1
+
+
+async def test_a_dry_run_says_so_at_the_top_of_its_text_and_its_json(invoke, env):
+    text = await invoke("run", "--dry-run", env=env)
+    assert text.code == 0, text.err
+    assert text.out.splitlines()[0] == "dry run: nothing was changed; the counts are what a run would do now"
+    as_json = await invoke("run", "--dry-run", "--json", env=env)
+    assert next(iter(as_json.report())) == "dry_run"
+    assert as_json.report()["dry_run"] is True
+    real = await invoke("run", "--json", env=env)
+    assert real.report()["dry_run"] is False
+    assert "dry run" not in (await invoke("run", env=env)).out

@@ -318,18 +318,24 @@ async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         planned = await domain_plans(args, settings, resources)
         results = await reconcile_plans(
             planned.domains, resources, lambda client: Reconciler(resources.store, client, options))
-    return print_results(results, planned.failures, as_json=args.json)
+    return print_results(results, planned.failures, as_json=args.json, dry_run=args.dry_run)
 
 
-def print_results(results: Sequence[ListResult], failures: Sequence[str], *, as_json: bool) -> int:
+DRY_RUN_NOTICE = "dry run: nothing was changed; the counts are what a run would do now\n"
+
+
+def print_results(results: Sequence[ListResult], failures: Sequence[str], *, as_json: bool,
+                  dry_run: bool = False) -> int:
     """Print the report; the exit code: 1 if a list did not succeed or a region's domains could
     not be discovered."""
     ok = all(r.succeeded for r in results) and not failures
     if as_json:
-        payload = {"ok": ok, "results": [r.as_json() for r in results], "discovery_errors": list(failures)}
+        payload = {"dry_run": dry_run, "ok": ok, "results": [r.as_json() for r in results],
+                   "discovery_errors": list(failures)}
         sys.stdout.write(orjson.dumps(payload).decode() + "\n")
     else:
-        sys.stdout.write(render_table(results) + "".join(f"error: {f}\n" for f in failures))
+        sys.stdout.write((DRY_RUN_NOTICE if dry_run else "") + render_table(results)
+                         + "".join(f"error: {f}\n" for f in failures))
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -206,7 +206,12 @@ class Reconciler:
         if options.dry_run:
             result.inserted, result.updated, result.adopted = plan.inserts, plan.updates, plan.adoptions
             result.removed = 0 if guarded else plan.removals
-            result.pushed = plan.pushes
+            # The run validates each row before sending it: so does the dry run, so that its
+            # counts are the run's (Mailgun's own refusals aside).
+            invalid = 0
+            async for rows in session.planned_pushes(options.push_read_ahead):
+                invalid += sum(1 for row in rows if record_problem(session.kind, row.record) is not None)
+            result.pushed, result.rejected = plan.pushes - invalid, invalid
             result.deleted += plan.requeues
             return
         with result.timed("apply"):
