@@ -376,6 +376,22 @@ SELECT count(*) FILTER (WHERE sync_state = 'pending') AS pending,
        count(*) FILTER (WHERE sync_state = 'rejected') AS rejected
 FROM {table} WHERE domain = $1;
 
+-- name: pending_elsewhere
+-- $1 domains: the pending rows of every other domain, by domain and list. Nothing syncs them: a
+-- row whose domain is misspelt, or of a domain no longer configured, would wait for ever.
+SELECT domain, list, count(*) AS pending_rows FROM (
+    SELECT domain, 'bounces' AS list FROM mailgun.bounces WHERE sync_state = 'pending'
+    UNION ALL
+    SELECT domain, 'unsubscribes' FROM mailgun.unsubscribes WHERE sync_state = 'pending'
+    UNION ALL
+    SELECT domain, 'complaints' FROM mailgun.complaints WHERE sync_state = 'pending'
+    UNION ALL
+    SELECT domain, 'allowlist' FROM mailgun.allowlist WHERE sync_state = 'pending'
+) AS pending
+WHERE domain <> ALL ($1::text[])
+GROUP BY domain, list
+ORDER BY domain, list;
+
 -- name: latest_runs
 -- The last recorded run of every (domain, list).
 SELECT DISTINCT ON (domain, list) domain, list, status, pulled, inserted, updated, removed, adopted,

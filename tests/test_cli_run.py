@@ -432,3 +432,24 @@ async def test_a_dry_run_says_so_at_the_top_of_its_text_and_its_json(invoke, env
     real = await invoke("run", "--json", env=env)
     assert real.report()["dry_run"] is False
     assert "dry run" not in (await invoke("run", env=env)).out
+
+
+# ---- rows nothing syncs --------------------------------------------------------------------------
+
+
+async def test_a_run_warns_once_per_domain_it_does_not_sync_that_has_pending_rows(invoke, env, pool):
+    typo = "mg.exmaple.com"
+    for address in ("one@example.com", "two@example.com"):
+        await insert_row(pool, "bounces", typo, address)
+    await insert_row(pool, "complaints", typo, "three@example.com")
+
+    outcome = await invoke("run", "--json", env=env)
+
+    assert outcome.code == 0, outcome.err
+    [warning] = [line for line in outcome.logs() if line["event"] == "pending_rows_of_unsynced_domain"]
+    assert (warning["level"], warning["domain"], warning["rows"]) == ("warning", typo, 3)
+    assert warning["lists"] == {"bounces": 2, "complaints": 1}
+    assert {line["domain"] for line in outcome.logs() if line["event"] == "list_reconciled"} == {DOMAIN}
+    # A run narrowed to some domains does not know what the others are: it says nothing of them.
+    narrowed = await invoke("run", "--json", "--domain", DOMAIN, env=env)
+    assert not [line for line in narrowed.logs() if line["event"] == "pending_rows_of_unsynced_domain"]

@@ -41,7 +41,14 @@ from worker.metrics import Metrics
 from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
+from worker.report import (
+    discovery_status,
+    list_status,
+    render_discovery,
+    render_status,
+    render_table,
+    render_unsynced,
+)
 from worker.retention import prune
 from worker.retention import render as render_prune
 from worker.settings import (
@@ -189,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="the last run, pending and rejected rows of every list")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    status.add_argument("--all", action="store_true",
+                        help="also the domains no longer configured that have recorded runs")
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
     status.set_defaults(handler=status_command)
@@ -318,7 +327,21 @@ async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         planned = await domain_plans(args, settings, resources)
         results = await reconcile_plans(
             planned.domains, resources, lambda client: Reconciler(resources.store, client, options))
+        if not args.domains and not planned.failures:  # every domain synced is known
+            await warn_of_unsynced_rows(resources.store, [plan.name for plan in planned.domains])
     return print_results(results, planned.failures, as_json=args.json, dry_run=args.dry_run)
+
+
+async def warn_of_unsynced_rows(store: MirrorStore, synced: Sequence[str]) -> None:
+    """One warning per domain that is not synced but has pending rows (a misspelt domain in an
+    INSERT, a domain no longer configured): nothing will ever push them."""
+    by_domain: dict[str, dict[str, int]] = {}
+    for row in await store.pending_elsewhere(synced):
+        by_domain.setdefault(row["domain"], {})[row["list"]] = row["pending_rows"]
+    for domain, lists in by_domain.items():
+        log.warning("pending_rows_of_unsynced_domain", domain=domain, rows=sum(lists.values()),
+                    lists=lists, detail="no configured domain has this name: nothing pushes these "
+                                        "rows; correct their domain, or sync the domain")
 
 
 DRY_RUN_NOTICE = "dry run: nothing was changed; the counts are what a run would do now\n"
@@ -377,12 +400,20 @@ def configured_domains(env: Mapping[str, str]) -> list[str]:
 
 async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     url = require_database_url(env, args.DATABASE_URL)
+    configured = configured_domains(env)
     async with open_pool(url, max_size=2) as pool:
         await require_schema(pool)
-        report = await list_status(MirrorStore(pool), configured_domains(env))
-        regions = await discovery_status(MirrorStore(pool))
-    sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions}).decode() + "\n" if args.json
-                     else render_status(report) + render_discovery(regions))
+        store = MirrorStore(pool)
+        regions = await discovery_status(store)
+        synced = configured + [name for region in regions for name in region["domains"]]
+        # Without a configuration to tell, every domain with a recorded run is shown.
+        report = await list_status(store, synced, every_domain=args.all or not configured)
+        unsynced = await store.pending_elsewhere({row["domain"] for row in report})
+    if args.json:
+        sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions,
+                                       "unsynced_pending": unsynced}).decode() + "\n")
+    else:
+        sys.stdout.write(render_status(report) + render_unsynced(unsynced) + render_discovery(regions))
     return EXIT_OK
 
 

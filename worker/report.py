@@ -29,11 +29,12 @@ def render_table(results: Sequence[ListResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()) -> list[dict[str, Any]]:
+async def list_status(store: MirrorStore, configured_domains: Iterable[str] = (), *,
+                      every_domain: bool = True) -> list[dict[str, Any]]:
     """Per (domain, list): the last recorded run, and the rows waiting for or refused by Mailgun,
-    for every configured domain and every domain with a recorded run."""
+    for every configured domain, and with `every_domain` every domain with a recorded run."""
     runs = {(r["domain"], r["list"]): r for r in await store.latest_runs()}
-    domains = set(configured_domains) | {d for d, _ in runs}
+    domains = set(configured_domains) | ({d for d, _ in runs} if every_domain else set())
     report = []
     for domain in sorted(domains):
         for kind in MIRRORED_LISTS:
@@ -63,6 +64,17 @@ def render_status(report: Sequence[dict[str, Any]]) -> str:
         if row["error"]:
             lines.append(f"{'':<24}  last error: {row['error']}")
     return "\n".join(lines) + "\n"
+
+
+def render_unsynced(pending: Sequence[dict[str, Any]]) -> str:
+    """The pending rows of domains not synced: nothing will push them."""
+    if not pending:
+        return ""
+    width = max(len("domain"), *(len(row["domain"]) for row in pending))
+    lines = ["pending rows of domains not synced (nothing pushes them: correct their domain, or "
+             "sync the domain):"]
+    lines += [f"  {row['domain']:<{width}}  {row['list']:<12}  {row['pending_rows']:>8}" for row in pending]
+    return "".join(f"{line}\n" for line in lines)
 
 
 async def discovery_status(store: MirrorStore) -> list[dict[str, Any]]:

@@ -439,6 +439,12 @@ class MirrorStore:
             row = await self._pool.fetchrow(list_query("count_states", kind), domain)
         return row["pending"], row["rejected"]
 
+    async def pending_elsewhere(self, domains: Iterable[str]) -> list[dict[str, Any]]:
+        """Pending rows of domains other than these, by domain and list: nothing pushes them."""
+        async with wrap_db_errors("counting the pending rows of other domains"):
+            return [dict(r) for r in await self._pool.fetch(queries()["pending_elsewhere"],
+                                                             sorted(set(domains)))]
+
     async def latest_runs(self) -> list[dict[str, Any]]:
         async with wrap_db_errors("reading the last runs"):
             return [dict(r) for r in await self._pool.fetch(queries()["latest_runs"])]
