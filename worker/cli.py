@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import gc
+import itertools
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -79,17 +81,27 @@ _COMMAND_NAMES: set[str] = set()
 # Shorter words are not hidden: replacing them would garble the message, and shown alone they
 # give away no secret.
 _SHORTEST_HIDDEN = 4
-# A file's path is shown: an error about a file must say which, and a secret is no path.
+# A file's path is shown: an error about a file must say which, and a secret is no path. So is
+# the value of a flag that takes a file, relative as it may be (`--config sync.toml`).
 _PATH_STARTS = ("/", "./", "../", "~/")
+_PATH_FLAGS = ("--config", "--seed", "--keep")
+
+
+def _path_values(argv: Sequence[str]) -> set[str]:
+    values = {value for flag, value in itertools.pairwise(argv) if flag in _PATH_FLAGS}
+    return values | {word.split("=", 1)[1] for word in argv if word.split("=", 1)[0] in _PATH_FLAGS
+                     and "=" in word}
 
 
 def shown_usage_error(message: str, argv: Sequence[str]) -> str:
     """An error's message without any value of the command line in it, however argparse or a
     setting's check quoted or cut it: a secret given to the wrong flag, or a URL given where a
-    command was expected, would be echoed. Option and command names are kept."""
+    command was expected, would be echoed. Option and command names, and paths, are kept."""
     words = set(argv) | {part for word in argv if "=" in word for part in word.split("=", 1)}
+    paths = _path_values(argv)
     hidden = sorted((w for w in words if len(w) >= _SHORTEST_HIDDEN and not _OPTION_NAME.fullmatch(w)
-                     and w not in _COMMAND_NAMES and not w.startswith(_PATH_STARTS)), key=len, reverse=True)
+                     and w not in _COMMAND_NAMES and not w.startswith(_PATH_STARTS) and w not in paths),
+                    key=len, reverse=True)
     for word in hidden:
         message = message.replace(word, "…")
     return message
@@ -466,7 +478,14 @@ async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str])
     domain = args.domain or next(iter(domain_names(env.get("MAILGUN_DOMAINS", ""))), None)
     if not domain:
         raise ConfigError("--domain", "no domain for the samples: pass --domain or set MAILGUN_DOMAINS")
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("--url", "is not an http:// or https:// URL; give the endpoint, such as "
+                                   "https://sync.example.com/webhooks/mailgun")
     checks = await run_webhook_test(args.url, key, domain, args.recipient or TEST_RECIPIENT)
+    if all(check.status is None for check in checks):  # nothing to compare: one line, not six
+        raise SyncError(f"--url: the endpoint answered none of the samples: "
+                        f"{checks[0].answer.removeprefix('no answer: ')}")
     sys.stdout.write(render(args.url, checks))
     return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
 

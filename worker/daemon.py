@@ -51,14 +51,15 @@ def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTri
     if set, else every `SYNC_INTERVAL` seconds."""
     interval, cron, setting = settings.sync_interval, settings.sync_cron, "SYNC_CRON"
     if plan is not None and (plan.interval is not None or plan.cron is not None):
-        interval, cron, setting = plan.interval or interval, plan.cron, f"SYNC_CONFIG ({plan.name})"
+        interval, cron, setting = plan.interval or interval, plan.cron, "SYNC_CONFIG"
     jitter = settings.sync_jitter or None
     if cron is None:
         return IntervalTrigger(seconds=interval, jitter=jitter, timezone=UTC)
     try:
         return parse_cron(cron).trigger(jitter=jitter)
     except ValueError as exc:
-        raise ConfigError(setting, str(exc)) from None
+        where = f"{settings.config_file} {plan.name}: cron: " if plan is not None and plan.cron else ""
+        raise ConfigError(setting, f"{where}{exc}") from None
 
 
 # The domains to sync, asked again every DISCOVERY_REFRESH seconds: domains discovered in the
