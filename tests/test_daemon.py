@@ -326,7 +326,7 @@ async def test_a_run_cancelled_by_a_stop_is_one_json_line_and_stderr_stays_json_
     with stderr.open("wb") as sink:
         worker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "worker", "daemon",
-            env=daemon_env(emulator, database_url, SHUTDOWN_GRACE="1"),
+            env=daemon_env(emulator, database_url, SHUTDOWN_GRACE="1", WEBHOOK_PORT="0"),
             stdout=asyncio.subprocess.DEVNULL, stderr=sink)
     try:
         async with asyncio.timeout(30):
@@ -348,6 +348,10 @@ async def test_a_run_cancelled_by_a_stop_is_one_json_line_and_stderr_stays_json_
     assert "interrupted" in cancelled[0]["error"]
     assert not any("CancelledError" in line or "Traceback" in line for line in lines)
     assert [e["event"] for e in logs][-1] == "daemon_stopped"
+    # The start names the ports as bound (0 asks for any free one).
+    [started] = [e for e in logs if e["event"] == "daemon_started"]
+    assert started["http_port"] > 0 and started["webhook_port"] > 0
+    assert started["http_port"] != started["webhook_port"]
 
 
 async def _posted(emulator) -> bool:

@@ -160,7 +160,9 @@ async def test_status_table_names_each_list_with_its_status_rows_and_last_error(
 
     assert outcome.code == 0
     lines = outcome.out.splitlines()
-    assert lines[0].split() == ["domain", "list", "last", "run", "(UTC)", "status", "pending", "rejected"]
+    assert lines[0].split() == ["counts", "of", "the", "last", "run", "rows", "now"]
+    assert lines[1].split() == ["domain", "list", "last", "run", "(UTC)", "status", *COUNTS,
+                                "pending", "rejected"]
 
     def line_of(domain: str, kind: str) -> list[str]:
         [found] = [line for line in lines if line.startswith(f"{domain} ") and f" {kind} " in line]
@@ -169,9 +171,11 @@ async def test_status_table_names_each_list_with_its_status_rows_and_last_error(
     for domain in (DOMAIN, SECOND_DOMAIN):
         for kind in LISTS:
             assert line_of(domain, kind)[:2] == [domain, kind]
-    assert line_of(DOMAIN, "bounces")[-3:] == ["ok", "0", "1"]
-    assert line_of(DOMAIN, "unsubscribes")[-3:] == ["failed", "1", "0"]
-    assert line_of(SECOND_DOMAIN, "bounces")[2:] == ["never", "-", "0", "0"]
+    # status, the last run's counts (as `run` prints them), the rows pending and rejected now
+    assert line_of(DOMAIN, "bounces")[4:] == ["ok", "3", "3", "0", "0", "0", "1", "1", "0", "0", "0", "1"]
+    assert line_of(DOMAIN, "unsubscribes")[4:] == ["failed", *["0"] * len(COUNTS), "1", "0"]
+    assert line_of(SECOND_DOMAIN, "complaints")[4:7] == ["ok", "2", "2"]
+    assert line_of(SECOND_DOMAIN, "bounces")[2:] == ["never", "-", *["0"] * len(COUNTS), "0", "0"]
     finished = await last_finished(pool, DOMAIN, "bounces")
     assert line_of(DOMAIN, "bounces")[2:4] == finished.strftime("%Y-%m-%d %H:%M:%S").split()
     # The one error, right under its list's line.

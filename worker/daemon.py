@@ -104,9 +104,10 @@ class Daemon:
         self._domains: tuple[str, ...] = ()
         self._stale: tuple[str, ...] = ()
 
-    async def start(self) -> None:
+    async def start(self, ports: dict[str, int] | None = None) -> None:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
-        so that replicas started together do not all reach for the same list at once."""
+        so that replicas started together do not all reach for the same list at once. `ports`,
+        the ports served by name, are logged with the start."""
         await self.seed_metrics(self._schedule(await self._planner()))
         self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._scheduler.add_job(
@@ -125,7 +126,7 @@ class Daemon:
             log.warning("setting_has_no_effect", setting="SYNC_FAILURES_BEFORE_UNREADY",
                         detail="readiness no longer depends on failing lists; alert on "
                                "mailgun_sync_consecutive_failures instead")
-        log.info("daemon_started", domains=self.domains(),
+        log.info("daemon_started", **(ports or {}), domains=self.domains(),
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
     def domains(self) -> tuple[str, ...]:
@@ -366,13 +367,15 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
                                domains_complete=daemon.domains_complete)
     # With WEBHOOK_PORT the webhooks have a port of their own, which an ingress can expose whole;
     # /metrics and the probes stay on HTTP_PORT.
-    http_port = (settings.http_port, "HTTP_PORT (--http-port)")
+    # Each site: its app, its port, the setting that names the port, its name in daemon_started.
+    http = (settings.http_port, "HTTP_PORT (--http-port)", "http_port")
     if settings.webhook_port is None:
-        sites = [(build_http_app(daemon, metrics, webhooks), http_port)]
+        sites = [(build_http_app(daemon, metrics, webhooks), *http)]
     else:
-        sites = [(build_http_app(daemon, metrics), http_port),
-                 (build_webhook_app(webhooks), (settings.webhook_port, "WEBHOOK_PORT (--webhook-port)"))]
-    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, _ in sites]
+        sites = [(build_http_app(daemon, metrics), *http),
+                 (build_webhook_app(webhooks), settings.webhook_port, "WEBHOOK_PORT (--webhook-port)",
+                  "webhook_port")]
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, *_ in sites]
     for runner in runners:
         await runner.setup()
     if writer is not None:
@@ -384,14 +387,16 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
         # Every interface on purpose: in a container the probes, Prometheus and Mailgun's webhooks
         # reach the pod's address, never its loopback; what is exposed is the Service's business.
-        for runner, (_, (port, setting)) in zip(runners, sites, strict=True):
+        ports: dict[str, int] = {}
+        for runner, (_, port, setting, name) in zip(runners, sites, strict=True):
             try:
                 await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
             except OSError as exc:
                 raise StartupError.listening(exc, setting, "0.0.0.0", port) from None  # nosec B104
+            ports[name] = runner.addresses[0][1]  # as bound: port 0 is any free one
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await daemon.start()
+        await daemon.start(ports)
         await stop.wait()
         log.info("stop_requested")
         stopped_at = loop.time()

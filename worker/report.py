@@ -52,17 +52,24 @@ async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()
 
 
 def render_status(report: Sequence[dict[str, Any]]) -> str:
+    """The last run's time, status and counts (as `run` prints them), then the rows pending and
+    rejected now."""
     if not report:
         return "no runs recorded yet\n"
-    lines = [f"{'domain':<24}  {'list':<12}  {'last run (UTC)':<19}  {'status':<8}  {'pending':>8}"
-             f"  {'rejected':>8}"]
-    lines.append("-" * len(lines[0]))
+    width = max(len("domain"), *(len(row["domain"]) for row in report))
+    counts = "".join(f"  {c:>8}" for c in (*COLUMNS, SKIPPED))
+    lead = f"{'domain':<{width}}  {'list':<12}  {'last run (UTC)':<19}  {'status':<8}"
+    groups = (f"{'':<{len(lead)}}  {'counts of the last run':<{len(counts) - 2}}"
+              f"  {'rows now':>18}")
+    header = f"{lead}{counts}  {'pending':>8}  {'rejected':>8}"
+    lines = [groups.rstrip(), header, "-" * len(header)]
     for row in report:
         when = row["last_run_at"][:19].replace("T", " ") if row["last_run_at"] else "never"
-        lines.append(f"{row['domain']:<24}  {row['list']:<12}  {when:<19}  {row['status'] or '-':<8}"
-                     f"  {row['pending_rows']:>8}  {row['rejected_rows']:>8}")
+        lines.append(f"{row['domain']:<{width}}  {row['list']:<12}  {when:<19}  {row['status'] or '-':<8}"
+                     + "".join(f"  {row[c]:>8}" for c in (*COLUMNS, SKIPPED))
+                     + f"  {row['pending_rows']:>8}  {row['rejected_rows']:>8}")
         if row["error"]:
-            lines.append(f"{'':<24}  last error: {row['error']}")
+            lines.append(f"{'':<{width}}  last error: {row['error']}")
     return "\n".join(lines) + "\n"
 
 
