@@ -301,6 +301,16 @@ WHERE domain = $1 AND sync_state = 'pending' AND {address_key} > $2 AND updated_
 ORDER BY {address_key}
 LIMIT $3;
 
+-- name: select_planned_pushes
+-- $1 domain, $2 the last address_key already read ('' to start), $3 how many. For a dry run: the
+-- pending rows the diff would push (Mailgun does not have them), read as select_pending reads
+-- them, so that they are validated locally as a run validates them.
+SELECT m.{address} AS address, m.{address_key} AS address_key, {m_cols}, m.xmin::text AS version
+FROM {table} m JOIN diff d ON d.key = m.{address_key} AND d.action = 'push'
+WHERE m.domain = $1 AND m.sync_state = 'pending' AND m.{address_key} > $2
+ORDER BY m.{address_key}
+LIMIT $3;
+
 -- name: mark_sending
 -- $1 domain, $2 addresses, $3 versions: pending rows about to be sent, written down before the
 -- request leaves (Mailgun may hold them from then on, answered or not), so that an application's
@@ -365,6 +375,22 @@ SELECT clock_timestamp();
 SELECT count(*) FILTER (WHERE sync_state = 'pending') AS pending,
        count(*) FILTER (WHERE sync_state = 'rejected') AS rejected
 FROM {table} WHERE domain = $1;
+
+-- name: pending_elsewhere
+-- $1 domains: the pending rows of every other domain, by domain and list. Nothing syncs them: a
+-- row whose domain is misspelt, or of a domain no longer configured, would wait for ever.
+SELECT domain, list, count(*) AS pending_rows FROM (
+    SELECT domain, 'bounces' AS list FROM mailgun.bounces WHERE sync_state = 'pending'
+    UNION ALL
+    SELECT domain, 'unsubscribes' FROM mailgun.unsubscribes WHERE sync_state = 'pending'
+    UNION ALL
+    SELECT domain, 'complaints' FROM mailgun.complaints WHERE sync_state = 'pending'
+    UNION ALL
+    SELECT domain, 'allowlist' FROM mailgun.allowlist WHERE sync_state = 'pending'
+) AS pending
+WHERE domain <> ALL ($1::text[])
+GROUP BY domain, list
+ORDER BY domain, list;
 
 -- name: latest_runs
 -- The last recorded run of every (domain, list).

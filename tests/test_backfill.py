@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pty
+import re
 import signal
 import sys
 import uuid
@@ -378,7 +380,7 @@ async def test_progress_draws_a_bar_when_the_output_is_a_terminal(
     assert result.status == "ok"
     drawn = terminal.drawn()
     for records, pages in (("1,000", 1), ("2,000", 2), ("2,345", 3)):
-        assert f"\r{DOMAIN} bounces: {records} records, {pages} pages, " in drawn
+        assert f"\r\x1b[K{DOMAIN} bounces: {records} records, {pages} pages, " in drawn
     assert "pages/s" in drawn
     assert drawn.endswith("\r\n")  # the bar's line is ended once the list is read
 
@@ -457,3 +459,71 @@ async def test_a_resumed_backfill_does_not_bring_back_what_was_deleted_since_its
     assert (resumed.status, resumed.pulled, resumed.inserted) == ("ok", 249, 0)
     assert found[5] not in await rows(pool, BOUNCES)
     assert found[5] not in remote_bounces(emulator)
+
+
+def _terminal_lines(raw: str) -> list[str]:
+    """What a terminal shows, line by line, for output with carriage returns and erase-line
+    sequences (colours taken out)."""
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", raw)
+    shown: list[str] = []
+    line, column = "", 0
+    for token in re.findall(r"\x1b\[K|\r|\n|[^\r\n\x1b]+", raw):
+        if token == "\r":
+            column = 0
+        elif token == "\n":
+            shown.append(line)
+            line, column = "", 0
+        elif token == "\x1b[K":
+            line = line[:column]
+        else:
+            line = line[:column] + token + line[column + len(token):]
+            column += len(token)
+    return [*shown, line]
+
+
+async def test_on_a_terminal_log_lines_never_share_the_progress_line_and_agree_with_it(
+        pool, emulator, database_url):
+    """A real backfill whose stdout and stderr are one terminal, long enough for a progress log
+    line (every 5 s): the log line is a line of its own, and the bar drawn after it shows the same
+    counts."""
+    seed_bounces(emulator, 14_000)
+    emulator.settings.latency_s = 0.45  # about 6 s for the 14 pages
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
+    controller, terminal = pty.openpty()
+    try:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "backfill", "--list", "bounces", env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        raw = await asyncio.wait_for(asyncio.to_thread(_read_all, controller), 60)
+        assert await asyncio.wait_for(worker.wait(), 30) == 0, raw
+    finally:
+        os.close(controller)
+
+    lines = [line for line in _terminal_lines(raw.replace("\r\n", "\n")) if line.strip()]
+    logged = [line for line in lines if "backfill_progress" in line]
+    assert logged, raw
+    bars = [line for line in lines if line.startswith(f"{DOMAIN} bounces: ")]
+    assert bars
+    for line in lines:  # a bar, a log line or the report: never two of them on one line
+        assert not (f"{DOMAIN} bounces: " in line and "backfill_progress" in line), line
+    for log_line in logged:
+        pages = int(re.search(r"pages=(\d+)", log_line).group(1))
+        assert log_line.startswith(str(datetime.now(UTC).year))
+        # The raw stream right after the log line: the bar drawn again, with the same count.
+        after = raw[raw.index(log_line.split()[0]):]
+        assert re.search(rf"{DOMAIN} bounces: [\d,]+ records, (\d+) pages", after).group(1) == str(pages)
+
+
+def _read_all(descriptor: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(descriptor, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()

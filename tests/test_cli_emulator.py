@@ -4,6 +4,7 @@ control endpoint, stops cleanly on SIGTERM, and refuses a seed it cannot load wi
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+
+from worker.emulator import MailgunEmulator
+from worker.emulator.faults import ACTIONS
 
 CLI_DOMAIN = "mg.example.com"
 CLI_KEY = "key-x"
@@ -162,3 +166,59 @@ async def test_cli_emulator_with_an_unloadable_seed_exits_2_with_one_line_naming
     assert len(lines) == 1, lines
     assert lines[0].startswith("mailgun-sync: --seed: ")
     assert str(seed) in lines[0]
+
+
+async def test_an_unknown_fault_action_is_refused_listing_the_valid_ones(running):
+    async with aiohttp.ClientSession() as control, \
+            control.post(f"{running.base_url}/_emulator/faults", json={"action": "nope"}) as response:
+        assert response.status == 400
+        message = (await response.json())["message"]
+    assert message.startswith("bad fault: unknown fault action 'nope' (valid actions: status, delay, ")
+    assert all(action in message for action in ACTIONS)
+
+
+async def test_a_reset_keeps_the_domains_declared_at_start_empty(running):
+    async with aiohttp.ClientSession() as control:
+        async with control.post(f"{running.base_url}/_emulator/domains/mg.other.example.org") as response:
+            assert response.status == 200
+        async with control.post(f"{running.base_url}/_emulator/reset") as response:
+            assert response.status == 200
+        async with control.get(f"{running.base_url}/_emulator/state") as response:
+            state = await response.json()
+    empty = dict.fromkeys(("bounces", "unsubscribes", "complaints", "allowlist"), 0)
+    assert state["domains"] == {CLI_DOMAIN: empty}
+    async with aiohttp.ClientSession(headers=AUTH) as session, \
+            session.get(f"{running.base_url}/v3/{CLI_DOMAIN}/bounces") as response:
+        assert response.status == 200  # not "Domain not found"
+        assert (await response.json())["items"] == []
+
+
+async def test_v4_domains_as_the_javascript_sdk_asks_answers_as_v3_domains(running):
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        for query in ("", "?limit=1", "?skip=1&limit=10"):
+            async with session.get(f"{running.base_url}/v3/domains{query}") as v3, \
+                    session.get(f"{running.base_url}/v4/domains{query}") as v4:
+                assert (v3.status, v4.status) == (200, 200)
+                assert await v4.json() == await v3.json()
+        async with session.get(f"{running.base_url}/v4/domains") as response:
+            listing = await response.json()
+    assert listing["total_count"] == 1
+    assert [item["name"] for item in listing["items"]] == [CLI_DOMAIN]
+    wrong_key = {"Authorization": aiohttp.encode_basic_auth("api", "key-wrong")}
+    async with aiohttp.ClientSession(headers=wrong_key) as session, \
+            session.get(f"{running.base_url}/v4/domains") as response:
+        assert response.status == 401
+
+
+def test_the_readme_shows_a_curl_example_of_every_control_endpoint():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    routes = {(route.method, route.resource.canonical) for route in MailgunEmulator().app.router.routes()
+              if route.resource is not None and route.resource.canonical.startswith("/_emulator")
+              and route.method != "HEAD"}  # aiohttp's own, beside each GET
+    assert routes
+    for method, path in routes:
+        # `{domain}` in the route is an example domain in the curl line.
+        pattern = re.escape(path).replace(r"\{domain\}", r"[\w.-]+").replace(r"\{list\}", r"[a-z]+")
+        flag = "" if method == "GET" else rf"-X {method} "
+        assert re.search(rf"curl -s {flag}\$E{pattern}\b", readme), (method, path)
+        assert f"`{method} {path.replace('{domain}', '<domain>').replace('{list}', '<list>')}`" in readme

@@ -114,6 +114,15 @@ async def test_logs_are_json_lines_with_one_summary_per_list_bound_to_the_run(in
     assert len({s["run_id"] for s in summaries}) == 1
 
 
+async def test_a_failed_list_is_logged_at_error_and_an_ok_one_at_info(invoke, env, emulator):
+    emulator.fail_next(503, times=None, list="complaints")
+    outcome = await invoke("run", "--json", "--list", "bounces", "--list", "complaints",
+                           env={**env, "MAILGUN_MAX_ATTEMPTS": "1"})
+    assert outcome.code == 1
+    levels = {line["list"]: line["level"] for line in outcome.logs() if line["event"] == "list_reconciled"}
+    assert levels == {"bounces": "info", "complaints": "error"}
+
+
 async def test_each_in_process_call_logs_at_its_own_level(invoke, env):
     """Loggers are not left bound to the first call's configuration."""
     chatty = await invoke("run", "--json", "--list", "bounces", env=env)
@@ -394,3 +403,53 @@ async def test_the_cli_takes_allowlist_as_a_list_name(invoke, env, emulator):
     outcome = await invoke("run", "--json", "--list", "allowlist", env=env)
     assert outcome.code == 0, outcome.err
     assert [(r["list"], r["inserted"]) for r in outcome.report()["results"]] == [("allowlist", 1)]
+
+
+async def test_a_dry_run_validates_local_additions_so_its_counts_are_the_runs(invoke, env, emulator, pool):
+    for address in ("one@example.com", "two@example.com", "not an address"):
+        await insert_row(pool, "bounces", DOMAIN, address)
+    await insert_row(pool, "allowlist", DOMAIN, "partner..example", type="domain")
+
+    dry = await invoke("run", "--dry-run", "--json", env=env)
+    real = await invoke("run", "--json", env=env)
+
+    assert (dry.code, real.code) == (0, 0), dry.err + real.err
+    def counts(outcome):
+        return [(r["pushed"], r["rejected"]) for r in outcome.report()["results"]]
+
+    assert counts(dry) == counts(real)
+    assert (dry.result(DOMAIN, "bounces")["pushed"], dry.result(DOMAIN, "bounces")["rejected"]) == (2, 1)
+    assert dry.result(DOMAIN, "allowlist")["rejected"] == 1
+
+
+async def test_a_dry_run_says_so_at_the_top_of_its_text_and_its_json(invoke, env):
+    text = await invoke("run", "--dry-run", env=env)
+    assert text.code == 0, text.err
+    assert text.out.splitlines()[0] == "dry run: nothing was changed; the counts are what a run would do now"
+    as_json = await invoke("run", "--dry-run", "--json", env=env)
+    assert next(iter(as_json.report())) == "dry_run"
+    assert as_json.report()["dry_run"] is True
+    real = await invoke("run", "--json", env=env)
+    assert real.report()["dry_run"] is False
+    assert "dry run" not in (await invoke("run", env=env)).out
+
+
+# ---- rows nothing syncs --------------------------------------------------------------------------
+
+
+async def test_a_run_warns_once_per_domain_it_does_not_sync_that_has_pending_rows(invoke, env, pool):
+    typo = "mg.exmaple.com"
+    for address in ("one@example.com", "two@example.com"):
+        await insert_row(pool, "bounces", typo, address)
+    await insert_row(pool, "complaints", typo, "three@example.com")
+
+    outcome = await invoke("run", "--json", env=env)
+
+    assert outcome.code == 0, outcome.err
+    [warning] = [line for line in outcome.logs() if line["event"] == "pending_rows_of_unsynced_domain"]
+    assert (warning["level"], warning["domain"], warning["rows"]) == ("warning", typo, 3)
+    assert warning["lists"] == {"bounces": 2, "complaints": 1}
+    assert {line["domain"] for line in outcome.logs() if line["event"] == "list_reconciled"} == {DOMAIN}
+    # A run narrowed to some domains does not know what the others are: it says nothing of them.
+    narrowed = await invoke("run", "--json", "--domain", DOMAIN, env=env)
+    assert not [line for line in narrowed.logs() if line["event"] == "pending_rows_of_unsynced_domain"]

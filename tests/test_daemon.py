@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -314,6 +315,44 @@ async def test_sigterm_past_the_grace_cancels_cleanly_and_keeps_rows_pending(emu
     run = await pool.fetchrow("SELECT status, error FROM mailgun.sync_runs")
     assert run["status"] == "failed"
     assert "interrupted" in run["error"]
+
+
+async def test_a_run_cancelled_by_a_stop_is_one_json_line_and_stderr_stays_json_lines(
+        emulator, pool, database_url, tmp_path):
+    """SIGTERM during a slow pull with SHUTDOWN_GRACE=1: the cancelled run is one structured line
+    (its list_reconciled, failed, at warning), and every line the process wrote to stderr, from
+    start to exit, is a JSON object: no scheduler traceback between them."""
+    emulator.inject(Fault(action="hold", list="bounces", times=None))
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as sink:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "daemon",
+            env=daemon_env(emulator, database_url, SHUTDOWN_GRACE="1", WEBHOOK_PORT="0"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=sink)
+    try:
+        async with asyncio.timeout(30):
+            await emulator.until_held()
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 30) == 0
+    finally:
+        emulator.release()
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+    lines = stderr.read_text().splitlines()
+    logs = [json.loads(line) for line in lines]  # each one a JSON object, or this fails
+    assert all(isinstance(entry, dict) for entry in logs)
+    cancelled = [e for e in logs if e.get("list") == "bounces" and e["event"] == "list_reconciled"]
+    assert len(cancelled) == 1
+    assert (cancelled[0]["status"], cancelled[0]["level"]) == ("failed", "warning")
+    assert "interrupted" in cancelled[0]["error"]
+    assert not any("CancelledError" in line or "Traceback" in line for line in lines)
+    assert [e["event"] for e in logs][-1] == "daemon_stopped"
+    # The start names the ports as bound (0 asks for any free one).
+    [started] = [e for e in logs if e["event"] == "daemon_started"]
+    assert started["http_port"] > 0 and started["webhook_port"] > 0
+    assert started["http_port"] != started["webhook_port"]
 
 
 async def _posted(emulator) -> bool:

@@ -68,6 +68,10 @@ async def arrange_runs(pool, emulator, store, make_client, sleeps) -> None:
     assert [r.status for r in results] == ["ok", "ok"]
 
 
+def both_domains(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "MAILGUN_DOMAINS": f"{DOMAIN},{SECOND_DOMAIN}"}
+
+
 async def last_finished(pool, domain: str, kind: str) -> datetime:
     return await pool.fetchval(
         "SELECT max(finished_at) FROM mailgun.sync_runs WHERE domain = $1 AND list = $2", domain, kind)
@@ -104,7 +108,7 @@ async def test_status_json_gives_each_lists_last_run_counts_pending_and_rejected
         pool, emulator, store, make_client, sleeps, env, status):
     await arrange_runs(pool, emulator, store, make_client, sleeps)
 
-    outcome = await status("--json", env=env)
+    outcome = await status("--json", env=both_domains(env))
 
     assert (outcome.code, outcome.err) == (0, "")
     lists = outcome.lists()
@@ -152,11 +156,13 @@ async def test_status_table_names_each_list_with_its_status_rows_and_last_error(
         pool, emulator, store, make_client, sleeps, env, status):
     await arrange_runs(pool, emulator, store, make_client, sleeps)
 
-    outcome = await status(env=env)
+    outcome = await status(env=both_domains(env))
 
     assert outcome.code == 0
     lines = outcome.out.splitlines()
-    assert lines[0].split() == ["domain", "list", "last", "run", "(UTC)", "status", "pending", "rejected"]
+    assert lines[0].split() == ["counts", "of", "the", "last", "run", "rows", "now"]
+    assert lines[1].split() == ["domain", "list", "last", "run", "(UTC)", "status", *COUNTS,
+                                "pending", "rejected"]
 
     def line_of(domain: str, kind: str) -> list[str]:
         [found] = [line for line in lines if line.startswith(f"{domain} ") and f" {kind} " in line]
@@ -165,9 +171,11 @@ async def test_status_table_names_each_list_with_its_status_rows_and_last_error(
     for domain in (DOMAIN, SECOND_DOMAIN):
         for kind in LISTS:
             assert line_of(domain, kind)[:2] == [domain, kind]
-    assert line_of(DOMAIN, "bounces")[-3:] == ["ok", "0", "1"]
-    assert line_of(DOMAIN, "unsubscribes")[-3:] == ["failed", "1", "0"]
-    assert line_of(SECOND_DOMAIN, "bounces")[2:] == ["never", "-", "0", "0"]
+    # status, the last run's counts (as `run` prints them), the rows pending and rejected now
+    assert line_of(DOMAIN, "bounces")[4:] == ["ok", "3", "3", "0", "0", "0", "1", "1", "0", "0", "0", "1"]
+    assert line_of(DOMAIN, "unsubscribes")[4:] == ["failed", *["0"] * len(COUNTS), "1", "0"]
+    assert line_of(SECOND_DOMAIN, "complaints")[4:7] == ["ok", "2", "2"]
+    assert line_of(SECOND_DOMAIN, "bounces")[2:] == ["never", "-", *["0"] * len(COUNTS), "0", "0"]
     finished = await last_finished(pool, DOMAIN, "bounces")
     assert line_of(DOMAIN, "bounces")[2:4] == finished.strftime("%Y-%m-%d %H:%M:%S").split()
     # The one error, right under its list's line.
@@ -196,3 +204,41 @@ async def test_status_without_a_database_url_names_the_missing_setting(status):
     assert outcome.err.startswith("mailgun-sync: ")
     assert "DATABASE_URL" in outcome.err
     outcome.assert_no_secret()
+
+
+# ---- domains not configured ----------------------------------------------------------------------
+
+
+async def test_status_leaves_out_a_domain_no_longer_configured_unless_asked_with_all(
+        pool, emulator, store, make_client, sleeps, env, status):
+    await arrange_runs(pool, emulator, store, make_client, sleeps)  # SECOND_DOMAIN ran once
+
+    shown = await status("--json", env=env)
+    assert {domain for domain, _ in shown.lists()} == {DOMAIN}
+    assert SECOND_DOMAIN not in (await status(env=env)).out
+
+    everything = await status("--json", "--all", env=env)
+    assert {domain for domain, _ in everything.lists()} == {DOMAIN, SECOND_DOMAIN}
+    assert f"{SECOND_DOMAIN} " in (await status("--all", env=env)).out
+
+
+async def test_status_lists_the_pending_rows_of_a_domain_nothing_syncs(pool, env, status):
+    """An application's INSERT with a misspelt domain: its rows are never pushed, and status says
+    which domain and how many, in the table and in --json."""
+    typo = "mg.exmaple.com"
+    for address in ("one@example.com", "two@example.com"):
+        await insert_row(pool, BOUNCES, typo, address)
+    await insert_row(pool, UNSUBSCRIBES, typo, "three@example.com", tags=["news"])
+    await insert_row(pool, BOUNCES, DOMAIN, "synced-domain@example.com")
+
+    outcome = await status("--json", env=env)
+    assert outcome.report()["unsynced_pending"] == [
+        {"domain": typo, "list": "bounces", "pending_rows": 2},
+        {"domain": typo, "list": "unsubscribes", "pending_rows": 1}]
+    assert {domain for domain, _ in outcome.lists()} == {DOMAIN}
+
+    lines = (await status(env=env)).out.splitlines()
+    at = lines.index("pending rows of domains not synced (nothing pushes them: correct their domain, "
+                     "or sync the domain):")
+    assert [line.split() for line in lines[at + 1:at + 3]] == [[typo, "bounces", "2"],
+                                                               [typo, "unsubscribes", "1"]]

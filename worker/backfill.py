@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from typing import TextIO
 
-from worker.logs import get_logger
+from worker.logs import StatusLine, get_logger
 from worker.mailgun import MailgunClient
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import ListRef
@@ -22,11 +22,12 @@ log = get_logger(__name__)
 
 
 class Progress:
-    """A log line every `every` seconds per list; a one-line bar on a terminal."""
+    """A log line every `every` seconds per list; a one-line bar on a terminal, which log lines
+    never share and whose counts are the last log line's."""
 
     def __init__(self, out: TextIO | None = None, *, every: float = 5.0) -> None:
-        self._out = out or sys.stdout
-        self._bar = self._out.isatty()
+        out = out or sys.stdout
+        self._bar = StatusLine(out) if out.isatty() else None
         self._every = every
         self._started = time.monotonic()
         self._last_log = 0.0
@@ -39,19 +40,19 @@ class Progress:
         now = time.monotonic()
         elapsed = max(now - self._started, 1e-6)
         rate = (pages - resumed_pages) / elapsed
+        # The bar first: a log line now is written above it, and the bar drawn again after it
+        # shows the same counts.
+        if self._bar is not None:
+            self._bar.show(f"{ref}: {records:,} records, {pages:,} pages, "
+                           f"{rate:,.1f} pages/s, {elapsed:,.0f}s")
         if now - self._last_log >= self._every:
             self._last_log = now
             log.info("backfill_progress", **ref.labels, records=records, pages=pages,
                      pages_per_s=round(rate, 1), elapsed_s=round(elapsed, 1))
-        if self._bar:
-            self._out.write(f"\r{ref}: {records:,} records, {pages:,} pages, "
-                            f"{rate:,.1f} pages/s, {elapsed:,.0f}s   ")
-            self._out.flush()
 
     def done(self) -> None:
-        if self._bar:
-            self._out.write("\n")
-            self._out.flush()
+        if self._bar is not None:
+            self._bar.end()
 
 
 class Backfiller(Reconciler):

@@ -1,7 +1,8 @@
 """The `mailgun-sync` command: argument parsing, the one error boundary, and exit codes.
 
-Exit codes: 0 success; 1 a list did not end `ok` or `skipped`, or the run failed; 2 a setting or
-argument is missing or malformed.
+Exit codes: 0 success; 1 a list did not end `ok` or `skipped`, the run failed, or the system
+refused what the process needs (a port, a host, a path); 2 a setting or argument is missing or
+malformed.
 """
 
 from __future__ import annotations
@@ -9,16 +10,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
+import itertools
 import os
 import re
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -29,7 +34,7 @@ from worker.daemon import build_trigger, serve
 from worker.database import open_pool, wrap_db_errors
 from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
-from worker.errors import ConfigError, SyncError
+from worker.errors import ConfigError, StartupError, SyncError
 from worker.grants import grant_statements, role_identifier
 from worker.lifespan import Resources, open_resources
 from worker.logs import configure_logging, get_logger
@@ -38,7 +43,14 @@ from worker.metrics import Metrics
 from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
-from worker.report import discovery_status, list_status, render_discovery, render_status, render_table
+from worker.report import (
+    discovery_status,
+    list_status,
+    render_discovery,
+    render_status,
+    render_table,
+    render_unsynced,
+)
 from worker.retention import prune
 from worker.retention import render as render_prune
 from worker.settings import (
@@ -69,17 +81,27 @@ _COMMAND_NAMES: set[str] = set()
 # Shorter words are not hidden: replacing them would garble the message, and shown alone they
 # give away no secret.
 _SHORTEST_HIDDEN = 4
-# A file's path is shown: an error about a file must say which, and a secret is no path.
+# A file's path is shown: an error about a file must say which, and a secret is no path. So is
+# the value of a flag that takes a file, relative as it may be (`--config sync.toml`).
 _PATH_STARTS = ("/", "./", "../", "~/")
+_PATH_FLAGS = ("--config", "--seed", "--keep")
+
+
+def _path_values(argv: Sequence[str]) -> set[str]:
+    values = {value for flag, value in itertools.pairwise(argv) if flag in _PATH_FLAGS}
+    return values | {word.split("=", 1)[1] for word in argv if word.split("=", 1)[0] in _PATH_FLAGS
+                     and "=" in word}
 
 
 def shown_usage_error(message: str, argv: Sequence[str]) -> str:
     """An error's message without any value of the command line in it, however argparse or a
     setting's check quoted or cut it: a secret given to the wrong flag, or a URL given where a
-    command was expected, would be echoed. Option and command names are kept."""
+    command was expected, would be echoed. Option and command names, and paths, are kept."""
     words = set(argv) | {part for word in argv if "=" in word for part in word.split("=", 1)}
+    paths = _path_values(argv)
     hidden = sorted((w for w in words if len(w) >= _SHORTEST_HIDDEN and not _OPTION_NAME.fullmatch(w)
-                     and w not in _COMMAND_NAMES and not w.startswith(_PATH_STARTS)), key=len, reverse=True)
+                     and w not in _COMMAND_NAMES and not w.startswith(_PATH_STARTS) and w not in paths),
+                    key=len, reverse=True)
     for word in hidden:
         message = message.replace(word, "…")
     return message
@@ -90,6 +112,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         raise ConfigError("arguments", message)  # cli() hides the command line's values in it
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 0 to 65535")
+    return int(text)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="the last run, pending and rejected rows of every list")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    status.add_argument("--all", action="store_true",
+                        help="also the domains no longer configured that have recorded runs")
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
     status.set_defaults(handler=status_command)
@@ -233,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser(
         "emulator", help="serve the Mailgun suppressions API emulator (for tests and local runs)")
     emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8025)
+    emulator.add_argument("--port", type=port_number, default=8025, help="0 picks a free one (default 8025)")
     emulator.add_argument("--api-key", default="key-emulator",
                           help="the key clients must send as HTTP Basic password (user `api`)")
     emulator.add_argument("--domain", action="append", default=[], dest="domains",
@@ -308,18 +339,38 @@ async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         planned = await domain_plans(args, settings, resources)
         results = await reconcile_plans(
             planned.domains, resources, lambda client: Reconciler(resources.store, client, options))
-    return print_results(results, planned.failures, as_json=args.json)
+        if not args.domains and not planned.failures:  # every domain synced is known
+            await warn_of_unsynced_rows(resources.store, [plan.name for plan in planned.domains])
+    return print_results(results, planned.failures, as_json=args.json, dry_run=args.dry_run)
 
 
-def print_results(results: Sequence[ListResult], failures: Sequence[str], *, as_json: bool) -> int:
+async def warn_of_unsynced_rows(store: MirrorStore, synced: Sequence[str]) -> None:
+    """One warning per domain that is not synced but has pending rows (a misspelt domain in an
+    INSERT, a domain no longer configured): nothing will ever push them."""
+    by_domain: dict[str, dict[str, int]] = {}
+    for row in await store.pending_elsewhere(synced):
+        by_domain.setdefault(row["domain"], {})[row["list"]] = row["pending_rows"]
+    for domain, lists in by_domain.items():
+        log.warning("pending_rows_of_unsynced_domain", domain=domain, rows=sum(lists.values()),
+                    lists=lists, detail="no configured domain has this name: nothing pushes these "
+                                        "rows; correct their domain, or sync the domain")
+
+
+DRY_RUN_NOTICE = "dry run: nothing was changed; the counts are what a run would do now\n"
+
+
+def print_results(results: Sequence[ListResult], failures: Sequence[str], *, as_json: bool,
+                  dry_run: bool = False) -> int:
     """Print the report; the exit code: 1 if a list did not succeed or a region's domains could
     not be discovered."""
     ok = all(r.succeeded for r in results) and not failures
     if as_json:
-        payload = {"ok": ok, "results": [r.as_json() for r in results], "discovery_errors": list(failures)}
+        payload = {"dry_run": dry_run, "ok": ok, "results": [r.as_json() for r in results],
+                   "discovery_errors": list(failures)}
         sys.stdout.write(orjson.dumps(payload).decode() + "\n")
     else:
-        sys.stdout.write(render_table(results) + "".join(f"error: {f}\n" for f in failures))
+        sys.stdout.write((DRY_RUN_NOTICE if dry_run else "") + render_table(results)
+                         + "".join(f"error: {f}\n" for f in failures))
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -361,12 +412,20 @@ def configured_domains(env: Mapping[str, str]) -> list[str]:
 
 async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     url = require_database_url(env, args.DATABASE_URL)
+    configured = configured_domains(env)
     async with open_pool(url, max_size=2) as pool:
         await require_schema(pool)
-        report = await list_status(MirrorStore(pool), configured_domains(env))
-        regions = await discovery_status(MirrorStore(pool))
-    sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions}).decode() + "\n" if args.json
-                     else render_status(report) + render_discovery(regions))
+        store = MirrorStore(pool)
+        regions = await discovery_status(store)
+        synced = configured + [name for region in regions for name in region["domains"]]
+        # Without a configuration to tell, every domain with a recorded run is shown.
+        report = await list_status(store, synced, every_domain=args.all or not configured)
+        unsynced = await store.pending_elsewhere({row["domain"] for row in report})
+    if args.json:
+        sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions,
+                                       "unsynced_pending": unsynced}).decode() + "\n")
+    else:
+        sys.stdout.write(render_status(report) + render_unsynced(unsynced) + render_discovery(regions))
     return EXIT_OK
 
 
@@ -419,7 +478,14 @@ async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str])
     domain = args.domain or next(iter(domain_names(env.get("MAILGUN_DOMAINS", ""))), None)
     if not domain:
         raise ConfigError("--domain", "no domain for the samples: pass --domain or set MAILGUN_DOMAINS")
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("--url", "is not an http:// or https:// URL; give the endpoint, such as "
+                                   "https://sync.example.com/webhooks/mailgun")
     checks = await run_webhook_test(args.url, key, domain, args.recipient or TEST_RECIPIENT)
+    if all(check.status is None for check in checks):  # nothing to compare: one line, not six
+        raise SyncError(f"--url: the endpoint answered none of the samples: "
+                        f"{checks[0].answer.removeprefix('no answer: ')}")
     sys.stdout.write(render(args.url, checks))
     return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
 
@@ -445,7 +511,13 @@ async def emulator_command(args: argparse.Namespace, env: Mapping[str, str]) -> 
         except ValueError:
             raise ConfigError("--generate", f"{spec!r} is not LIST=N, e.g. bounces=1000000") from None
     gc.freeze()  # the seeded records live as long as the process
-    base_url = await emulator.start(args.host, args.port)
+    try:
+        base_url = await emulator.start(args.host, args.port)
+    except OSError as exc:
+        await emulator.stop()
+        setting = "--host" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
+            else "--port"
+        raise StartupError.listening(exc, setting, args.host, args.port) from None
     log.info("emulator_started", base_url=base_url, domains=args.domains or "any")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -473,6 +545,16 @@ async def cli(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     except SyncError as exc:
         print(f"mailgun-sync: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        # The system refused something no setting names (a full disk under stdout, say): one
+        # line, as for every other failure, not a traceback.
+        print(f"mailgun-sync: {os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -482,4 +564,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(asyncio.run(cli(sys.argv[1:] if argv is None else argv)))
+        code = asyncio.run(cli(sys.argv[1:] if argv is None else argv))
+        try:
+            sys.stdout.flush()
+        except OSError as exc:  # stdout a closed pipe or a full disk; said once
+            if code == EXIT_OK:
+                print(f"mailgun-sync: cannot write the output: {os_error(exc)}", file=sys.stderr)
+                code = EXIT_FAILED
+        finally:
+            # Nothing is left for the interpreter's own flush at exit, which would print a traceback.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(code)

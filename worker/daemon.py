@@ -29,7 +29,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from worker.cron import parse_cron
 from worker.database import ping
 from worker.domains import DomainPlan, Planned
-from worker.errors import ConfigError, DatabaseError, SyncError
+from worker.errors import ConfigError, DatabaseError, StartupError, SyncError
 from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -53,14 +53,15 @@ def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTri
     if set, else every `SYNC_INTERVAL` seconds."""
     interval, cron, setting = settings.sync_interval, settings.sync_cron, "SYNC_CRON"
     if plan is not None and (plan.interval is not None or plan.cron is not None):
-        interval, cron, setting = plan.interval or interval, plan.cron, f"SYNC_CONFIG ({plan.name})"
+        interval, cron, setting = plan.interval or interval, plan.cron, "SYNC_CONFIG"
     jitter = settings.sync_jitter or None
     if cron is None:
         return IntervalTrigger(seconds=interval, jitter=jitter, timezone=UTC)
     try:
         return parse_cron(cron).trigger(jitter=jitter)
     except ValueError as exc:
-        raise ConfigError(setting, str(exc)) from None
+        where = f"{settings.config_file} {plan.name}: cron: " if plan is not None and plan.cron else ""
+        raise ConfigError(setting, f"{where}{exc}") from None
 
 
 # The domains to sync, asked again every DISCOVERY_REFRESH seconds: domains discovered in the
@@ -116,9 +117,10 @@ class Daemon:
         self._domains: tuple[str, ...] = ()
         self._stale: tuple[str, ...] = ()
 
-    async def start(self) -> None:
+    async def start(self, ports: dict[str, int] | None = None) -> None:
         """Schedule every (domain, list) and start. First runs are spread over the jitter window
-        so that replicas started together do not all reach for the same list at once."""
+        so that replicas started together do not all reach for the same list at once. `ports`,
+        the ports served by name, are logged with the start."""
         await self.seed_metrics(self._schedule(await self._planner()))
         self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._scheduler.add_job(
@@ -137,7 +139,7 @@ class Daemon:
             log.warning("setting_has_no_effect", setting="SYNC_FAILURES_BEFORE_UNREADY",
                         detail="readiness no longer depends on failing lists; alert on "
                                "mailgun_sync_consecutive_failures instead")
-        log.info("daemon_started", domains=self.domains(),
+        log.info("daemon_started", **(ports or {}), domains=self.domains(),
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
     def domains(self) -> tuple[str, ...]:
@@ -206,6 +208,8 @@ class Daemon:
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
             self._metrics.domain_refreshes.labels(outcome="failed").inc()
             log.error("domains_not_refreshed", error=str(exc))
+        except asyncio.CancelledError:  # a stop; what is scheduled stays as it was
+            log.warning("domains_refresh_cancelled", reason="the daemon is stopping")
         except Exception:  # the daemon outlives a broken refresh, like a broken run
             log.exception("domains_refresh_crashed")
 
@@ -241,6 +245,10 @@ class Daemon:
         except SyncError as exc:
             self._failed(ref)
             log.error("scheduled_run_failed", **ref.labels, error=str(exc))
+        except asyncio.CancelledError:
+            # Only a stop cancels a run (past SHUTDOWN_GRACE), and the run has logged itself
+            # failed: the job ends here, so the scheduler prints no traceback of it.
+            self._failed(ref)
         except Exception:  # the per-run guard: one broken run must not stop the daemon
             self._failed(ref)
             log.exception("scheduled_run_crashed", **ref.labels)
@@ -288,6 +296,8 @@ class Daemon:
             self._metrics.observe_prune(report)
         except SyncError as exc:  # try again at the next turn
             log.error("retention_prune_failed", error=str(exc))
+        except asyncio.CancelledError:  # a stop; each batch is a transaction of its own
+            log.warning("retention_prune_cancelled", reason="the daemon is stopping")
         except Exception:  # the daemon outlives a broken prune, like a broken run
             log.exception("retention_prune_crashed")
         finally:
@@ -373,12 +383,15 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
                                domains_complete=daemon.domains_complete)
     # With WEBHOOK_PORT the webhooks have a port of their own, which an ingress can expose whole;
     # /metrics and the probes stay on HTTP_PORT.
+    # Each site: its app, its port, the setting that names the port, its name in daemon_started.
+    http = (settings.http_port, "HTTP_PORT (--http-port)", "http_port")
     if settings.webhook_port is None:
-        sites = [(build_http_app(daemon, metrics, webhooks), settings.http_port)]
+        sites = [(build_http_app(daemon, metrics, webhooks), *http)]
     else:
-        sites = [(build_http_app(daemon, metrics), settings.http_port),
-                 (build_webhook_app(webhooks), settings.webhook_port)]
-    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, _ in sites]
+        sites = [(build_http_app(daemon, metrics), *http),
+                 (build_webhook_app(webhooks), settings.webhook_port, "WEBHOOK_PORT (--webhook-port)",
+                  "webhook_port")]
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, *_ in sites]
     for runner in runners:
         await runner.setup()
     if writer is not None:
@@ -390,11 +403,16 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
         # Every interface on purpose: in a container the probes, Prometheus and Mailgun's webhooks
         # reach the pod's address, never its loopback; what is exposed is the Service's business.
-        for runner, (_, port) in zip(runners, sites, strict=True):
-            await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
+        ports: dict[str, int] = {}
+        for runner, (_, port, setting, name) in zip(runners, sites, strict=True):
+            try:
+                await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
+            except OSError as exc:
+                raise StartupError.listening(exc, setting, "0.0.0.0", port) from None  # nosec B104
+            ports[name] = runner.addresses[0][1]  # as bound: port 0 is any free one
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await daemon.start()
+        await daemon.start(ports)
         await stop.wait()
         log.info("stop_requested")
         stopped_at = loop.time()

@@ -145,6 +145,8 @@ def _schedule(table: Mapping[str, Any], where: str, inherited: Schedule = (None,
 
 
 def _domain_name(name: object, where: str) -> str:
+    if name is None:
+        raise _fail(where, 'has no name; give the domain\'s, as in name = "mg.example.com"')
     if not isinstance(name, str) or not is_domain_name(name):
         raise _fail(where, f"name {name!r} is not a domain name")
     return name

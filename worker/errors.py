@@ -2,6 +2,8 @@
 
     SyncError                      base: catch this to catch everything below
     ├── ConfigError                a setting is missing or malformed (exit code 2)
+    ├── StartupError               the system refused what the process needs to start: a port, a
+    │                              host name, a directory (exit code 1)
     ├── MailgunError               Mailgun answered, or could not be reached
     │   ├── MailgunAuthError       401: wrong key, or the domain lives in the other region
     │   ├── MailgunNotFoundError   404: unknown domain, or an address not on the list
@@ -21,6 +23,9 @@ Messages name what is wrong and what to check. The API key never appears in any 
 
 from __future__ import annotations
 
+import errno
+import socket
+
 
 class SyncError(Exception):
     """mailgun-sync failed."""
@@ -36,6 +41,27 @@ class ConfigError(SyncError):
         self.setting = setting
         self.problem = problem
         super().__init__(f"{setting}: {problem}")
+
+
+class StartupError(SyncError):
+    """The system refused what the process needs to start (a port in use, a host name that does
+    not resolve, a directory it cannot create); the message names the setting or flag."""
+
+    @classmethod
+    def listening(cls, exc: OSError, setting: str, host: str, port: int) -> StartupError:
+        """A port or host the process could not listen on, in one line naming the setting."""
+        where = f"port {port}" if host in ("0.0.0.0", "") else f"{host}:{port}"  # nosec B104
+        if isinstance(exc, socket.gaierror):
+            why = f"the host name {host} does not resolve ({exc.strerror})"
+        elif exc.errno == errno.EADDRINUSE:
+            why = "it is already in use by another process; stop that one or give another port"
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (a port below 1024 needs privileges); give a port above 1023"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = f"{host} is not an address of this machine"
+        else:
+            why = exc.strerror or type(exc).__name__
+        return cls(f"{setting}: cannot listen on {where}: {why}")
 
 
 class MailgunError(SyncError):

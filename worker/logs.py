@@ -4,18 +4,80 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
+# Back to the start of the line, and erase it.
+_CLEAR_LINE = "\r\x1b[K"
+
+
+class StatusLine:
+    """A line redrawn in place on a terminal (a progress bar). A log line written meanwhile goes
+    above it: the status line is erased first and drawn again after, so the two never share a
+    line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._text = ""
+        self._erased = True
+
+    def show(self, text: str) -> None:
+        global _status_line
+        _status_line = self
+        self._text = text
+        self._draw()
+
+    def _draw(self) -> None:
+        self._out.write(_CLEAR_LINE + self._text)
+        self._out.flush()
+        self._erased = False
+
+    def erase(self) -> None:
+        if not self._erased:
+            self._out.write(_CLEAR_LINE)
+            self._out.flush()
+            self._erased = True
+
+    def redraw(self) -> None:
+        if self._text:
+            self._draw()
+
+    def end(self) -> None:
+        """Leave the last state on its line; log lines go below it from now on."""
+        global _status_line
+        if self._text and not self._erased:
+            self._out.write("\n")
+            self._out.flush()
+        self._text, self._erased = "", True
+        if _status_line is self:
+            _status_line = None
+
+
+_status_line: StatusLine | None = None
+
 
 class _CurrentStderr:
-    """Writes to whatever sys.stderr is at the time, not the one seen at configuration."""
+    """Writes to whatever sys.stderr is at the time, not the one seen at configuration, above the
+    status line if one is shown."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        status = _status_line
+        if status is not None:
+            status.erase()
+        written = sys.stderr.write(text)
+        if status is not None and text.endswith("\n"):
+            sys.stderr.flush()
+            status.redraw()
+        return written
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+# Libraries log through the standard library (APScheduler, aiohttp, asyncio): one handler renders
+# their records as the worker's own lines, so that stderr stays one JSON object a line.
+_LIBRARIES = logging.StreamHandler(_CurrentStderr())
 
 
 def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
@@ -42,6 +104,17 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    _LIBRARIES.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    _LIBRARIES.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    root = logging.getLogger()
+    if _LIBRARIES not in root.handlers:
+        root.addHandler(_LIBRARIES)
+    # The daemon logs the runs the scheduler skips and the errors of its jobs itself.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -119,23 +119,25 @@ class Reconciler:
             except asyncio.CancelledError:
                 result.status = RunStatus.FAILED
                 result.error = "interrupted before the end; unconfirmed rows stay pending"
-                await self._finish(run_id, kind, result, span, clock)
+                await self._finish(run_id, kind, result, span, clock, cancelled=True)
                 raise
             await self._finish(run_id, kind, result, span, clock)
         return result
 
     async def _finish(self, run_id: uuid.UUID, kind: SuppressionList, result: ListResult,
-                      span: list[datetime | None], clock: float) -> None:
+                      span: list[datetime | None], clock: float, *, cancelled: bool = False) -> None:
         # A skipped run did nothing; recording it would bury the real runs under replicas' skips.
         if not self._options.dry_run and result.status is not RunStatus.SKIPPED:
             started, finished = span
             await self._record(run_id, kind, result, started or datetime.now(UTC),
                                finished or datetime.now(UTC))
-        log.info("list_reconciled", status=result.status, pulled=result.pulled,
-                 inserted=result.inserted, updated=result.updated, removed=result.removed,
-                 adopted=result.adopted, pushed=result.pushed, rejected=result.rejected,
-                 skipped=result.skipped, error=result.error, dry_run=self._options.dry_run,
-                 seconds=round(time.perf_counter() - clock, 3), steps=result.timings)
+        # A failed list wants looking at; a guarded one, or one cancelled by a stop, will be run
+        # again.
+        again = cancelled or result.status == RunStatus.GUARDED
+        level = log.info if result.succeeded else log.warning if again else log.error
+        level("list_reconciled", status=result.status, **result.by_name(), error=result.error,
+              dry_run=self._options.dry_run, seconds=round(time.perf_counter() - clock, 3),
+              steps=result.timings)
 
     async def _pull(self, session: ListSession, result: ListResult) -> datetime:
         """Stage the whole remote list; returns when the pull started (by the database's clock).
@@ -189,7 +191,12 @@ class Reconciler:
         if options.dry_run:
             result.inserted, result.updated, result.adopted = plan.inserts, plan.updates, plan.adoptions
             result.removed = 0 if guarded else plan.removals
-            result.pushed = plan.pushes
+            # The run validates each row before sending it: so does the dry run, so that its
+            # counts are the run's (Mailgun's own refusals aside).
+            invalid = 0
+            async for rows in session.planned_pushes(options.push_read_ahead):
+                invalid += sum(1 for row in rows if record_problem(session.kind, row.record) is not None)
+            result.pushed, result.rejected = plan.pushes - invalid, invalid
             result.deleted += plan.requeues
             return
         with result.timed("apply"):

@@ -26,11 +26,12 @@ def render_table(results: Sequence[ListResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()) -> list[dict[str, Any]]:
+async def list_status(store: MirrorStore, configured_domains: Iterable[str] = (), *,
+                      every_domain: bool = True) -> list[dict[str, Any]]:
     """Per (domain, list): the last recorded run, and the rows waiting for or refused by Mailgun,
-    for every configured domain and every domain with a recorded run."""
+    for every configured domain, and with `every_domain` every domain with a recorded run."""
     runs = {(r["domain"], r["list"]): r for r in await store.latest_runs()}
-    domains = set(configured_domains) | {d for d, _ in runs}
+    domains = set(configured_domains) | ({d for d, _ in runs} if every_domain else set())
     report = []
     for domain in sorted(domains):
         for kind in MIRRORED_LISTS:
@@ -48,18 +49,36 @@ async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()
 
 
 def render_status(report: Sequence[dict[str, Any]]) -> str:
+    """The last run's time, status and counts (as `run` prints them), then the rows pending and
+    rejected now."""
     if not report:
         return "no runs recorded yet\n"
-    lines = [f"{'domain':<24}  {'list':<12}  {'last run (UTC)':<19}  {'status':<8}  {'pending':>8}"
-             f"  {'rejected':>8}"]
-    lines.append("-" * len(lines[0]))
+    width = max(len("domain"), *(len(row["domain"]) for row in report))
+    counts = "".join(f"  {c:>8}" for c in RUN_COUNTS)
+    lead = f"{'domain':<{width}}  {'list':<12}  {'last run (UTC)':<19}  {'status':<8}"
+    groups = (f"{'':<{len(lead)}}  {'counts of the last run':<{len(counts) - 2}}"
+              f"  {'rows now':>18}")
+    header = f"{lead}{counts}  {'pending':>8}  {'rejected':>8}"
+    lines = [groups.rstrip(), header, "-" * len(header)]
     for row in report:
         when = row["last_run_at"][:19].replace("T", " ") if row["last_run_at"] else "never"
-        lines.append(f"{row['domain']:<24}  {row['list']:<12}  {when:<19}  {row['status'] or '-':<8}"
-                     f"  {row['pending_rows']:>8}  {row['rejected_rows']:>8}")
+        lines.append(f"{row['domain']:<{width}}  {row['list']:<12}  {when:<19}  {row['status'] or '-':<8}"
+                     + "".join(f"  {row[c]:>8}" for c in RUN_COUNTS)
+                     + f"  {row['pending_rows']:>8}  {row['rejected_rows']:>8}")
         if row["error"]:
-            lines.append(f"{'':<24}  last error: {row['error']}")
+            lines.append(f"{'':<{width}}  last error: {row['error']}")
     return "\n".join(lines) + "\n"
+
+
+def render_unsynced(pending: Sequence[dict[str, Any]]) -> str:
+    """The pending rows of domains not synced: nothing will push them."""
+    if not pending:
+        return ""
+    width = max(len("domain"), *(len(row["domain"]) for row in pending))
+    lines = ["pending rows of domains not synced (nothing pushes them: correct their domain, or "
+             "sync the domain):"]
+    lines += [f"  {row['domain']:<{width}}  {row['list']:<12}  {row['pending_rows']:>8}" for row in pending]
+    return "".join(f"{line}\n" for line in lines)
 
 
 async def discovery_status(store: MirrorStore) -> list[dict[str, Any]]:

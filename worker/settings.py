@@ -353,7 +353,7 @@ class Settings:
                                        lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
                                 lambda v: math.isfinite(v) and 0 < v <= 600,
-                                "a number of seconds from 0 to 600"),
+                                "a number of seconds above 0, at most 600"),
             pull_ranges=_parse(merged, "SYNC_PULL_RANGES", int, 16, lambda v: 1 <= v <= 64,
                                "a whole number from 1 to 64"),
             sync_interval=_parse(merged, "SYNC_INTERVAL", float, 900.0,

@@ -357,6 +357,18 @@ class ListSession:
             yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]
             after = rows[-1]["address_key"]
 
+    async def planned_pushes(self, batch_size: int) -> AsyncIterator[list[PendingRow]]:
+        """The pending rows the diff would push, in key order, a batch at a time (a dry run's)."""
+        after = ""
+        while True:
+            async with wrap_db_errors(f"reading planned pushes of {self.domain} {self.kind.value}"):
+                rows = await self._db.fetch(self._q("select_planned_pushes"), self.domain, after,
+                                            batch_size)
+            if not rows:
+                return
+            yield [PendingRow(_pending_record(self.kind, row), row["version"]) for row in rows]
+            after = rows[-1]["address_key"]
+
     async def mark_sending(self, rows: Sequence[PendingRow]) -> list[PendingRow]:
         """Write down that these rows are about to be sent; returns the ones unchanged since they
         were read, with their new versions (a row changed meanwhile waits for the next run)."""
@@ -434,6 +446,12 @@ class MirrorStore:
         async with wrap_db_errors(f"counting {ref}"):
             row = await self._pool.fetchrow(list_query("count_states", ref.list), ref.domain)
         return row["pending"], row["rejected"]
+
+    async def pending_elsewhere(self, domains: Iterable[str]) -> list[dict[str, Any]]:
+        """Pending rows of domains other than these, by domain and list: nothing pushes them."""
+        async with wrap_db_errors("counting the pending rows of other domains"):
+            return [dict(r) for r in await self._pool.fetch(queries()["pending_elsewhere"],
+                                                             sorted(set(domains)))]
 
     async def latest_runs(self) -> list[dict[str, Any]]:
         async with wrap_db_errors("reading the last runs"):

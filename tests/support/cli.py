@@ -32,7 +32,7 @@ class Outcome:
     def lists(self) -> dict[tuple[str, str], dict[str, Any]]:
         """`status --json`'s lists, by (domain, list)."""
         report = self.report()
-        assert set(report) == {"lists", "discovery"}
+        assert set(report) == {"lists", "discovery", "unsynced_pending"}
         return {(entry["domain"], entry["list"]): entry for entry in report["lists"]}
 
     def logs(self) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from worker.devtools.embedded import embedded_postgres
 from worker.devtools.sql import queries
 from worker.emulator import MailgunEmulator
 from worker.emulator.recorded import RECORDED_BOUNCES, RECORDED_UNSUBSCRIBES
+from worker.errors import StartupError
 from worker.mailgun import MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.migrate import migrate
@@ -111,8 +112,21 @@ async def _change_both_sides(emulator: MailgunEmulator, pool: asyncpg.Pool, rng:
          " one address is invalid")
 
 
+def _usable_directory(path: Path) -> None:
+    """--keep's directory exists (made if need be) and takes files, or one line says why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupError(f"--keep: cannot keep the database in {path}: "
+                           f"{exc.strerror or type(exc).__name__}") from None
+
+
 async def run_demo(*, keep: Path | None = None) -> int:
     rng = random.Random(2026)
+    if keep is not None:
+        _usable_directory(keep)
     with ExitStack() as stack:
         data_dir = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mailgun-sync-demo-")))
         database_url = stack.enter_context(embedded_postgres(data_dir))

@@ -108,7 +108,10 @@ class MailgunEmulator:
         self.settings = settings or EmulatorSettings()
         self.tables = DomainTables(case_sensitive=self.settings.case_sensitive)
         self.disabled_domains: set[str] = set()
-        for domain in domains:
+        # Declared at start (`--domain`): a reset keeps them, or every call would then answer
+        # "Domain not found".
+        self.startup_domains = tuple(domains)
+        for domain in self.startup_domains:
             self.tables.declare(domain)
         self.faults = FaultBook()
         self.requests: collections.deque[RecordedRequest] = collections.deque(
@@ -192,10 +195,12 @@ class MailgunEmulator:
         return self.held
 
     def reset(self) -> None:
-        """Forget every record, domain, fault, logged request and spent budget; let parked
-        requests go on."""
+        """Forget every record, fault, logged request and spent budget, and every domain but
+        those declared at start (kept, empty); let parked requests go on."""
         self.release()
         self.tables.clear()
+        for domain in self.startup_domains:
+            self.tables.declare(domain)
         self.disabled_domains.clear()
         self.faults.clear()
         self.requests.clear()
@@ -232,6 +237,11 @@ class MailgunEmulator:
         app = web.Application(
             middlewares=[self._pipeline], client_max_size=self.settings.max_request_bytes)
         app.router.add_get("/v3/domains", self._domains_route)
+        # Mailgun's JavaScript SDK lists domains with `GET /v4/domains` (`mg.domains.list()`). The
+        # reference records only that it answers with `X-Request-Limit: 10`, nothing of its body:
+        # it is answered in /v3/domains' shape (`total_count`, `items`, `skip`/`limit`), in the
+        # same budget.
+        app.router.add_get("/v4/domains", self._domains_route)
         for version in ("v3", "v2"):
             app.router.add_route("*", f"/{version}/{{domain}}/{{list}}", self._list_route)
             app.router.add_post(f"/{version}/{{domain}}/{{list}}/import", self._import)
@@ -283,7 +293,7 @@ class MailgunEmulator:
         if not recorded.authorized:
             return web.Response(status=401, text=messages.FORBIDDEN, content_type="text/plain",
                                 charset="utf-8", headers={"Www-Authenticate": UNAUTHORIZED_CHALLENGE})
-        budget = self._spend_budget(domains=request.path == "/v3/domains")
+        budget = self._spend_budget(domains=request.path in ("/v3/domains", "/v4/domains"))
         if int(budget["X-Request-Remaining"]) < 0:
             budget["X-Request-Remaining"] = "0"
             if self.settings.retry_after_on_429:

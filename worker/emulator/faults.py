@@ -59,9 +59,11 @@ class Fault:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown fault fields: {', '.join(unknown)}")
+            raise ValueError(f"unknown fault fields: {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
         if data.get("action", "status") not in ACTIONS:
-            raise ValueError(f"unknown fault action {data.get('action')!r}")
+            raise ValueError(f"unknown fault action {data.get('action')!r} "
+                             f"(valid actions: {', '.join(ACTIONS)})")
         return cls(**data)
 
     def matches(self, method: str, path: str, domain: str | None, kind: str | None,

@@ -59,6 +59,7 @@ class EmulatorSettings:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ValueError(f"unknown emulator settings: {', '.join(unknown)}")
+            raise ValueError(f"unknown emulator settings: {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
         for name, value in changes.items():
             setattr(self, name, value)

@@ -1,0 +1,105 @@
+"""What the system refuses at start (a port in use, a host name that does not resolve, a directory
+that cannot be made, an output that cannot be written) is one line naming the port, host or path
+and the setting or flag, with exit code 1: never a traceback. Each test runs the real command in a
+child process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY, DOMAIN
+from tests.support.cli import Outcome
+from tests.support.process import run_worker
+
+# Not even attempted by a resolver: the name is reserved as one that never resolves (RFC 6761).
+UNRESOLVABLE = "mailgun-sync-test.invalid"
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port another process's socket listens on (this test's)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # nosec B104: the daemon binds every interface too
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def daemon_env(database_url: str) -> dict[str, str]:
+    return {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": "http://127.0.0.1:9",
+            "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url, "SYNC_JITTER": "0"}
+
+
+def one_line(outcome: Outcome) -> str:
+    assert outcome.code == 1, outcome.err
+    assert "Traceback" not in outcome.err
+    [line] = outcome.err.splitlines()
+    return line
+
+
+async def test_a_daemon_whose_http_port_is_in_use_says_so_in_one_line(daemon_env, busy_port):
+    outcome = await run_worker("daemon", env={**daemon_env, "HTTP_PORT": str(busy_port)})
+    assert one_line(outcome) == (
+        f"mailgun-sync: HTTP_PORT (--http-port): cannot listen on port {busy_port}: "
+        "it is already in use by another process; stop that one or give another port")
+
+
+async def test_a_daemon_whose_webhook_port_is_in_use_names_webhook_port(daemon_env, busy_port):
+    outcome = await run_worker("daemon", "--http-port", str(free_port()),
+                               env={**daemon_env, "WEBHOOK_PORT": str(busy_port)})
+    line = one_line(outcome)
+    assert line.startswith(
+        f"mailgun-sync: WEBHOOK_PORT (--webhook-port): cannot listen on port {busy_port}: ")
+    assert "already in use" in line
+
+
+async def test_an_emulator_whose_port_is_in_use_names_the_flag_and_the_port(busy_port):
+    outcome = await run_worker("emulator", "--port", str(busy_port))
+    line = one_line(outcome)
+    assert line.startswith(f"mailgun-sync: --port: cannot listen on 127.0.0.1:{busy_port}: ")
+    assert "already in use" in line
+
+
+async def test_an_emulator_host_that_does_not_resolve_names_the_flag_and_the_host():
+    outcome = await run_worker("emulator", "--host", UNRESOLVABLE, "--port", str(free_port()))
+    line = one_line(outcome)
+    assert line.startswith(f"mailgun-sync: --host: cannot listen on {UNRESOLVABLE}:")
+    assert f"the host name {UNRESOLVABLE} does not resolve" in line
+
+
+async def test_an_emulator_port_out_of_range_is_a_usage_error():
+    outcome = await run_worker("emulator", "--port", "99999")
+    assert outcome.code == 2
+    [line] = outcome.err.splitlines()
+    assert "--port" in line and "is not a port number from 0 to 65535" in line
+
+
+async def test_a_demo_directory_that_cannot_be_made_names_the_flag_and_the_path(tmp_path: Path):
+    (tmp_path / "a-file").write_text("not a directory\n")
+    where = tmp_path / "a-file" / "database"
+    outcome = await run_worker("demo", "--keep", str(where))
+    assert one_line(outcome) == f"mailgun-sync: --keep: cannot keep the database in {where}: Not a directory"
+
+
+FULL = Path("/dev/full")  # every write to it fails: no space left on device
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="no /dev/full on this system")
+async def test_an_output_that_cannot_be_written_is_one_line(database_url):
+    with FULL.open("w") as full:  # noqa: ASYNC230 (opening a device does not block)
+        outcome = await run_worker("status", env={**os.environ, "DATABASE_URL": database_url},
+                                   stdout=full)
+    line = one_line(outcome)
+    assert line.startswith("mailgun-sync: ") and "No space left on device" in line
