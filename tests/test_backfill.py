@@ -461,6 +461,26 @@ async def test_a_resumed_backfill_does_not_bring_back_what_was_deleted_since_its
     assert found[5] not in remote_bounces(emulator)
 
 
+async def test_a_resumed_backfill_does_not_vouch_for_rows_added_after_it_began(
+        pool, store, emulator, make_client, make_reconciler):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"b{i:04}@example.com"} for i in range(300)])
+    client = make_client(page_limit=100)
+    emulator.fail_next(503, times=None, page="next", skip=1)
+    backfill = Backfiller(store, client, ReconcileOptions(), progress=Progress(every=3600))
+    assert (await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    emulator.faults.clear()
+    # Meanwhile Mailgun drops b0003, and the application adds it as its own suppression.
+    emulator.remove(DOMAIN, BOUNCES, "b0003@example.com")
+    await insert_row(pool, BOUNCES, DOMAIN, "b0003@example.com")
+
+    resumed = await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert resumed.status == "ok"
+    assert (await rows(pool, BOUNCES))["b0003@example.com"]["sync_state"] == "pending"
+    later = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert later.pushed == 1
+    assert "b0003@example.com" in {r["address"] for r in emulator.records(DOMAIN, BOUNCES)}
+
+
 def _terminal_lines(raw: str) -> list[str]:
     """What a terminal shows, line by line, for output with carriage returns and erase-line
     sequences (colours taken out)."""

@@ -86,11 +86,35 @@ async def test_an_unexpected_server_order_is_detected(emulator, make_client):
         await ranged(make_client(page_limit=2), ["b"])
 
 
+@pytest.mark.parametrize("emulator_settings", [EmulatorSettings(case_sensitive=False)])
+async def test_a_pivot_mailgun_does_not_have_cannot_hide_records_between_ranges(emulator, make_client):
+    # Case-blind order: "a_@x.com" < "aB..." there, but "aB..." < "a_@x.com" in code points.
+    emulator.seed(DOMAIN, BOUNCES, [{"address": a} for a in
+                                    ("a1@x.com", "a_@x.com", "ac@x.com", "b@x.com", "c@x.com")])
+    client = make_client(page_limit=2)
+    with pytest.raises(errors.PagingOrderError):
+        _ = [p async for p in client.ranged_pages(DOMAIN, BOUNCES, ["aB@x.com"])]
+
+
 async def test_a_failing_range_stops_them_all(emulator, make_client):
     seed(emulator, ADDRESSES)
     emulator.fail_next(500, times=None, path_contains="bounces", page="next")
     with pytest.raises(errors.MailgunUnavailableError):
         await ranged(make_client(page_limit=3), ["anna", "bob"])
+
+
+async def test_a_failing_range_stops_the_pull_even_with_the_queue_full(emulator, make_client):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"q{i:04}@example.com"} for i in range(400)])
+    emulator.fail_next(400, times=None, path_contains="bounces", page="next", skip=30)
+    pivots = [f"q{i:04}" for i in range(50, 400, 50)]
+    client = make_client(page_limit=5)
+
+    async def slow_consumer() -> None:
+        async for _ in client.ranged_pages(DOMAIN, BOUNCES, pivots):
+            await asyncio.sleep(0.05)
+
+    with pytest.raises(errors.MailgunRejectedError):
+        await asyncio.wait_for(slow_consumer(), timeout=20)
 
 
 @pytest.mark.parametrize("emulator_settings", [EmulatorSettings(rate_limit=12, rate_window_s=1.0)])

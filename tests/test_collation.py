@@ -2,7 +2,8 @@
 managed servers): unsubscribe tags are kept in code-point order, the order in which the pull
 reads them, whichever side wrote them (an application's INSERT or UPDATE, a webhook, a pending
 row adopted, two spellings merged), so the run after a write changes nothing; and tag sets compare
-by their bytes alone, as in a C database."""
+by their bytes alone, as in a C database. An address's key folds ASCII letters only, whatever the
+collation."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from worker.settings import Settings
 from worker.sql import migrations, queries
 from worker.store import MirrorStore
 
+BOUNCES = SuppressionList.BOUNCES
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
 # Upper and lower case, punctuation, an accented letter: en-US sorts them _x, a, B, Z, é.
 TAGS = ["é", "a", "B", "_x", "Z"]
@@ -250,3 +252,10 @@ async def test_a_pull_in_parallel_ranges_cut_from_the_mirror_reads_the_whole_lis
     # The sample is the whole table here, so the one pivot is the code-point median.
     median = sorted(addresses)[len(addresses) // 2]
     assert any(r.query.get("address") == median for r in emulator.requests if r.method == "GET")
+
+
+async def test_keys_fold_ascii_letters_only_whatever_the_collation(pool):
+    await insert_row(pool, BOUNCES, DOMAIN, "INFO@Example.COM")
+    await insert_row(pool, BOUNCES, DOMAIN, "ÄBC@X.COM")
+    keys = {r["address"]: r["address_key"] for r in (await rows(pool, BOUNCES)).values()}
+    assert keys == {"INFO@Example.COM": "info@example.com", "ÄBC@X.COM": "Äbc@x.com"}

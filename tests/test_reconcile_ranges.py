@@ -1,4 +1,5 @@
-"""Large lists are pulled in parallel keyset ranges; the result is the same as one pager's."""
+"""Large lists are pulled in parallel keyset ranges; the result is the same as one pager's, and a range
+that ends early removes nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from structlog.testing import capture_logs
 from tests.conftest import DOMAIN
 from tests.support.mirror import rows
 from worker.devtools.sql import queries
-from worker.emulator import EmulatorSettings
+from worker.emulator import EmulatorSettings, Fault
 from worker.records import SuppressionList
 
 BOUNCES = SuppressionList.BOUNCES
@@ -56,3 +57,18 @@ async def test_ranges_fall_back_to_one_pager_when_the_order_is_not_code_point(
     assert (result.status, result.pulled) == ("ok", N + 2)
     mirror = await rows(pool, BOUNCES)
     assert set(mirror) == {r["address"] for r in emulator.records(DOMAIN, BOUNCES)}
+
+
+async def test_an_empty_page_in_a_middle_range_removes_nothing(pool, emulator, make_client, make_reconciler):
+    emulator.generate(DOMAIN, BOUNCES, 12_000)
+    await pool.execute(queries()["bench_prepare_mirror"], DOMAIN, 12_000, 0)
+    emulator.inject(Fault(action="items_null", page="next", skip=9))
+    reconciler = make_reconciler(client=make_client(page_limit=500), pull_ranges=4)
+
+    result = await reconciler.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert (result.status, result.removed) == ("failed", 0)
+    assert "the pull is incomplete" in str(result.error)
+    again = await reconciler.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert again.status == "ok"
+    assert len(await rows(pool, BOUNCES)) == 12_000

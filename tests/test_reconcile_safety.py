@@ -200,3 +200,13 @@ async def test_items_null_mid_list_and_an_empty_last_page_remove_nothing(pool, e
     assert (result.removed, result.inserted, result.updated) == (0, 0, 0)
     assert {k: v for k, v in (await snapshot(pool)).items() if k != "sync_runs"} == \
         {k: v for k, v in before.items() if k != "sync_runs"}
+
+
+async def test_an_empty_first_page_does_not_wipe_a_small_list(pool, emulator, make_reconciler):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"few{i}@example.com"} for i in range(8)])
+    first = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert first.inserted == 8
+    emulator.inject(Fault(action="items_null", page=""))
+    result = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert (result.status, result.removed) == ("failed", 0)
+    assert len(await rows(pool, BOUNCES)) == 8

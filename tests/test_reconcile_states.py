@@ -164,3 +164,13 @@ async def test_a_plain_application_insert_is_a_pending_addition(pool):
     await pool.execute("INSERT INTO mailgun.unsubscribes (domain, address) VALUES ($1, $2)", DOMAIN, ADDRESS)
     row = (await rows(pool, UNSUBSCRIBES))[ADDRESS]
     assert (row["sync_state"], row["tags"], row["synced_at"]) == ("pending", ["*"], None)
+
+
+async def test_a_rejected_unsubscribe_mailgun_has_is_synced_not_resent(pool, emulator, make_reconciler):
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "u@example.com", state="rejected",
+                     sync_error="refused", tags=["news", "promo"])
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": "u@example.com", "tags": ["news"]}])
+    result = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+    assert (result.adopted, result.pushed) == (1, 0)
+    row = (await rows(pool, UNSUBSCRIBES))["u@example.com"]
+    assert (row["sync_state"], row["tags"]) == ("synced", ["news"])
