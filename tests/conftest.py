@@ -13,8 +13,13 @@ import asyncpg
 import pytest
 import structlog
 
+from tests.support.account import API_KEY, DOMAIN
+from tests.support.cli import Outcome
 from tests.support.database import TestDatabase, open_test_database
 from tests.support.mirror import empty_mirror
+from tests.support.waiting import SleepLog
+from tests.support.webhooks import SIGNING_KEY, webhook_app
+from worker.cli import cli
 from worker.database import open_pool
 from worker.devtools.scratch import database_statement, run_admin, with_database
 from worker.emulator import EmulatorSettings, MailgunEmulator
@@ -22,21 +27,8 @@ from worker.mailgun import MailgunClient
 from worker.mailgun.retry import RetryPolicy
 from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
+from worker.settings import Settings
 from worker.store import MirrorStore
-
-DOMAIN = "mg.example.com"
-API_KEY = "key-test-0123456789abcdef"
-
-
-class SleepLog:
-    """A retry `sleep` that records each wait and yields once instead of waiting."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await asyncio.sleep(0)
 
 
 @pytest.fixture(autouse=True)
@@ -135,9 +127,6 @@ def make_reconciler(store: MirrorStore, client: MailgunClient) -> Callable[..., 
 @pytest.fixture
 def invoke(capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
     """Run `mailgun-sync ARGV` in-process with exactly `env`; returns an Outcome."""
-    from tests.support.cli import Outcome
-    from worker.cli import cli
-
     async def call(*argv: str, env: dict[str, str]) -> Outcome:
         capsys.readouterr()
         code = await cli(list(argv), env=env)
@@ -162,9 +151,6 @@ async def empty_database_url(test_database: TestDatabase) -> AsyncIterator[str]:
 async def webhook_http(pool: asyncpg.Pool, client: MailgunClient, emulator: MailgunEmulator,
                        aiohttp_client: Any) -> AsyncIterator[Any]:
     """The daemon's HTTP app taking DOMAIN's signed webhooks, on a test client."""
-    from tests.support.webhooks import SIGNING_KEY, webhook_app
-    from worker.settings import Settings
-
     settings = Settings(api_key=API_KEY, api_base=str(emulator.base_url), domains=(DOMAIN,),
                         webhook_signing_key=SIGNING_KEY)
     async with webhook_app(pool, client, settings) as app:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import changes, insert_row, rows
 from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault

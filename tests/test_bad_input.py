@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from worker.emulator import Fault
 from worker.records import SuppressionList

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.sql import migrations

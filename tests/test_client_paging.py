@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from worker import errors
 from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
 from worker.records import SuppressionList

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from worker import errors
 from worker.emulator import Fault
 from worker.mailgun import PushOutcome

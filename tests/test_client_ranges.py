@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from worker import errors
 from worker.emulator import EmulatorSettings, Fault
 from worker.mailgun.retry import RetryPolicy

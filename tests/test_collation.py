@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import API_KEY, DOMAIN
 from tests.support import database
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
 from worker.database import open_pool

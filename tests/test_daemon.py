@@ -15,7 +15,7 @@ import pytest
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import rows
 from worker.daemon import Daemon, build_http_app, build_trigger, fixed_plans
 from worker.domains import DomainPlan

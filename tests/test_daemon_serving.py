@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from tests.conftest import API_KEY
+from tests.support.account import API_KEY
 from tests.support.mirror import rows
 from tests.support.proxy import SilentProxy
 from tests.support.webhooks import SIGNING_KEY, deliver, event

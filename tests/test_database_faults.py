@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import rows
 from worker.database import open_pool
 from worker.devtools.sql import queries

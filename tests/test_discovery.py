@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import API_KEY
+from tests.support.account import API_KEY
 from tests.support.webhooks import SIGNING_KEY, deliver, event
 from worker.daemon import Daemon, build_http_app
 from worker.domains import Planned, plan_domains

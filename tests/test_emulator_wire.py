@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
 
 AUTH = {"Authorization": aiohttp.encode_basic_auth("api", API_KEY)}

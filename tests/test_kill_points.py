@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import rows
 from worker.devtools.sql import queries
 from worker.emulator import Fault

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
 from worker.database import open_pool
 from worker.devtools.scratch import database_statement, run_admin, with_database

@@ -7,7 +7,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import changes, insert_row, rows
 from tests.support.waiting import wait_for
 from worker.emulator import Fault

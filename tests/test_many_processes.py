@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from worker.emulator import Fault
 from worker.records import SYNCED_LISTS
 

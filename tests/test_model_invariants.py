@@ -62,7 +62,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import empty_mirror, insert_row
 from tests.support.webhooks import SIGNING_KEY
 from worker.backfill import Backfiller, Progress

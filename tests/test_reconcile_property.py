@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import empty_mirror, insert_row, rows
 from worker.records import SuppressionList, address_problem
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import rows
 from worker.devtools.sql import queries
 from worker.emulator import EmulatorSettings, Fault

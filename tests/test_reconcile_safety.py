@@ -10,7 +10,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from worker.emulator import Fault
 from worker.records import SuppressionList, parse_timestamp

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import changes, insert_row, rows
 from worker.records import SuppressionList
 

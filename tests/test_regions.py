@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import API_KEY
+from tests.support.account import API_KEY
 from tests.support.mirror import rows
 from worker.daemon import build_trigger
 from worker.domains import DomainPlan, Planned, parse_sync_config, plan_domains

@@ -10,7 +10,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from tests.support.waiting import wait_for
 from tests.support.webhooks import deliver, event

@@ -9,7 +9,8 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import DOMAIN, SleepLog
+from tests.support.account import DOMAIN
+from tests.support.waiting import SleepLog
 from worker.mailgun.budget import RequestBudget, seconds_until_reset
 from worker.mailgun.retry import RetryPolicy, server_wait_hint
 from worker.records import SuppressionList

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from apscheduler.triggers.interval import IntervalTrigger
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.webhooks import deliver, event
 from worker.daemon import PRUNE_INTERVAL, Daemon, fixed_plans
 from worker.domains import DomainPlan

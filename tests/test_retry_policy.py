@@ -9,7 +9,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from worker import errors
 from worker.emulator import Fault
 from worker.mailgun.retry import RetryPolicy, server_wait_hint

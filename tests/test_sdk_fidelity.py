@@ -16,7 +16,7 @@ import pytest
 from mailgun import ApiError, AsyncClient, Client
 from mailgun.config import RetryPolicy
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from worker.emulator import EmulatorSettings, Fault, MailgunEmulator, RecordedRequest
 
 # The SDK names the address argument after the list.

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import BASIC_AUTH
 from tests.support.webhooks import SIGNING_KEY
 from tests.test_webhook_commands import start_daemon, stop

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import Outcome
 from tests.support.mirror import insert_row
 from worker.backfill import Backfiller, Progress

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import structlog
 
-from tests.conftest import DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import insert_row, rows
 from worker.backfill import Backfiller
 from worker.emulator.recorded import RECORDED_UNSUBSCRIBES

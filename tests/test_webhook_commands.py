@@ -12,7 +12,7 @@ import sys
 import aiohttp
 import orjson
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event
 from worker.devtools.benchmark.run import _free_port

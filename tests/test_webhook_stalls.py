@@ -11,7 +11,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
 from tests.test_daemon_serving import DOMAINS, daemon, first_runs_over, until_ready
 from worker.emulator import MailgunEmulator

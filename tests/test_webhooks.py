@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
 from tests.support.waiting import wait_for
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import API_KEY
+from tests.support.account import API_KEY
 
 BASIC_AUTH = base64.b64encode(f"api:{API_KEY}".encode()).decode()
 
