@@ -6,21 +6,18 @@ child process against the emulator and a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
 
 from tests.support.account import API_KEY
+from tests.support.daemon_process import DOMAINS, Running, daemon, first_runs_over, timed_get, until_ready
 from tests.support.mirror import rows
 from tests.support.proxy import SilentProxy
-from tests.support.webhooks import SIGNING_KEY, deliver, event
+from tests.support.webhooks import deliver, event
 from worker.daemon import CANCELLED_RUNS_WITHIN
 from worker.database import POOL_SIZE
 from worker.devtools.benchmark.run import _free_port
@@ -28,18 +25,9 @@ from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
 from worker.webhooks.writer import WRITE_WITHIN
 
-# 3 domains of 4 lists: 12 runs at once, more than the runs' connections.
-DOMAINS = ("mg.example.com", "mg.example.org", "mg.example.net")
 BOUNCES = SuppressionList.BOUNCES
 # Kubernetes' default probe timeout.
 PROBE_TIMEOUT = 1.0
-
-
-@dataclass
-class Running:
-    process: asyncio.subprocess.Process
-    http: str  # HTTP_PORT's base URL
-    webhooks: str  # where the webhooks are served
 
 
 @pytest.fixture
@@ -52,59 +40,6 @@ async def emulator() -> AsyncIterator[MailgunEmulator]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as opened:
         yield opened
-
-
-@contextlib.asynccontextmanager
-async def daemon(emulator: MailgunEmulator, database_url: str, session: aiohttp.ClientSession,
-                 **extra: str) -> AsyncIterator[Running]:
-    """`mailgun-sync daemon` for every list of DOMAINS, its first runs started at once; stopped
-    with SIGTERM afterwards, and it must exit 0."""
-    http_port = _free_port()
-    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-           "MAILGUN_DOMAINS": ",".join(DOMAINS), "DATABASE_URL": database_url,
-           "HTTP_PORT": str(http_port), "MAILGUN_WEBHOOK_SIGNING_KEY": SIGNING_KEY,
-           "SYNC_INTERVAL": "3600", "SYNC_JITTER": "0", "SHUTDOWN_GRACE": "1", **extra}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "daemon", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    http = f"http://127.0.0.1:{http_port}"
-    webhooks = f"http://127.0.0.1:{extra['WEBHOOK_PORT']}" if "WEBHOOK_PORT" in extra else http
-    try:
-        for _ in range(300):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{http}/healthz") as response:
-                    if response.status == 200:
-                        break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the daemon did not start")
-        yield Running(process, http, webhooks)
-    finally:
-        emulator.faults.clear()
-        emulator.release()
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.wait_for(process.wait(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise AssertionError("the daemon was still running 30 s after SIGTERM (killed)") from None
-        assert code == 0
-
-
-async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, float]:
-    started = time.monotonic()
-    async with session.get(url) as response:
-        return response.status, await response.text(), time.monotonic() - started
-
-
-async def until_ready(session: aiohttp.ClientSession, running: Running) -> None:
-    for _ in range(300):
-        if (await timed_get(session, f"{running.http}/readyz"))[0] == 200:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the daemon did not become ready")
 
 
 async def runs_hold_every_connection(emulator: MailgunEmulator) -> None:
@@ -173,16 +108,6 @@ async def test_readyz_answers_503_within_a_second_when_postgresql_goes_silent_an
 
 
 # ---- a connection lost for good (a failover) ----------------------------------------------------
-
-
-async def first_runs_over(pool) -> None:
-    """Every list's first run has ended: none of them holds a connection the proxy cuts."""
-    lists = len(DOMAINS) * len(SuppressionList)
-    for _ in range(300):
-        if await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs") >= lists:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the first runs did not end")
 
 
 async def written_once(session: aiohttp.ClientSession, running: Running, address: str) -> None:

@@ -23,8 +23,8 @@ from structlog.testing import capture_logs
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import BASIC_AUTH
+from tests.support.daemon_process import start_daemon, stop
 from tests.support.webhooks import SIGNING_KEY
-from tests.test_webhook_commands import start_daemon, stop
 from worker import errors
 from worker.database import open_pool
 from worker.devtools.embedded import embedded_postgres

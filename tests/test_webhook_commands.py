@@ -4,42 +4,18 @@ figures come from the command, not from tests)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 
 import aiohttp
 import orjson
 
-from tests.support.account import API_KEY, DOMAIN
+from tests.support.account import DOMAIN
+from tests.support.daemon_process import start_daemon, stop
 from tests.support.mirror import rows
 from tests.support.webhooks import SIGNING_KEY, deliver, event
-from worker.devtools.benchmark.run import _free_port
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.webhooks.selftest import TEST_RECIPIENT
-
-
-async def start_daemon(emulator, database_url, **extra: str) -> tuple[asyncio.subprocess.Process, str]:
-    port = _free_port()
-    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url, "HTTP_PORT": str(port),
-           "SYNC_INTERVAL": "3600", "SYNC_JITTER": "0", **extra}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "daemon", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            try:
-                async with session.get(f"{base}/healthz") as response:
-                    if response.status == 200:
-                        return process, base
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    process.kill()
-    raise AssertionError("the daemon did not start")
 
 
 async def first_runs_finished(pool) -> None:
@@ -52,11 +28,6 @@ async def first_runs_finished(pool) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the daemon's first runs did not finish")
-
-
-async def stop(process: asyncio.subprocess.Process) -> int:
-    process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(process.wait(), 30)
 
 
 async def test_webhook_test_passes_against_a_daemon_with_the_same_key_and_fails_with_another(

@@ -12,8 +12,8 @@ import asyncpg
 import orjson
 
 from tests.support.account import API_KEY, DOMAIN
+from tests.support.daemon_process import DOMAINS, daemon, first_runs_over, until_ready
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
-from tests.test_daemon_serving import DOMAINS, daemon, first_runs_over, until_ready
 from worker.emulator import MailgunEmulator
 from worker.lifespan import open_resources
 from worker.settings import Settings
