@@ -1,11 +1,12 @@
 """Shared fixtures: the Mailgun emulator on a real port, an HTTP session, clients with fast retries,
-and a real PostgreSQL (the server on 127.0.0.1:5432 when one answers, else an embedded one)."""
+and a real PostgreSQL (the server on 127.0.0.1:5432 when one answers, else an embedded one). The
+hooks fail a test that starts a process without being marked slow (tests/support/slow.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import Outcome
 from tests.support.database import TestDatabase, open_test_database
 from tests.support.mirror import empty_mirror
+from tests.support.slow import PROCESS_GUARD, ProcessGuard
 from tests.support.waiting import SleepLog
 from tests.support.webhooks import SIGNING_KEY, webhook_app
 from worker.cli import cli
@@ -29,6 +31,31 @@ from worker.migrate import migrate
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.settings import Settings
 from worker.store import MirrorStore
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[PROCESS_GUARD] = ProcessGuard()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    with item.config.stash[PROCESS_GUARD].watching(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    with item.config.stash[PROCESS_GUARD].watching(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
+                         request: pytest.FixtureRequest) -> Generator[Any, Any, Any]:
+    if fixturedef.scope != "session":
+        return (yield)
+    with request.config.stash[PROCESS_GUARD].allowing():
+        return (yield)
 
 
 @pytest.fixture(autouse=True)

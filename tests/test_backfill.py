@@ -171,6 +171,7 @@ async def test_backfill_applies_the_pull_like_a_run_updating_and_removing_synced
 # ---- resuming ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_killed_backfill_resumes_from_its_last_committed_page_and_ends_as_an_uninterrupted_one(
         pool, emulator, database_url, store, make_client):
     found = seed_bounces(emulator, 5000)

@@ -6,6 +6,10 @@ import subprocess
 import sys
 
 import orjson
+import pytest
+
+# The benchmarks run as child processes.
+pytestmark = pytest.mark.slow
 
 
 def test_bench_reports_worker_and_baseline_figures_as_json():

@@ -97,6 +97,7 @@ async def running(tmp_path: Path, seed_file: Path) -> AsyncIterator[RunningEmula
             await process.wait()
 
 
+@pytest.mark.slow
 async def test_cli_emulator_pages_the_seeded_list_with_basic_auth(running):
     async with aiohttp.ClientSession(headers=AUTH) as session:
         url: str | None = f"{running.base_url}/v3/{CLI_DOMAIN}/bounces?limit=10"
@@ -123,6 +124,7 @@ async def test_cli_emulator_pages_the_seeded_list_with_basic_auth(running):
         assert await response.text() == "Forbidden"
 
 
+@pytest.mark.slow
 async def test_cli_emulator_serves_an_injected_fault_once(running):
     async with aiohttp.ClientSession() as control:
         async with control.post(f"{running.base_url}/_emulator/faults",
@@ -142,6 +144,7 @@ async def test_cli_emulator_serves_an_injected_fault_once(running):
             assert response.status == 200
 
 
+@pytest.mark.slow
 async def test_cli_emulator_exits_0_on_sigterm_and_stops_listening(running):
     running.process.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(running.process.wait(), timeout=STOP_DEADLINE_S)
@@ -151,6 +154,7 @@ async def test_cli_emulator_exits_0_on_sigterm_and_stops_listening(running):
             await session.get(f"{running.base_url}/_emulator/state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [None, b'{"domains": '], ids=["missing", "not-json"])
 async def test_cli_emulator_with_an_unloadable_seed_exits_2_with_one_line_naming_seed(tmp_path, content):
     seed = tmp_path / "seed.json"
@@ -168,6 +172,7 @@ async def test_cli_emulator_with_an_unloadable_seed_exits_2_with_one_line_naming
     assert str(seed) in lines[0]
 
 
+@pytest.mark.slow
 async def test_an_unknown_fault_action_is_refused_listing_the_valid_ones(running):
     async with aiohttp.ClientSession() as control, \
             control.post(f"{running.base_url}/_emulator/faults", json={"action": "nope"}) as response:
@@ -177,6 +182,7 @@ async def test_an_unknown_fault_action_is_refused_listing_the_valid_ones(running
     assert all(action in message for action in ACTIONS)
 
 
+@pytest.mark.slow
 async def test_a_reset_keeps_the_domains_declared_at_start_empty(running):
     async with aiohttp.ClientSession() as control:
         async with control.post(f"{running.base_url}/_emulator/domains/mg.other.example.org") as response:
@@ -193,6 +199,7 @@ async def test_a_reset_keeps_the_domains_declared_at_start_empty(running):
         assert (await response.json())["items"] == []
 
 
+@pytest.mark.slow
 async def test_v4_domains_as_the_javascript_sdk_asks_answers_as_v3_domains(running):
     async with aiohttp.ClientSession(headers=AUTH) as session:
         for query in ("", "?limit=1", "?skip=1&limit=10"):

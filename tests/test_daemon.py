@@ -114,6 +114,7 @@ async def test_health_readiness_and_metrics_endpoints(daemon, emulator, metrics,
     assert 'mailgun_sync_run_duration_seconds_count{domain="mg.example.com",list="bounces"}' in text
 
 
+@pytest.mark.slow
 async def test_a_list_that_keeps_failing_leaves_the_daemon_ready_and_shows_in_the_metrics(
         emulator, pool, store, make_client, metrics, aiohttp_client):
     from worker.mailgun.retry import RetryPolicy
@@ -231,6 +232,7 @@ async def test_a_list_scheduled_by_a_refresh_gets_its_last_success_and_one_unsch
         await daemon.drain(grace=5)
 
 
+@pytest.mark.slow
 async def test_a_run_skipped_because_the_last_one_is_still_going_is_counted(
         emulator, pool, store, client, metrics):
     emulator.inject(Fault(action="delay", delay_s=2.5, times=1, list="bounces"))
@@ -294,6 +296,7 @@ async def sigterm_mid_push(emulator, pool, database_url, *, rows_pending: int, p
     return await asyncio.wait_for(worker.wait(), 30)
 
 
+@pytest.mark.slow
 async def test_sigterm_lets_the_run_in_progress_finish_then_exits_0(emulator, pool, database_url):
     code = await sigterm_mid_push(emulator, pool, database_url, rows_pending=1500, push_delay=1.0,
                                   grace="20")
@@ -305,6 +308,7 @@ async def test_sigterm_lets_the_run_in_progress_finish_then_exits_0(emulator, po
     assert await pool.fetchval("SELECT status FROM mailgun.sync_runs") == "ok"
 
 
+@pytest.mark.slow
 async def test_sigterm_past_the_grace_cancels_cleanly_and_keeps_rows_pending(emulator, pool, database_url):
     code = await sigterm_mid_push(emulator, pool, database_url, rows_pending=10, push_delay=30,
                                   grace="0.5")

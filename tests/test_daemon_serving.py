@@ -25,6 +25,9 @@ from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
 from worker.webhooks.writer import WRITE_WITHIN
 
+# Each test runs `mailgun-sync daemon` as a child process.
+pytestmark = pytest.mark.slow
+
 BOUNCES = SuppressionList.BOUNCES
 # Kubernetes' default probe timeout.
 PROBE_TIMEOUT = 1.0

@@ -139,6 +139,7 @@ needs_network_namespaces = pytest.mark.skipif(
     not _own_network_namespaces(), reason="needs `unshare -n` (root) and `ip`")
 
 
+@pytest.mark.slow
 @needs_network_namespaces
 async def test_a_statement_whose_server_is_lost_without_a_word_fails_within_dead_after(pool):
     # A run waits for its statement's answer on its one connection; a server gone without closing
@@ -150,6 +151,7 @@ async def test_a_statement_whose_server_is_lost_without_a_word_fails_within_dead
     assert outcome["error"].startswith("PostgreSQL failed while waiting for a long statement")
 
 
+@pytest.mark.slow
 @needs_network_namespaces
 async def test_the_lost_server_above_is_silent_indeed_for_an_unprobed_connection(pool):
     # The control: the same loss, with probes too late to matter, is a statement still waiting.

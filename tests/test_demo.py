@@ -5,6 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+# The demo runs as a child process.
+pytestmark = pytest.mark.slow
+
 
 def test_demo_reconciles_both_sides_and_a_third_run_changes_nothing(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

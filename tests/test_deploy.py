@@ -50,18 +50,21 @@ def containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from pod.get("containers", [])
 
 
+@pytest.mark.slow
 def test_manifests_pass_strict_kubernetes_validation():
     done = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", *map(str, CORE_MANIFESTS)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_manifests_and_config_pass_yamllint():
     done = subprocess.run([tool("yamllint"), "-s", "-c", str(ROOT / ".yamllint.yaml"), str(ROOT / "deploy")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint():
     done = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True,
                           check=False)
@@ -231,6 +234,7 @@ def worker_configuration(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_every_workload_of_an_overlay_and_its_backfill_gets_the_same_configuration(overlay):
     assert (overlay / "backfill" / "kustomization.yaml").is_file(), "each overlay has its backfill"

@@ -171,6 +171,7 @@ async def test_a_listing_shifted_by_a_deletion_and_an_addition_is_read_again_who
     assert "mg0005.example.com" not in names and FOUND not in names
 
 
+@pytest.mark.slow
 async def test_a_listing_that_shifts_at_every_reading_is_incomplete_and_removes_nothing(
         region, settings, resources):
     planned = await plan_changing_between_pages(settings, resources, region, [

@@ -55,7 +55,9 @@ async def arrange(pool, emulator) -> None:
     await pool.execute(queries()["bench_prepare_mirror"], DOMAIN, N, PENDING)
 
 
-@pytest.mark.parametrize("name", FAULTS)
+# The timeouts are waited out for real, a second each.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "timeouts" else name
+                                  for name in FAULTS])
 async def test_a_fault_loses_nothing_and_the_next_run_converges(
         name, pool, emulator, make_client, make_reconciler, sleeps):
     await arrange(pool, emulator)

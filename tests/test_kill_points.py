@@ -18,6 +18,9 @@ from worker.devtools.sql import queries
 from worker.emulator import Fault
 from worker.records import SuppressionList
 
+# Each test kills `mailgun-sync run` as a child process.
+pytestmark = pytest.mark.slow
+
 BOUNCES = SuppressionList.BOUNCES
 N, PENDING = 2000, 300
 

@@ -9,9 +9,14 @@ import os
 import signal
 import sys
 
+import pytest
+
 from tests.support.account import API_KEY, DOMAIN
 from worker.emulator import Fault
 from worker.records import SYNCED_LISTS
+
+# Daemons and a run as child processes.
+pytestmark = pytest.mark.slow
 
 # The lists Mailgun takes in batches; the allowlist (one form post per entry) is reconciled too,
 # but empty here.

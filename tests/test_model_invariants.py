@@ -77,6 +77,9 @@ from worker.webhooks.events import WebhookEvent, address_key, read_event
 from worker.webhooks.selftest import event_data, signed
 from worker.webhooks.writer import WebhookStore
 
+# A model-based run: a minute or so by default, hours with MODEL_PROFILE=long.
+pytestmark = pytest.mark.slow
+
 BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 LISTS = (BOUNCES, UNSUBSCRIBES)
 # Four mailboxes, one of them in two spellings: collisions are frequent.

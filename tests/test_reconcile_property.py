@@ -6,12 +6,16 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.account import DOMAIN
 from tests.support.mirror import empty_mirror, insert_row, rows
 from worker.records import SuppressionList, address_problem
+
+# 30 examples, each a mirror and a list reconciled twice: seconds.
+pytestmark = pytest.mark.slow
 
 BOUNCES = SuppressionList.BOUNCES
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES

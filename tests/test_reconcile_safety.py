@@ -10,6 +10,8 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from worker.emulator import Fault
@@ -126,6 +128,7 @@ async def test_two_concurrent_runs_push_no_record_twice(pool, emulator, make_rec
     assert max(counts.values()) == 1
 
 
+@pytest.mark.slow
 async def test_a_run_killed_mid_push_converges_on_the_next_run(pool, emulator, database_url, make_reconciler):
     local = addresses("local", 2500)
     await pool.executemany("INSERT INTO mailgun.bounces (domain, address) VALUES ($1, $2)",

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bandit_finds_nothing_of_medium_severity_or_above_in_the_worker() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bandit", "-r", "worker", "--severity-level", "medium", "--format", "json",

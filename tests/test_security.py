@@ -169,6 +169,7 @@ async def test_no_command_shows_a_piece_of_a_database_password_whatever_it_holds
                 assert "DATABASE_URL_FILE" in line
 
 
+@pytest.mark.slow
 def test_a_real_process_shows_no_piece_of_the_password():
     """As the process runs: its own logging set-up, its stderr, its exit status."""
     password = "Xk9/#?@mZ2q"
@@ -239,6 +240,7 @@ def mirror_url(password_server: str, password: str) -> str:
     return f"postgresql://mirror:{quote(password, safe='')}{password_server}"
 
 
+@pytest.mark.slow
 async def test_a_password_of_every_special_character_works_percent_encoded(invoke, tmp_path, password_server):
     url_file = tmp_path / "database-url"
     url_file.write_text(mirror_url(password_server, ROLE_PASSWORD) + "\n")
@@ -251,6 +253,7 @@ async def test_a_password_of_every_special_character_works_percent_encoded(invok
     assert status.code == 0, status.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", DATABASE_COMMANDS)
 async def test_a_refused_password_or_an_unreachable_server_shows_no_piece_of_a_password(
         invoke, password_server, command):
@@ -275,6 +278,7 @@ async def test_a_refused_password_or_an_unreachable_server_shows_no_piece_of_a_p
 # ---- secrets from files --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_every_secret_can_come_from_a_file_as_docker_and_kubernetes_mount_them(
         invoke, emulator, database_url, pool, tmp_path):
     """Each file as `echo` writes it, with a trailing newline; the daemon reads all three, `run` the

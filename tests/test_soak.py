@@ -6,6 +6,10 @@ import subprocess
 import sys
 
 import orjson
+import pytest
+
+# The soak runs as a child process for 10 seconds.
+pytestmark = pytest.mark.slow
 
 
 def test_a_short_soak_converges_with_flat_connections_and_tasks():

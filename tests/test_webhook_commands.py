@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.support.account import DOMAIN
 from tests.support.daemon_process import start_daemon, stop
@@ -30,6 +31,7 @@ async def first_runs_finished(pool) -> None:
     raise AssertionError("the daemon's first runs did not finish")
 
 
+@pytest.mark.slow
 async def test_webhook_test_passes_against_a_daemon_with_the_same_key_and_fails_with_another(
         emulator, pool, database_url, invoke):
     daemon, base = await start_daemon(emulator, database_url, MAILGUN_WEBHOOK_SIGNING_KEY=SIGNING_KEY)
@@ -54,6 +56,7 @@ async def test_webhook_test_passes_against_a_daemon_with_the_same_key_and_fails_
     assert "expected 200, got 401" in wrong.out
 
 
+@pytest.mark.slow
 async def test_webhook_test_fails_against_a_daemon_without_a_signing_key(emulator, database_url, invoke):
     daemon, base = await start_daemon(emulator, database_url)
     try:
@@ -72,6 +75,7 @@ async def test_webhook_test_needs_a_signing_key_and_a_domain(invoke):
     assert (no_domain.code, "--domain" in no_domain.err) == (2, True)
 
 
+@pytest.mark.slow
 async def test_webhooks_in_flight_at_sigterm_are_answered_only_once_stored(emulator, pool, database_url):
     daemon, base = await start_daemon(emulator, database_url, MAILGUN_WEBHOOK_SIGNING_KEY=SIGNING_KEY)
     deliveries = [event("complained", f"late{i:04}@example.com", DOMAIN) for i in range(400)]
@@ -95,6 +99,7 @@ async def test_webhooks_in_flight_at_sigterm_are_answered_only_once_stored(emula
     assert stored <= set(await rows(pool, SuppressionList.COMPLAINTS))
 
 
+@pytest.mark.slow
 def test_bench_webhooks_reports_rate_latency_and_rows_alone_beside_slow_runs_and_in_a_flood_as_json():
     done = subprocess.run(
         [sys.executable, "-m", "worker", "--log-level", "WARNING", "bench-webhooks", "--events", "300",

@@ -10,6 +10,7 @@ import time
 import aiohttp
 import asyncpg
 import orjson
+import pytest
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.daemon_process import DOMAINS, daemon, first_runs_over, until_ready
@@ -19,6 +20,9 @@ from worker.lifespan import open_resources
 from worker.settings import Settings
 from worker.webhooks.endpoint import PATH
 from worker.webhooks.writer import WRITE_WITHIN
+
+# Each test waits out seconds of a slow or locked PostgreSQL, some with the daemon as a child process.
+pytestmark = pytest.mark.slow
 
 
 async def hold_lock(database_url: str, table: str, seconds: float, taken: asyncio.Event) -> None:
