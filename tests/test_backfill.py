@@ -502,6 +502,7 @@ def _terminal_lines(raw: str) -> list[str]:
     return [*shown, line]
 
 
+@pytest.mark.slow
 async def test_on_a_terminal_log_lines_never_share_the_progress_line_and_agree_with_it(
         pool, emulator, database_url):
     """A real backfill whose stdout and stderr are one terminal, long enough for a progress log

@@ -321,6 +321,7 @@ async def test_sigterm_past_the_grace_cancels_cleanly_and_keeps_rows_pending(emu
     assert "interrupted" in run["error"]
 
 
+@pytest.mark.slow
 async def test_a_run_cancelled_by_a_stop_is_one_json_line_and_stderr_stays_json_lines(
         emulator, pool, database_url, tmp_path):
     """SIGTERM during a slow pull with SHUTDOWN_GRACE=1: the cancelled run is one structured line

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from worker.domains import parse_sync_config
 from worker.errors import ConfigError
 from worker.settings import US_API_BASE, Settings

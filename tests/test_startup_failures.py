@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, DOMAIN
+from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import Outcome
 from tests.support.process import run_worker
+
+# Each test runs `mailgun-sync` as a child process.
+pytestmark = pytest.mark.slow
 
 # Not even attempted by a resolver: the name is reserved as one that never resolves (RFC 6761).
 UNRESOLVABLE = "mailgun-sync-test.invalid"
