@@ -161,3 +161,14 @@ SELECT count(*) FILTER (WHERE at < $1) AS old,
        count(*) FILTER (WHERE at >= $1 AND detail = 'bench') AS fresh,
        count(*) FILTER (WHERE detail = 'bench-writer') AS written
 FROM mailgun.changes;
+
+-- name: bench_lists_due_now
+-- Every list on the daemons' shared schedule is due now.
+UPDATE mailgun.schedule SET due_at = now(), claimed_by = NULL;
+
+-- name: server_now
+SELECT now();
+
+-- name: bench_run_starts
+-- When each list's runs began, in order.
+SELECT domain, list, started_at FROM mailgun.sync_runs ORDER BY domain, list, started_at;

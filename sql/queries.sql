@@ -761,3 +761,54 @@ WITH candidates AS (
 )
 SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) AS removed,
        (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
+
+-- name: plan_lists
+-- $1 domains, $2 lists, $3 schedules, $4 leases (seconds), $5 first due times. A list new to the
+-- schedule, or planned on another schedule than before, is due at its first due time (or when
+-- it was due, if sooner), its interval's grid anchored there; a known one keeps its due time, so
+-- a replica's start or refresh does not move what another replica scheduled.
+INSERT INTO mailgun.schedule AS s (domain, list, due_at, anchor_at, schedule, lease_s, planned_at)
+SELECT p.domain, p.list, p.first_due, p.first_due, p.schedule, p.lease_s, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::timestamptz[])
+     AS p(domain, list, schedule, lease_s, first_due)
+ON CONFLICT (domain, list) DO UPDATE
+SET planned_at = now(), lease_s = excluded.lease_s, schedule = excluded.schedule,
+    due_at = CASE WHEN s.schedule = excluded.schedule THEN s.due_at
+                  ELSE LEAST(s.due_at, excluded.due_at) END,
+    anchor_at = CASE WHEN s.schedule = excluded.schedule THEN s.anchor_at
+                     ELSE excluded.anchor_at END;
+
+-- name: claim_due_lists
+-- $1 replica, $2 at most this many, $3 seconds: planned within that long. The lists due, longest due first, each
+-- moved a lease ahead so that no other replica takes it while this one runs it. Rows another
+-- replica is claiming at this moment are passed over, not waited for. Also returns the server's
+-- time of the claim, from which the replica counts, whatever its own clock says.
+UPDATE mailgun.schedule s
+SET due_at = now() + make_interval(secs => s.lease_s), claimed_by = $1, claimed_at = now()
+FROM (SELECT domain, list FROM mailgun.schedule
+      WHERE due_at <= now() AND planned_at >= now() - make_interval(secs => $3)
+      ORDER BY due_at
+      LIMIT $2
+      FOR UPDATE SKIP LOCKED) AS due
+WHERE s.domain = due.domain AND s.list = due.list
+RETURNING s.domain, s.list, s.anchor_at, s.lease_s, now() AS claimed_at;
+
+-- name: renew_claims
+-- $1 replica, $2 domains, $3 lists: this replica's runs in progress keep their claims a lease
+-- longer. A claim another replica has taken since (this one's ran out) stays theirs.
+UPDATE mailgun.schedule s
+SET due_at = now() + make_interval(secs => s.lease_s)
+FROM unnest($2::text[], $3::text[]) AS r(domain, list)
+WHERE s.domain = r.domain AND s.list = r.list AND s.claimed_by = $1;
+
+-- name: schedule_next
+-- $1 domain, $2 list, $3 next due time: the run that a claim started has ended.
+UPDATE mailgun.schedule SET due_at = $3, claimed_by = NULL WHERE domain = $1 AND list = $2;
+
+-- name: release_lists
+-- $1 domains, $2 lists, $3 seconds from now: claims given back unrun (a replica stopping, or
+-- a list it does not sync), for another replica to take after that long.
+UPDATE mailgun.schedule s
+SET due_at = now() + make_interval(secs => $3), claimed_by = NULL
+FROM unnest($1::text[], $2::text[]) AS r(domain, list)
+WHERE s.domain = r.domain AND s.list = r.list;

@@ -233,21 +233,28 @@ async def test_a_list_scheduled_by_a_refresh_gets_its_last_success_and_one_unsch
 
 
 @pytest.mark.slow
-async def test_a_run_skipped_because_the_last_one_is_still_going_is_counted(
+async def test_a_run_longer_than_the_interval_keeps_its_list_and_the_next_follows_when_it_ends(
         emulator, pool, store, client, metrics):
+    # Its claim is renewed while it runs, so the list is not claimed again meanwhile (by this
+    # replica or another); the runs it outlasted are one run, started as soon as it ends.
     emulator.inject(Fault(action="delay", delay_s=2.5, times=1, list="bounces"))
     daemon = Daemon(daemon_settings(emulator), Resources(pool=pool, store=store, mailgun=client),
                     metrics, fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
     await daemon.start()
     try:
-        async def skipped() -> bool:
-            return (metrics.registry.get_sample_value(
-                "mailgun_sync_runs_skipped_total",
-                {"domain": DOMAIN, "list": "bounces", "reason": "still_running"}) or 0) >= 1
+        async def two_runs() -> bool:
+            return await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs") >= 2
 
-        await wait_for(skipped)
+        await wait_for(two_runs)
     finally:
         await daemon.drain(grace=5)
+    first, second = await pool.fetch(
+        "SELECT started_at, finished_at FROM mailgun.sync_runs ORDER BY started_at LIMIT 2")
+    assert (first["finished_at"] - first["started_at"]).total_seconds() >= 2.5
+    assert 0 <= (second["started_at"] - first["finished_at"]).total_seconds() <= 1.5
+    assert metrics.registry.get_sample_value(
+        "mailgun_sync_runs_skipped_total",
+        {"domain": DOMAIN, "list": "bounces", "reason": "still_running"}) is None
 
 
 class PendingCountFails(MirrorStore):

@@ -337,6 +337,7 @@ APP_RIGHTS: dict[str, dict[str, set[str]]] = {
     "backfill_pages": {},
     "backfill_progress": {},
     "discovered_domains": {},
+    "schedule": {},  # which replica runs which list when: the daemons' business
     "schema_migrations": {},
     "sync_runs_id_seq": {},
     "changes_id_seq": {},

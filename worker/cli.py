@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_test.set_defaults(handler=webhook_test_command)
 
     devtools.add_bench_webhooks(commands)
+    devtools.add_bench_scale(commands)
     devtools.add_bench_prune(commands)
 
     emulator = commands.add_parser(

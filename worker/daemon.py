@@ -1,6 +1,9 @@
 """`mailgun-sync daemon`: every (domain, list) on a schedule, with health, readiness and metrics,
 Mailgun's webhooks (worker/webhooks/endpoint.py), and a drain on SIGTERM.
 
+Which list runs when is shared with the other replicas through PostgreSQL (worker/schedule.py):
+every second the daemon claims the lists that are due, as many as it has room to run.
+
 APScheduler 3's `shutdown(wait=True)` cancels running asyncio jobs instead of waiting for them,
 so the daemon tracks its own runs: on a stop signal it pauses the scheduler, waits for the runs
 in progress up to `SHUTDOWN_GRACE`, cancels what is left (a cancelled run leaves nothing
@@ -11,23 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
-from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from worker.cron import parse_cron
-from worker.database import ping
+from worker.database import POOL_SIZE, ping
 from worker.domains import DomainPlan, Planned
 from worker.errors import ConfigError, DatabaseError, StartupError, SyncError
 from worker.lifespan import Resources
@@ -37,6 +41,16 @@ from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import ListRef, SuppressionList
 from worker.retention import prune
 from worker.runs import RunStatus
+from worker.schedule import (
+    CLAIM_EVERY,
+    Claim,
+    PlannedList,
+    SharedSchedule,
+    first_due,
+    lease_for,
+    next_due,
+    schedule_of,
+)
 from worker.settings import Settings
 from worker.webhooks.endpoint import MAX_BODY, WebhookEndpoint
 from worker.webhooks.writer import WebhookStore, WebhookWriter
@@ -46,6 +60,8 @@ log = get_logger(__name__)
 # How long a cancelled run may take to record itself as failed before the stop goes on without
 # it: far more than that write needs, unless its connection was lost without being closed.
 CANCELLED_RUNS_WITHIN = 5.0
+# How long a stop waits to give back the claims of the runs it cancelled.
+GIVE_BACK_WITHIN = 1.0
 
 
 def build_trigger(settings: Settings, plan: DomainPlan | None = None) -> BaseTrigger:
@@ -73,27 +89,43 @@ _REFRESH_JOB = "refresh-domains"
 # skips its turn.
 PRUNE_INTERVAL = 3600.0
 _PRUNE_JOB = "prune-retention"
-_HOUSEKEEPING_JOBS = (_REFRESH_JOB, _PRUNE_JOB)
+# How many runs the daemon has at once: one per connection of the runs' pool, so a claimed list
+# starts at once.
+_CLAIM_JOB = "claim-due-lists"
+RUN_SLOTS = POOL_SIZE
 # How long /readyz waits for PostgreSQL: it answers within a second whatever the database does,
 # as a probe's timeout is a second by default in Kubernetes.
 READY_WITHIN = 0.8
-
-
-def _job_id(ref: ListRef) -> str:
-    """The id of the job that reconciles a list: `mg.example.com/bounces`."""
-    return f"{ref.domain}/{ref.list.value}"
-
-
-def _list_of(job: Job) -> ListRef:
-    """The list a reconcile job is for (its arguments are the domain's plan and the list)."""
-    plan, kind = job.args
-    return ListRef(plan.name, kind)
 
 
 def fixed_plans(plans: Sequence[DomainPlan]) -> Planner:
     async def planner() -> Planned:
         return Planned(list(plans), [])
     return planner
+
+
+@dataclass(frozen=True, slots=True)
+class _Scheduled:
+    """A list this replica syncs, on its domain's schedule."""
+
+    plan: DomainPlan
+    kind: SuppressionList
+    trigger: BaseTrigger
+
+    @property
+    def ref(self) -> ListRef:
+        return ListRef(self.plan.name, self.kind)
+
+    @property
+    def job(self) -> str:
+        """Its id, as the run log and `list_unscheduled` name it: `mg.example.com/bounces`."""
+        return f"{self.plan.name}/{self.kind.value}"
+
+
+def _replica_name() -> str:
+    """Who claimed a list, for whoever reads the schedule: the pod's name (the host's, in a
+    container), the process, and a random part in case a process id is reused."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Daemon:
@@ -107,8 +139,14 @@ class Daemon:
                                          pull_ranges=settings.pull_ranges)
         self._reconcilers: dict[str, Reconciler] = {}
         self._scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={
-            "coalesce": True, "max_instances": 1,
-            "misfire_grace_time": max(1, int(settings.sync_interval))})
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+        self._shared = SharedSchedule(resources.pool, _replica_name(), claims_pool=resources.serving)
+        # The lists this replica syncs, by job id ("domain/list"), and the runs it has now.
+        self._lists: dict[str, _Scheduled] = {}
+        self._runs: dict[str, tuple[Claim, asyncio.Task[Any]]] = {}
+        # Since when the schedule could not be read, and when that was last logged.
+        self._unread_since: float | None = None
+        self._unread_said = 0.0
         self._running: set[asyncio.Task[Any]] = set()
         self._failures: dict[ListRef, int] = {}
         self._started = False
@@ -118,18 +156,22 @@ class Daemon:
         self._stale: tuple[str, ...] = ()
 
     async def start(self, ports: dict[str, int] | None = None) -> None:
-        """Schedule every (domain, list) and start. First runs are spread over the jitter window
-        so that replicas started together do not all reach for the same list at once. `ports`,
-        the ports served by name, are logged with the start."""
-        await self.seed_metrics(self._schedule(await self._planner()))
-        self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+        """Put every (domain, list) on the shared schedule and start claiming. Lists new to the
+        schedule are first due within the jitter (at most 5 s), so that replicas started together
+        do not all reach for the same list at once; the others are due when their schedule says,
+        whichever replica ran them last. `ports`, the ports served by name, are logged with the
+        start."""
+        await self.seed_metrics(await self._schedule(await self._planner()))
+        self._scheduler.add_job(
+            self._claim_due, IntervalTrigger(seconds=CLAIM_EVERY, timezone=UTC), id=_CLAIM_JOB,
+            name="claim the lists due", next_run_time=datetime.now(UTC))
         self._scheduler.add_job(
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
             id=_REFRESH_JOB, name="refresh the domains to sync")
         if self._settings.retention_days > 0:
             # Spread over the first minutes, so replicas started together do not race for the lock.
             first = datetime.now(UTC) + timedelta(
-                seconds=random.uniform(0, min(self._settings.sync_jitter, 300.0)))
+                seconds=random.uniform(0, min(self._settings.sync_jitter, 300.0)))  # nosec B311
             self._scheduler.add_job(
                 self.prune, IntervalTrigger(seconds=PRUNE_INTERVAL, timezone=UTC), id=_PRUNE_JOB,
                 name="prune past the retention", next_run_time=first)
@@ -139,7 +181,7 @@ class Daemon:
             log.warning("setting_has_no_effect", setting="SYNC_FAILURES_BEFORE_UNREADY",
                         detail="readiness no longer depends on failing lists; alert on "
                                "mailgun_sync_consecutive_failures instead")
-        log.info("daemon_started", **(ports or {}), domains=self.domains(),
+        log.info("daemon_started", **(ports or {}), domains=self.domains(), replica=self._shared.replica,
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
     def domains(self) -> tuple[str, ...]:
@@ -150,19 +192,24 @@ class Daemon:
         """False while a region's last listing failed: a domain of it may be missing."""
         return not self._stale
 
-    def _schedule(self, planned: Planned) -> set[ListRef]:
-        """Make the jobs match the plans: add new (domain, list)s, replace those whose region or
-        schedule changed, drop those no longer planned (and forget their failures and gauges). A
-        region whose listing failed keeps the domains scheduled from it (the planner's last known
-        ones and those scheduled now): only a complete listing removes a domain. Returns the
-        (domain, list)s newly scheduled."""
+    def scheduled(self) -> tuple[str, ...]:
+        """The lists this replica syncs, as "domain/list"."""
+        return tuple(sorted(self._lists))
+
+    async def _schedule(self, planned: Planned) -> set[ListRef]:
+        """Make the lists synced match the plans: add new (domain, list)s, take the new schedule
+        of those whose region or schedule changed, drop those no longer planned (and forget their
+        failures and gauges), and put them all on the shared schedule. A region whose listing
+        failed keeps the domains scheduled from it (the planner's last known ones and those
+        scheduled now): only a complete listing removes a domain. Returns the (domain, list)s
+        newly scheduled."""
         plans = list(planned.domains)
         self._stale = planned.stale
         if planned.stale:
             planned_names = {plan.name for plan in plans}
-            kept = [job.args[0] for job in self._scheduler.get_jobs()
-                    if job.id not in _HOUSEKEEPING_JOBS and job.args[0].discovered
-                    and job.args[0].api_base in planned.stale and job.args[0].name not in planned_names]
+            kept = [entry.plan for entry in self._lists.values()
+                    if entry.plan.discovered and entry.plan.api_base in planned.stale
+                    and entry.plan.name not in planned_names]
             plans.extend({plan.name: plan for plan in kept}.values())
             if kept:
                 log.warning("stale_domains_kept", regions=list(planned.stale),
@@ -172,37 +219,28 @@ class Daemon:
         self._metrics.domain_refreshes.labels(outcome="stale" if planned.stale else "ok").inc()
         # Every trigger first: a bad schedule changes nothing.
         triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
-        wanted = {ListRef(plan.name, kind): plan for plan in plans for kind in plan.lists}
-        for job in self._scheduler.get_jobs():
-            if job.id in _HOUSEKEEPING_JOBS:
-                continue
-            ref = _list_of(job)
-            if ref in wanted and job.args[0] == wanted[ref]:
-                continue
-            job.remove()
-            if ref not in wanted:
-                self._failures.pop(ref, None)
-                self._metrics.forget_list(ref)
-                log.info("list_unscheduled", job=job.id)
+        wanted = {f"{plan.name}/{kind.value}": _Scheduled(plan, kind, triggers[plan.name])
+                  for plan in plans for kind in plan.lists}
         now = datetime.now(UTC)
-        added: set[ListRef] = set()
-        for ref, plan in wanted.items():
-            job_id = _job_id(ref)
-            if self._scheduler.get_job(job_id) is not None:
-                continue
-            added.add(ref)
-            first = now + timedelta(seconds=random.uniform(0, min(self._settings.sync_jitter, 5.0)))
-            self._scheduler.add_job(
-                self._sync, triggers[plan.name], args=(plan, ref.list), id=job_id,
-                name=f"reconcile {ref}", next_run_time=first,
-                misfire_grace_time=max(1, int(plan.interval or self._settings.sync_interval)))
+        await self._shared.plan([
+            PlannedList(entry.plan.name, entry.kind.value, schedule_of(entry.trigger),
+                        lease_for(entry.trigger), first_due(now, self._settings.sync_jitter))
+            for entry in wanted.values()])
+        for job, entry in list(self._lists.items()):
+            if job not in wanted:
+                del self._lists[job]
+                self._failures.pop(entry.ref, None)
+                self._metrics.forget_list(entry.ref)
+                log.info("list_unscheduled", job=job)
+        added = {entry.ref for job, entry in wanted.items() if job not in self._lists}
+        self._lists.update(wanted)
         self._domains = tuple(sorted({plan.name for plan in plans if plan.lists}))
         return added
 
     async def refresh_domains(self) -> None:
         """Plan again: schedule new domains and lists, reschedule changed ones, drop the ones gone."""
         try:
-            added = self._schedule(await self._planner())
+            added = await self._schedule(await self._planner())
             if added:
                 await self.seed_metrics(added)
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
@@ -219,17 +257,51 @@ class Daemon:
                 self._resources.store, self._resources.mailgun_for(plan.api_base), self._options)
         return self._reconcilers[plan.api_base]
 
-    async def _sync(self, plan: DomainPlan, kind: SuppressionList) -> None:
+    async def _claim_due(self) -> None:
+        """Renew the claims of the runs in progress, and start the lists that are due, as many as
+        there is room for."""
         if self._stopping:
             return
-        ref = ListRef(plan.name, kind)
-        task = asyncio.current_task()
-        assert task is not None
-        self._running.add(task)
+        room = RUN_SLOTS - len(self._runs)
         try:
-            clock = time.perf_counter()
-            result = await self._reconciler(plan).reconcile(uuid.uuid4(), ref.domain, ref.list)
+            await self._shared.renew(claim for claim, _ in self._runs.values())
+            claims = await self._shared.claim(room) if room > 0 else []
+        except SyncError as exc:  # again at the next claim; said once a minute, not twice a second
+            now = time.monotonic()
+            if self._unread_since is None or now - self._unread_said >= 60.0:
+                log.warning("schedule_not_read", error=str(exc))
+                self._unread_said = now
+            self._unread_since = self._unread_since or now
+            return
+        if self._unread_since is not None:
+            log.info("schedule_read_again", after_s=round(time.monotonic() - self._unread_since, 1))
+            self._unread_since = None
+        for claim in claims:
+            job = f"{claim.domain}/{claim.list}"
+            entry = self._lists.get(job)
+            if entry is None:
+                # Planned by another replica only (a rolling update changing the domains): its
+                # claim runs out after a lease, for a replica that syncs it.
+                continue
+            if job in self._runs:
+                # Its run outlasted the lease: it sets the next due time when it ends.
+                self._metrics.runs_skipped.labels(**entry.ref.labels, reason="still_running").inc()
+                log.warning("scheduled_run_skipped", **entry.ref.labels, reason="still_running")
+                continue
+            task = asyncio.create_task(self._sync(entry, claim), name=f"reconcile {job}")
+            self._runs[job] = (claim, task)
+            self._running.add(task)
+
+    async def _sync(self, entry: _Scheduled, claim: Claim) -> None:
+        ref = entry.ref
+        clock = time.perf_counter()
+        ran = False
+        try:
+            result = await self._reconciler(entry.plan).reconcile(uuid.uuid4(), ref.domain, ref.list)
             seconds = time.perf_counter() - clock
+            # Held by another process (a CronJob, a run past its lease): the claim stands, and the
+            # list is tried again when it runs out.
+            ran = result.status is not RunStatus.SKIPPED
             if result.status in (RunStatus.FAILED, RunStatus.GUARDED):
                 self._failed(ref)
             elif result.status is RunStatus.OK:
@@ -243,32 +315,34 @@ class Daemon:
                 log.warning("pending_rows_not_counted", **ref.labels, error=str(exc))
             self._metrics.observe_run(result, seconds)
         except SyncError as exc:
+            ran = True
             self._failed(ref)
             log.error("scheduled_run_failed", **ref.labels, error=str(exc))
         except asyncio.CancelledError:
-            # Only a stop cancels a run (past SHUTDOWN_GRACE), and the run has logged itself
-            # failed: the job ends here, so the scheduler prints no traceback of it.
+            # Only a stop cancels a run (past SHUTDOWN_GRACE); the run has logged itself failed,
+            # and the drain gives its claim back.
             self._failed(ref)
+            raise
         except Exception:  # the per-run guard: one broken run must not stop the daemon
+            ran = True
             self._failed(ref)
             log.exception("scheduled_run_crashed", **ref.labels)
         finally:
-            self._running.discard(task)
+            task = asyncio.current_task()
+            self._runs.pop(entry.job, None)
+            if task is not None:
+                self._running.discard(task)
+        if ran:
+            ended = claim.claimed_at + timedelta(seconds=time.perf_counter() - clock)
+            try:
+                await self._shared.ran(claim, next_due(entry.trigger, claim, ended))
+            except SyncError as exc:  # the claim runs out and the list is taken again
+                log.warning("next_run_not_scheduled", **ref.labels, error=str(exc))
 
     def _failed(self, ref: ListRef, *, reset: bool = False) -> None:
         """Count a list's runs that did not end ok in a row (for metrics and alerts)."""
         self._failures[ref] = 0 if reset else self._failures.get(ref, 0) + 1
         self._metrics.observe_failures(ref, self._failures[ref])
-
-    def _on_skipped(self, event: JobEvent) -> None:
-        """A run not started: the list's previous run was still going, or it was due too long ago."""
-        job = self._scheduler.get_job(event.job_id)
-        if job is None or job.id in _HOUSEKEEPING_JOBS:
-            return
-        ref = _list_of(job)
-        reason = "still_running" if event.code == EVENT_JOB_MAX_INSTANCES else "missed"
-        self._metrics.runs_skipped.labels(**ref.labels, reason=reason).inc()
-        log.warning("scheduled_run_skipped", **ref.labels, reason=reason)
 
     async def seed_metrics(self, lists: set[ListRef]) -> None:
         """The last success of each of these newly scheduled lists from the mirror's run log, so
@@ -279,7 +353,7 @@ class Daemon:
             named = {(ref.domain, ref.list.value): ref for ref in lists}
             for row in await self._resources.store.last_successes():
                 ref = named.get((row["domain"], row["list"]))
-                if ref is not None and self._scheduler.get_job(_job_id(ref)) is not None:
+                if ref is not None and f"{ref.domain}/{ref.list.value}" in self._lists:
                     self._metrics.last_success.labels(**ref.labels).set(row["finished_at"].timestamp())
         except SyncError as exc:
             log.warning("last_success_not_read", error=str(exc))
@@ -325,6 +399,7 @@ class Daemon:
         if running:
             log.info("draining", runs=len(running), grace_s=grace)
             _, late = await asyncio.wait(running, timeout=grace)
+            given_back = [claim for claim, task in self._runs.values() if task in late]
             for task in late:
                 task.cancel()
             if late:
@@ -335,7 +410,18 @@ class Daemon:
                     # terminates it, which ends them.
                     log.error("runs_abandoned_at_shutdown", runs=len(stuck),
                               reason=f"not over {CANCELLED_RUNS_WITHIN:g} s after being cancelled")
+            await self._give_back(given_back)
         self._scheduler.shutdown(wait=False)
+
+    async def _give_back(self, claims: list[Claim]) -> None:
+        """The lists whose runs a stop cancelled are due again at once, for another replica (a
+        rolling update hands them over now, not after a lease), if the database answers soon."""
+        if not claims:
+            return
+        try:
+            await self._shared.release(claims, within=GIVE_BACK_WITHIN)
+        except SyncError as exc:  # they run out after a lease
+            log.warning("claims_not_given_back", lists=len(claims), error=str(exc))
 
 
 def build_http_app(daemon: Daemon, metrics: Metrics,

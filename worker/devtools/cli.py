@@ -1,6 +1,6 @@
-"""The tooling's commands: `demo`, `bench`, `soak`, `bench-webhooks` and `bench-prune`, each
-registered on the `mailgun-sync` parser with its handler. What a handler runs is imported when it
-runs: the worker's own commands never load it."""
+"""The tooling's commands: `demo`, `bench`, `soak`, `bench-webhooks`, `bench-scale` and
+`bench-prune`, each registered on the `mailgun-sync` parser with its handler. What a handler runs
+is imported when it runs: the worker's own commands never load it."""
 
 from __future__ import annotations
 
@@ -124,6 +124,33 @@ async def bench_webhooks_command(args: argparse.Namespace, env: Mapping[str, str
         events=args.events, rate=args.rate, connections=args.connections,
         database_url=_server(args), slow_runs=args.slow_runs, page_delay=args.page_delay,
         flood=args.flood)
+    return _report(report, render, args, ok=report["ok"])
+
+
+def add_bench_scale(commands: Commands) -> None:
+    scale = commands.add_parser(
+        "bench-scale", help="measure daemon replicas sharing the lists of many domains")
+    scale.add_argument("--domains", type=int, default=20, metavar="N",
+                       help="domains in the account, found by discovery (default 20)")
+    scale.add_argument("--replicas", type=int, default=3, metavar="R", help="daemons (default 3)")
+    scale.add_argument("--interval", type=float, default=6.0, metavar="S",
+                       help="SYNC_INTERVAL of every list (default 6)")
+    scale.add_argument("--seconds", type=float, default=60.0, metavar="T",
+                       help="how long the replicas run (default 60)")
+    scale.add_argument("--kill-one", action="store_true",
+                       help="SIGKILL one replica halfway, and measure the hand-over")
+    scale.add_argument("--rate-limit", type=int, metavar="N",
+                       help="the emulator's request budget per 30 s window (default: none)")
+    _add_server_flags(scale, "the benchmark's")
+    scale.set_defaults(handler=bench_scale_command)
+
+
+async def bench_scale_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from worker.devtools.benchmark.scale import render, run_benchmark
+
+    report = await run_benchmark(
+        domains=args.domains, replicas=args.replicas, interval=args.interval, seconds=args.seconds,
+        kill_one=args.kill_one, rate_limit=args.rate_limit, database_url=_server(args))
     return _report(report, render, args, ok=report["ok"])
 
 

@@ -117,6 +117,7 @@ class MailgunEmulator:
         self.requests: collections.deque[RecordedRequest] = collections.deque(
             maxlen=request_log_size)
         self.served: collections.Counter[str] = collections.Counter()  # API requests by method
+        self.answered: collections.Counter[int] = collections.Counter()  # and by status answered
         self._budget: dict[str, tuple[float, int]] = {}
         # Requests parked by a `hold` or `hold_after` fault, each with the gate that lets it go on.
         self._holds: list[tuple[RecordedRequest, asyncio.Event]] = []
@@ -205,6 +206,7 @@ class MailgunEmulator:
         self.faults.clear()
         self.requests.clear()
         self.served.clear()
+        self.answered.clear()
         self._budget.clear()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -279,6 +281,7 @@ class MailgunEmulator:
             await asyncio.sleep(self.settings.latency_s)
         response = await self._answer(request, handler, recorded)
         recorded.status = response.status
+        self.answered[response.status] += 1
         return response
 
     async def _answer(self, request: web.Request, handler: Handler,
@@ -656,7 +659,8 @@ class MailgunEmulator:
         return _json(200, {"domains": counts, "settings": asdict(self.settings),
                            "faults": [asdict(f) for f in self.faults.pending()],
                            "held": len(self._holds),
-                           "served": dict(self.served)})
+                           "served": dict(self.served),
+                           "answered": {str(status): n for status, n in sorted(self.answered.items())}})
 
     async def _control_seed(self, request: web.Request) -> web.Response:
         try:

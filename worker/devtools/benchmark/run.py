@@ -109,6 +109,9 @@ class Emulator:
     async def state(self) -> Any:
         return await self._call("GET", "state")
 
+    async def configure(self, **settings: Any) -> None:
+        await self._call("PATCH", "settings", settings)
+
     async def served_gets(self) -> int:
         served: dict[str, int] = (await self.state())["served"]
         return served.get("GET", 0)

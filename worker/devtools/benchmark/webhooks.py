@@ -228,6 +228,9 @@ async def run_benchmark(*, events: int, rate: float, connections: int = 100,
         if slow_runs:  # last: the lists it fills would be pulled by a later phase's daemon
             # Pulled for longer than the daemon's start, the burst and its stop take.
             pages = await _slow_lists(emulator, domains, page_delay, events / rate + 15)
+            # Each list is due again at once for this phase's daemon: the schedule the earlier
+            # daemons shared has them due a week later.
+            await pool.execute(queries()["bench_lists_due_now"])
             report["slow_runs"] = {
                 "page_delay_s": page_delay, "pages_per_list": pages,
                 **await _phase(url, emulator, domains, name="slow_runs", events=events, rate=rate,

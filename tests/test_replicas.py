@@ -1,0 +1,168 @@
+"""Daemon replicas on one database share the lists instead of repeating them: each list is
+reconciled once per interval however many replicas run, a replica that dies hands its lists over
+within an interval, and one that joins takes a share at once. Real processes throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import aiohttp
+import pytest
+
+from tests.conftest import API_KEY
+from worker.devtools.benchmark.run import _free_port
+from worker.emulator import Fault, MailgunEmulator
+from worker.records import SYNCED_LISTS
+
+DOMAINS = tuple(f"mg{n}.replicas.example" for n in range(5))  # 20 lists
+INTERVAL = 2.0
+# A list due is claimed within a second (CLAIM_EVERY), then started.
+CLAIM_SLACK = 1.5
+
+
+@dataclass
+class Replica:
+    process: asyncio.subprocess.Process
+    http: str
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[MailgunEmulator]:
+    async with MailgunEmulator(api_key=API_KEY, domains=list(DOMAINS)) as running:
+        # Each run takes a while, so runs are in progress whenever something happens.
+        running.inject(Fault(action="delay", delay_s=0.3, times=None, method="GET"))
+        yield running
+
+
+class Fleet:
+    """Daemon replicas on one database, started one by one."""
+
+    def __init__(self, emulator: MailgunEmulator, database_url: str) -> None:
+        self._env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+                     "MAILGUN_DOMAINS": ",".join(DOMAINS), "DATABASE_URL": database_url,
+                     "SYNC_INTERVAL": str(INTERVAL), "SYNC_JITTER": "1"}
+        self.replicas: list[Replica] = []
+
+    async def start(self) -> Replica:
+        port = _free_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "daemon", env={**self._env, "HTTP_PORT": str(port)},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        replica = Replica(process, f"http://127.0.0.1:{port}")
+        self.replicas.append(replica)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{replica.http}/readyz") as response:
+                        if response.status == 200:
+                            return replica
+                await asyncio.sleep(0.1)
+        raise AssertionError("the replica did not become ready")
+
+    async def stop(self) -> list[int]:
+        """SIGTERM to each replica still running; their exit codes."""
+        alive = [r.process for r in self.replicas if r.process.returncode is None]
+        for process in alive:
+            process.send_signal(signal.SIGTERM)
+        return [await asyncio.wait_for(process.wait(), 30) for process in alive]
+
+
+@contextlib.asynccontextmanager
+async def fleet(emulator: MailgunEmulator, database_url: str) -> AsyncIterator[Fleet]:
+    started = Fleet(emulator, database_url)
+    try:
+        yield started
+    finally:
+        assert set(await started.stop()) <= {0}
+
+
+async def runs_of(replica: Replica) -> float:
+    """How many runs this replica has made, from its /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"{replica.http}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mailgun_sync_runs_total{"))
+
+
+async def run_starts(pool, since: datetime) -> dict[tuple[str, str], list[datetime]]:
+    starts: dict[tuple[str, str], list[datetime]] = collections.defaultdict(list)
+    for row in await pool.fetch("SELECT domain, list, started_at FROM mailgun.sync_runs "
+                                "WHERE started_at >= $1 ORDER BY started_at", since):
+        starts[(row["domain"], row["list"])].append(row["started_at"])
+    return starts
+
+
+async def test_three_replicas_reconcile_each_list_once_per_interval(emulator, pool, database_url):
+    async with fleet(emulator, database_url) as replicas:
+        for _ in range(3):
+            await replicas.start()
+        await asyncio.sleep(3)  # the first runs, spread over the jitter
+        since = await pool.fetchval("SELECT now()")
+        await asyncio.sleep(5 * INTERVAL)
+        until = await pool.fetchval("SELECT now()")
+        shares = [await runs_of(r) for r in replicas.replicas]
+
+    starts = await run_starts(pool, since)
+    lists = len(DOMAINS) * len(SYNCED_LISTS)
+    intervals = (until - since).total_seconds() / INTERVAL
+    runs = sum(len([t for t in s if t < until]) for s in starts.values())
+    assert len(starts) == lists
+    # Each replica on its own would run every list every interval: three times as many.
+    assert runs / lists / intervals <= 1.1
+    assert runs / lists / intervals >= 0.7
+    assert all(share > 0 for share in shares), shares
+
+
+async def test_a_replica_killed_hands_its_lists_over_within_an_interval(emulator, pool, database_url):
+    async with fleet(emulator, database_url) as replicas:
+        doomed = await replicas.start()
+        await replicas.start()
+        await asyncio.sleep(3)
+        for _ in range(200):  # until runs are in progress: the doomed replica holds claims
+            if await pool.fetchval("SELECT count(*) FROM mailgun.schedule WHERE claimed_by IS NOT NULL"):
+                break
+            await asyncio.sleep(0.05)
+        killed = await pool.fetchval("SELECT now()")
+        doomed.process.kill()
+        await asyncio.sleep(4 * INTERVAL)
+        until = await pool.fetchval("SELECT now()")
+
+    starts = await run_starts(pool, killed - (until - killed))
+    assert len(starts) == len(DOMAINS) * len(SYNCED_LISTS)
+    longest = 0.0
+    for times in starts.values():
+        after = [t for t in times if t < until]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(after)]
+        gaps.append((until - after[-1]).total_seconds())
+        longest = max(longest, *gaps)
+    # A list whose run the kill cut short is taken when its claim runs out, a lease (the
+    # interval) after it was claimed: no list goes two intervals without a run.
+    assert longest <= 2 * INTERVAL + CLAIM_SLACK
+
+
+async def test_a_replica_that_joins_takes_a_share_at_once(emulator, pool, database_url):
+    async with fleet(emulator, database_url) as replicas:
+        first = await replicas.start()
+        await asyncio.sleep(3)
+        joined = await replicas.start()
+        since = await pool.fetchval("SELECT now()")
+        await asyncio.sleep(2 * INTERVAL + CLAIM_SLACK)
+        until = await pool.fetchval("SELECT now()")
+        mine, theirs = await runs_of(joined), await runs_of(first)
+
+    lists = len(DOMAINS) * len(SYNCED_LISTS)
+    # Within two intervals of its start it has run a good part of the lists, and the pair
+    # still runs each list about once an interval.
+    assert mine >= lists / 4, (mine, theirs)
+    starts = await run_starts(pool, since)
+    runs = sum(len([t for t in s if t < until]) for s in starts.values())
+    assert runs / lists / ((until - since).total_seconds() / INTERVAL) <= 1.2
