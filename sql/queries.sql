@@ -361,11 +361,29 @@ SELECT count(*) FROM logged;
 -- name: record_run
 -- $1 run id, $2 domain, $3 list, $4 status, $5 dry run,
 -- $6..$14 the counts in worker/runs.py's order: pulled, inserted, updated, removed, adopted, pushed,
--- rejected, deleted, skipped; $15 error, $16 started, $17 finished
-INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated, removed,
-                               adopted, pushed, rejected, deleted, skipped, error, started_at,
-                               finished_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17);
+-- rejected, deleted, skipped; $15 error, $16 started, $17 finished. Also the list's last run, unless
+-- one that finished later is recorded already (two processes' runs of a list do not overlap, but
+-- their records may arrive in either order).
+WITH run AS (
+    INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated,
+                                   removed, adopted, pushed, rejected, deleted, skipped, error,
+                                   started_at, finished_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    RETURNING *
+)
+INSERT INTO mailgun.last_runs AS l
+SELECT domain, list, run_id, status, pulled, inserted, updated, removed, adopted, pushed, rejected,
+       deleted, skipped, error, started_at, finished_at,
+       CASE WHEN status = 'ok' THEN finished_at END
+FROM run
+ON CONFLICT (domain, list) DO UPDATE
+SET run_id = excluded.run_id, status = excluded.status, pulled = excluded.pulled,
+    inserted = excluded.inserted, updated = excluded.updated, removed = excluded.removed,
+    adopted = excluded.adopted, pushed = excluded.pushed, rejected = excluded.rejected,
+    deleted = excluded.deleted, skipped = excluded.skipped, error = excluded.error,
+    started_at = excluded.started_at, finished_at = excluded.finished_at,
+    last_ok_at = COALESCE(excluded.last_ok_at, l.last_ok_at)
+WHERE l.finished_at <= excluded.finished_at;
 
 -- name: database_now
 SELECT clock_timestamp();
@@ -375,6 +393,15 @@ SELECT clock_timestamp();
 SELECT count(*) FILTER (WHERE sync_state = 'pending') AS pending,
        count(*) FILTER (WHERE sync_state = 'rejected') AS rejected
 FROM {table} WHERE domain = $1;
+
+-- name: count_states_by_domain
+-- Every domain's rows waiting for Mailgun, and rows it refused, from the lists' partial indexes.
+SELECT domain, sum(pending)::bigint AS pending, sum(rejected)::bigint AS rejected FROM (
+    SELECT domain, count(*) AS pending, 0 AS rejected FROM {table}
+    WHERE sync_state = 'pending' GROUP BY domain
+    UNION ALL
+    SELECT domain, 0, count(*) FROM {table} WHERE sync_state = 'rejected' GROUP BY domain
+) AS states GROUP BY domain;
 
 -- name: pending_elsewhere
 -- $1 domains: the pending rows of every other domain, by domain and list. Nothing syncs them: a
@@ -394,10 +421,9 @@ ORDER BY domain, list;
 
 -- name: latest_runs
 -- The last recorded run of every (domain, list).
-SELECT DISTINCT ON (domain, list) domain, list, status, pulled, inserted, updated, removed, adopted,
-       pushed, rejected, deleted, skipped, error, started_at, finished_at
-FROM mailgun.sync_runs
-ORDER BY domain, list, finished_at DESC;
+SELECT domain, list, status, pulled, inserted, updated, removed, adopted, pushed, rejected, deleted,
+       skipped, error, started_at, finished_at
+FROM mailgun.last_runs;
 
 -- name: ping
 SELECT 1;
@@ -687,8 +713,7 @@ SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_d
 
 -- name: last_successes
 -- When each (domain, list) last ended ok.
-SELECT domain, list, max(finished_at) AS finished_at FROM mailgun.sync_runs WHERE status = 'ok'
-GROUP BY domain, list;
+SELECT domain, list, last_ok_at AS finished_at FROM mailgun.last_runs WHERE last_ok_at IS NOT NULL;
 
 -- name: retention_cutoff
 -- $1 days: rows older than this moment, by the database's clock, are past the retention.

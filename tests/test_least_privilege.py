@@ -338,6 +338,7 @@ APP_RIGHTS: dict[str, dict[str, set[str]]] = {
     "backfill_progress": {},
     "discovered_domains": {},
     "schedule": {},  # which replica runs which list when: the daemons' business
+    "last_runs": {},  # what `status` reads: the run log, sync_runs, is the applications' to read
     "schema_migrations": {},
     "sync_runs_id_seq": {},
     "changes_id_seq": {},

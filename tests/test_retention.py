@@ -21,7 +21,9 @@ from worker.lifespan import Resources
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.retention import BATCH_ROWS, prune
+from worker.runs import RunCounts, RunStatus
 from worker.settings import Settings
+from worker.store import MirrorStore
 
 BOUNCES = SuppressionList.BOUNCES
 
@@ -37,11 +39,14 @@ async def add_changes(pool, count: int, *, days_old: float, domain: str = DOMAIN
 
 async def add_run(pool, *, days_old: float, status: str = "ok", domain: str = DOMAIN,
                   kind: str = "bounces") -> int:
-    run_id: int = await pool.fetchval(
-        """INSERT INTO mailgun.sync_runs (run_id, domain, list, status, started_at, finished_at)
-           SELECT $1, $2, $3, $4, at, at FROM (SELECT now() - $5::float8 * interval '1 day' AS at) AS t
-           RETURNING id""", uuid.uuid4(), domain, kind, status, days_old)
-    return run_id
+    """A run recorded as the worker records one, finished `days_old` days ago; its row's id."""
+    run_id = uuid.uuid4()
+    at = await pool.fetchval("SELECT now() - $1::float8 * interval '1 day'", days_old)
+    await MirrorStore(pool).record_run(run_id, domain, SuppressionList(kind), status=RunStatus(status),
+                                       dry_run=False, counts=RunCounts(), error=None, started=at,
+                                       finished=at)
+    row_id: int = await pool.fetchval("SELECT id FROM mailgun.sync_runs WHERE run_id = $1", run_id)
+    return row_id
 
 
 async def change_ages(pool) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from worker.backfill import Backfiller, Progress
 from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import SuppressionList
+from worker.runs import RunCounts, RunStatus
 
 SECOND_DOMAIN = "mg.second-example.org"
 BOUNCES = SuppressionList.BOUNCES
@@ -242,3 +243,30 @@ async def test_status_lists_the_pending_rows_of_a_domain_nothing_syncs(pool, env
                      "or sync the domain):")
     assert [line.split() for line in lines[at + 1:at + 3]] == [[typo, "bounces", "2"],
                                                                [typo, "unsubscribes", "1"]]
+
+
+async def test_past_a_hundred_lists_status_prints_a_summary_and_the_lists_wanting_attention(
+        pool, env, status, store):
+    domains = [f"mg{n:02}.many.example" for n in range(30)]  # 120 lists
+    at = datetime.now(UTC)
+    for n, domain in enumerate(domains[:28]):
+        failed = n == 7
+        await store.record_run(uuid.uuid4(), domain, BOUNCES,
+                               status=RunStatus.FAILED if failed else RunStatus.OK, dry_run=False,
+                               counts=RunCounts(), error="Mailgun answered 401" if failed else None,
+                               started=at, finished=at)
+    await insert_row(pool, BOUNCES, domains[3], "waiting@example.com")
+    many = {**env, "MAILGUN_DOMAINS": ",".join(domains)}
+
+    summary = await status(env=many)
+    every = await status("--lists", env=many)
+
+    assert summary.code == 0
+    assert summary.out.splitlines()[:3] == [
+        "120 lists of 30 domains (a line for each: status --lists)",
+        "last runs: 92 never run, 27 ok, 1 failed",
+        "pending rows: 1 in 1 lists; rejected rows: 0 in 0 lists"]
+    assert "lists whose last run did not end ok (93, the first 20):" in summary.out
+    assert "  mg07.many.example bounces  failed  " in summary.out
+    assert "Mailgun answered 401" in summary.out
+    assert len(every.out.splitlines()) > 120

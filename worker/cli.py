@@ -44,10 +44,12 @@ from worker.migrate import migrate, pending_migrations
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.report import (
+    TABLE_MOST_LISTS,
     discovery_status,
     list_status,
     render_discovery,
     render_status,
+    render_summary,
     render_table,
     render_unsynced,
 )
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     status.add_argument("--all", action="store_true",
                         help="also the domains no longer configured that have recorded runs")
+    status.add_argument("--lists", action="store_true",
+                        help=f"a line for every list, also past {TABLE_MOST_LISTS} (default: a summary then)")
     status.add_argument("--database-url", dest="DATABASE_URL", metavar="URL",
                         help="PostgreSQL URL of the mirror (env DATABASE_URL)")
     status.set_defaults(handler=status_command)
@@ -426,7 +430,9 @@ async def status_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
         sys.stdout.write(orjson.dumps({"lists": report, "discovery": regions,
                                        "unsynced_pending": unsynced}).decode() + "\n")
     else:
-        sys.stdout.write(render_status(report) + render_unsynced(unsynced) + render_discovery(regions))
+        table = render_status(report) if args.lists or len(report) <= TABLE_MOST_LISTS \
+            else render_summary(report)
+        sys.stdout.write(table + render_unsynced(unsynced) + render_discovery(regions))
     return EXIT_OK
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from worker.reconcile import ListResult
-from worker.records import ListRef
 from worker.runs import RUN_COUNTS
 from worker.store import MIRRORED_LISTS, MirrorStore
 
@@ -32,11 +32,13 @@ async def list_status(store: MirrorStore, configured_domains: Iterable[str] = ()
     for every configured domain, and with `every_domain` every domain with a recorded run."""
     runs = {(r["domain"], r["list"]): r for r in await store.latest_runs()}
     domains = set(configured_domains) | ({d for d, _ in runs} if every_domain else set())
+    # One query per list for every domain: one per (domain, list) takes seconds at thousands.
+    states = {kind: await store.count_states_by_domain(kind) for kind in MIRRORED_LISTS}
     report = []
     for domain in sorted(domains):
         for kind in MIRRORED_LISTS:
             run = runs.get((domain, kind.value))
-            pending, rejected = await store.count_states(ListRef(domain, kind))
+            pending, rejected = states[kind].get(domain, (0, 0))
             report.append({
                 "domain": domain, "list": kind.value,
                 "last_run_at": run["finished_at"].isoformat() if run else None,
@@ -68,6 +70,41 @@ def render_status(report: Sequence[dict[str, Any]]) -> str:
         if row["error"]:
             lines.append(f"{'':<{width}}  last error: {row['error']}")
     return "\n".join(lines) + "\n"
+
+
+# Past this many lists, `status` prints a summary, and the lists that want looking at, instead of
+# a line per list (`status --lists` prints them all; `--json` always has them all).
+TABLE_MOST_LISTS = 100
+_NOT_OK_SHOWN = 20
+
+
+def render_summary(report: Sequence[dict[str, Any]]) -> str:
+    """Many lists at a glance: how their last runs ended, the rows waiting, the oldest last run,
+    and the lists whose last run did not end ok (or that never ran)."""
+    domains = {row["domain"] for row in report}
+    ended = collections.Counter(row["status"] or "never run" for row in report)
+    pending = [row for row in report if row["pending_rows"]]
+    rejected = [row for row in report if row["rejected_rows"]]
+    ran = [row for row in report if row["last_run_at"]]
+    lines = [f"{len(report):,} lists of {len(domains):,} domains (a line for each: status --lists)",
+             "last runs: " + ", ".join(f"{n:,} {status}" for status, n in ended.most_common()),
+             f"pending rows: {sum(r['pending_rows'] for r in pending):,} in {len(pending):,} lists; "
+             f"rejected rows: {sum(r['rejected_rows'] for r in rejected):,} in {len(rejected):,} lists"]
+    if ran:
+        oldest = min(ran, key=lambda row: row["last_run_at"])
+        lines.append(f"oldest last run: {oldest['last_run_at'][:19].replace('T', ' ')} "
+                     f"({oldest['domain']} {oldest['list']})")
+    # Failing first: a list that never ran is often only a list just added.
+    wanting = [row for row in report if row["status"] not in ("ok", "skipped", None)] \
+        + [row for row in report if row["status"] is None]
+    if wanting:
+        lines.append(f"lists whose last run did not end ok ({len(wanting):,}"
+                     + (f", the first {_NOT_OK_SHOWN}" if len(wanting) > _NOT_OK_SHOWN else "") + "):")
+        for row in wanting[:_NOT_OK_SHOWN]:
+            when = row["last_run_at"][:19].replace("T", " ") if row["last_run_at"] else "never run"
+            error = f"  {row['error']}" if row["error"] else ""
+            lines.append(f"  {row['domain']} {row['list']}  {row['status'] or '-'}  {when}{error}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def render_unsynced(pending: Sequence[dict[str, Any]]) -> str:

@@ -447,6 +447,12 @@ class MirrorStore:
             row = await self._pool.fetchrow(list_query("count_states", ref.list), ref.domain)
         return row["pending"], row["rejected"]
 
+    async def count_states_by_domain(self, kind: SuppressionList) -> dict[str, tuple[int, int]]:
+        """(pending, rejected) rows of one list of every domain that has any."""
+        async with wrap_db_errors(f"counting the {kind.value} rows of every domain"):
+            rows = await self._pool.fetch(list_query("count_states_by_domain", kind))
+        return {r["domain"]: (r["pending"], r["rejected"]) for r in rows}
+
     async def pending_elsewhere(self, domains: Iterable[str]) -> list[dict[str, Any]]:
         """Pending rows of domains other than these, by domain and list: nothing pushes them."""
         async with wrap_db_errors("counting the pending rows of other domains"):

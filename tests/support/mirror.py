@@ -13,7 +13,7 @@ MIRROR_TABLES = ("bounces", "unsubscribes", "complaints", "allowlist", "sync_run
 
 
 BACKFILL_TABLES = ("backfill_pages", "backfill_progress", "removals", "webhook_tokens",
-                   "discovered_domains", "schedule")
+                   "discovered_domains", "schedule", "last_runs")
 
 
 async def empty_mirror(pool: asyncpg.Pool) -> None:

@@ -6,7 +6,8 @@ a platform with a domain per customer would. The report: runs per list per inter
 list once an interval, in a run much longer than the interval); runs repeated within an interval
 (0: no list run twice in one interval, in any run); requests per interval and the 429s among
 them; the time from the start to the first run and to every list's first run; the longest a list
-went without a run after a replica was killed; and each replica's peak RSS and CPU.
+went without a run after a replica was killed; each replica's peak RSS and CPU; and how long
+`status` then takes, as a process of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,12 @@ async def run_benchmark(*, domains: int, replicas: int, interval: float, seconds
                     if child.poll() is None:
                         child.send_signal(signal.SIGTERM)
                 codes = [await asyncio.to_thread(child.wait) for child in children]
+            # What an operator asks next: `status`, its summary, as a process of its own.
+            clock = time.perf_counter()
+            shown = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "worker", "status"], env=env, capture_output=True,
+                check=False)
+            status_s = time.perf_counter() - clock
         starts: dict[tuple[str, str], list[datetime]] = collections.defaultdict(list)
         for row in await pool.fetch(queries()["bench_run_starts"]):
             starts[(row["domain"], row["list"])].append(row["started_at"])
@@ -144,8 +152,10 @@ async def run_benchmark(*, domains: int, replicas: int, interval: float, seconds
         if len(starts) == lists else None,
         "longest_gap_after_kill_s": _gaps(starts, killed_at, until) if killed_at else None,
         "replica_usage": [usage.get(i) for i in range(replicas)],
+        "status": {"seconds": round(status_s, 2), "lines": len(shown.stdout.splitlines()),
+                   "exit_code": shown.returncode},
         "exit_codes": codes,
-        "ok": all(code == 0 for code in codes[kill_one:]),
+        "ok": all(code == 0 for code in codes[kill_one:]) and shown.returncode == 0,
     }
 
 
@@ -171,5 +181,7 @@ def render(report: dict[str, Any]) -> str:
     for index, usage in enumerate(report["replica_usage"]):
         if usage:
             lines.append(f"replica {index}: peak RSS {usage['peak_rss_mb']} MB, CPU {usage['cpu_s']} s")
+    status = report["status"]
+    lines.append(f"`status` (a process of its own): {status['seconds']} s, {status['lines']} lines")
     lines.append("ok" if report["ok"] else f"NOT OK: exit codes {report['exit_codes']}")
     return "\n".join(lines) + "\n"
