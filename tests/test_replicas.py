@@ -18,10 +18,12 @@ from datetime import datetime
 import aiohttp
 import pytest
 
-from tests.conftest import API_KEY
+from tests.support.account import API_KEY
 from worker.devtools.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SYNCED_LISTS
+
+pytestmark = pytest.mark.slow  # real daemon processes, for seconds
 
 DOMAINS = tuple(f"mg{n}.replicas.example" for n in range(5))  # 20 lists
 INTERVAL = 2.0
