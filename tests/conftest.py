@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -18,7 +18,7 @@ from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import Outcome
 from tests.support.database import TestDatabase, open_test_database
 from tests.support.mirror import empty_mirror
-from tests.support.slow import PROCESS_GUARD, ProcessGuard
+from tests.support.slow import ProcessGuard
 from tests.support.waiting import SleepLog
 from tests.support.webhooks import SIGNING_KEY, webhook_app
 from worker.cli import cli
@@ -34,28 +34,7 @@ from worker.store import MirrorStore
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[PROCESS_GUARD] = ProcessGuard()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    with item.config.stash[PROCESS_GUARD].watching(item):
-        return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    with item.config.stash[PROCESS_GUARD].watching(item):
-        return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
-                         request: pytest.FixtureRequest) -> Generator[Any, Any, Any]:
-    if fixturedef.scope != "session":
-        return (yield)
-    with request.config.stash[PROCESS_GUARD].allowing():
-        return (yield)
+    config.pluginmanager.register(ProcessGuard(), "process-guard")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -19,16 +19,48 @@ PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.spawn", "o
 
 
 class ProcessGuard:
-    """Installed once per test run (an audit hook cannot be removed); see the module's docstring."""
+    """A plugin registered once per test run (an audit hook cannot be removed); see the module's
+    docstring. Registered as a plugin, not as conftest hooks: those apply only to nodes under
+    their directory, and a session's fixtures are set up for the session, which is not."""
 
     def __init__(self) -> None:
         self._test: str | None = None  # the node id of the unmarked test running now
         self._started: str | None = None  # what it started
         sys.addaudithook(self._audit)
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        with self._watching(item):
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        with self._watching(item):
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item,
+                                nextitem: pytest.Item | None) -> Generator[None, None, None]:
+        if nextitem is None:  # the last test's teardown also ends the session's fixtures
+            return (yield)
+        with self._watching(item):
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[Any]) -> Generator[Any, Any, Any]:
+        """A session's fixture may start a process: the tests' own PostgreSQL may be an embedded
+        server."""
+        if fixturedef.scope != "session":
+            return (yield)
+        test, self._test = self._test, None
+        try:
+            return (yield)
+        finally:
+            self._test = test
+
     @contextlib.contextmanager
-    def watching(self, item: pytest.Item) -> Iterator[None]:
-        """Around an unmarked test's set-up or call: a process it starts fails it."""
+    def _watching(self, item: pytest.Item) -> Iterator[None]:
+        """Around an unmarked test's set-up, call or teardown: a process it starts fails it."""
         if item.get_closest_marker("slow") is not None:
             yield
             return
@@ -40,21 +72,10 @@ class ProcessGuard:
         if self._started is not None:  # raised in the test, but caught there
             pytest.fail(self._started, pytrace=False)
 
-    @contextlib.contextmanager
-    def allowing(self) -> Iterator[None]:
-        """Around a session's fixture: the tests' own PostgreSQL may be an embedded server."""
-        test, self._test = self._test, None
-        try:
-            yield
-        finally:
-            self._test = test
-
     def _audit(self, event: str, args: tuple[Any, ...]) -> None:
         if self._test is None or event not in PROCESS_EVENTS:
             return
-        self._started = (f"{self._test} starts a process ({event} {args[0]!r}): mark it "
+        what = f" {args[0]!r}" if args else ""  # os.fork has no arguments
+        self._started = (f"{self._test} starts a process ({event}{what}): mark it "
                          "@pytest.mark.slow (or its module `pytestmark = pytest.mark.slow`)")
         raise RuntimeError(self._started)
-
-
-PROCESS_GUARD = pytest.StashKey[ProcessGuard]()
