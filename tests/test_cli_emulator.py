@@ -217,8 +217,8 @@ async def test_v4_domains_as_the_javascript_sdk_asks_answers_as_v3_domains(runni
         assert response.status == 401
 
 
-def test_the_readme_shows_a_curl_example_of_every_control_endpoint():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_the_emulators_readme_shows_a_curl_example_of_every_control_endpoint():
+    readme = (Path(__file__).parent.parent / "worker" / "emulator" / "README.md").read_text()
     routes = {(route.method, route.resource.canonical) for route in MailgunEmulator().app.router.routes()
               if route.resource is not None and route.resource.canonical.startswith("/_emulator")
               and route.method != "HEAD"}  # aiohttp's own, beside each GET
