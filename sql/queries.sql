@@ -361,9 +361,9 @@ SELECT count(*) FROM logged;
 -- name: record_run
 -- $1 run id, $2 domain, $3 list, $4 status, $5 dry run,
 -- $6..$14 the counts in worker/runs.py's order: pulled, inserted, updated, removed, adopted, pushed,
--- rejected, deleted, skipped; $15 error, $16 started, $17 finished. Also the list's last run, unless
--- one that finished later is recorded already (two processes' runs of a list do not overlap, but
--- their records may arrive in either order).
+-- rejected, deleted, skipped; $15 error, $16 started, $17 finished. Also the list's last run: the
+-- one recorded last, since two processes' runs of a list never overlap (its lock) and their clocks
+-- may disagree; and when one last ended ok, the latest of those recorded.
 WITH run AS (
     INSERT INTO mailgun.sync_runs (run_id, domain, list, status, dry_run, pulled, inserted, updated,
                                    removed, adopted, pushed, rejected, deleted, skipped, error,
@@ -382,8 +382,7 @@ SET run_id = excluded.run_id, status = excluded.status, pulled = excluded.pulled
     adopted = excluded.adopted, pushed = excluded.pushed, rejected = excluded.rejected,
     deleted = excluded.deleted, skipped = excluded.skipped, error = excluded.error,
     started_at = excluded.started_at, finished_at = excluded.finished_at,
-    last_ok_at = COALESCE(excluded.last_ok_at, l.last_ok_at)
-WHERE l.finished_at <= excluded.finished_at;
+    last_ok_at = GREATEST(excluded.last_ok_at, l.last_ok_at);
 
 -- name: database_now
 SELECT clock_timestamp();
@@ -788,14 +787,18 @@ SELECT (SELECT count(*) FROM candidates) AS found, (SELECT count(*) FROM gone) A
        (SELECT at FROM last) AS last_at, (SELECT id FROM last) AS last_id;
 
 -- name: plan_lists
--- $1 domains, $2 lists, $3 schedules, $4 leases (seconds), $5 first due times. A list new to the
--- schedule, or planned on another schedule than before, is due at its first due time (or when
--- it was due, if sooner), its interval's grid anchored there; a known one keeps its due time, so
--- a replica's start or refresh does not move what another replica scheduled.
+-- $1 domains, $2 lists, $3 schedules, $4 leases (seconds), $5 seconds from now to the first due
+-- time (the database's clock). A list new to the schedule, or planned on another schedule than
+-- before, is due at its first due time (or when it was due, if sooner), its interval's grid
+-- anchored there; a known one keeps its due time, so a replica's start or refresh does not move
+-- what another replica scheduled. Rows are taken in (domain, list) order, as every statement here
+-- that locks several does, so that two of them never wait for each other.
 INSERT INTO mailgun.schedule AS s (domain, list, due_at, anchor_at, schedule, lease_s, planned_at)
-SELECT p.domain, p.list, p.first_due, p.first_due, p.schedule, p.lease_s, now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::timestamptz[])
-     AS p(domain, list, schedule, lease_s, first_due)
+SELECT p.domain, p.list, now() + make_interval(secs => p.first_in),
+       now() + make_interval(secs => p.first_in), p.schedule, p.lease_s, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[])
+     AS p(domain, list, schedule, lease_s, first_in)
+ORDER BY p.domain, p.list
 ON CONFLICT (domain, list) DO UPDATE
 SET planned_at = now(), lease_s = excluded.lease_s, schedule = excluded.schedule,
     due_at = CASE WHEN s.schedule = excluded.schedule THEN s.due_at
@@ -804,14 +807,16 @@ SET planned_at = now(), lease_s = excluded.lease_s, schedule = excluded.schedule
                      ELSE excluded.anchor_at END;
 
 -- name: claim_due_lists
--- $1 replica, $2 at most this many, $3 seconds: planned within that long. The lists due, longest due first, each
--- moved a lease ahead so that no other replica takes it while this one runs it. Rows another
--- replica is claiming at this moment are passed over, not waited for. Also returns the server's
--- time of the claim, from which the replica counts, whatever its own clock says.
+-- $1 replica, $2 at most this many, $3 the domains it syncs. The lists of those domains that are
+-- due, longest due first, each moved a lease ahead so that no other replica takes it while this
+-- one runs it. Lists of other domains (a replica with another configuration, in a rolling update;
+-- a domain no replica syncs any more) are left to the replicas that sync them, or alone. Rows
+-- another replica is claiming at this moment are passed over, not waited for. Also returns the
+-- server's time of the claim, from which the replica counts, whatever its own clock says.
 UPDATE mailgun.schedule s
 SET due_at = now() + make_interval(secs => s.lease_s), claimed_by = $1, claimed_at = now()
 FROM (SELECT domain, list FROM mailgun.schedule
-      WHERE due_at <= now() AND planned_at >= now() - make_interval(secs => $3)
+      WHERE due_at <= now() AND domain = ANY ($3::text[])
       ORDER BY due_at
       LIMIT $2
       FOR UPDATE SKIP LOCKED) AS due
@@ -823,17 +828,29 @@ RETURNING s.domain, s.list, s.anchor_at, s.lease_s, now() AS claimed_at;
 -- longer. A claim another replica has taken since (this one's ran out) stays theirs.
 UPDATE mailgun.schedule s
 SET due_at = now() + make_interval(secs => s.lease_s)
-FROM unnest($2::text[], $3::text[]) AS r(domain, list)
-WHERE s.domain = r.domain AND s.list = r.list AND s.claimed_by = $1;
+FROM (SELECT h.domain, h.list FROM mailgun.schedule h
+      JOIN unnest($2::text[], $3::text[]) AS r(domain, list) USING (domain, list)
+      WHERE h.claimed_by = $1
+      ORDER BY h.domain, h.list
+      FOR UPDATE OF h) AS held
+WHERE s.domain = held.domain AND s.list = held.list;
 
 -- name: schedule_next
--- $1 domain, $2 list, $3 next due time: the run that a claim started has ended.
-UPDATE mailgun.schedule SET due_at = $3, claimed_by = NULL WHERE domain = $1 AND list = $2;
+-- $1 domain, $2 list, $3 next due time, $4 the schedule it was computed on: the run that a claim
+-- started has ended. A list planned on another schedule since (a rolling update) is due a lease
+-- of that schedule from now instead, for a replica on that schedule to run and schedule.
+UPDATE mailgun.schedule
+SET due_at = CASE WHEN schedule = $4 THEN $3 ELSE now() + make_interval(secs => lease_s) END,
+    claimed_by = NULL
+WHERE domain = $1 AND list = $2;
 
 -- name: release_lists
--- $1 domains, $2 lists, $3 seconds from now: claims given back unrun (a replica stopping, or
--- a list it does not sync), for another replica to take after that long.
+-- $1 domains, $2 lists, $3 seconds from now: claims given back unrun (a replica stopping), for
+-- another replica to take after that long.
 UPDATE mailgun.schedule s
 SET due_at = now() + make_interval(secs => $3), claimed_by = NULL
-FROM unnest($1::text[], $2::text[]) AS r(domain, list)
-WHERE s.domain = r.domain AND s.list = r.list;
+FROM (SELECT h.domain, h.list FROM mailgun.schedule h
+      JOIN unnest($1::text[], $2::text[]) AS r(domain, list) USING (domain, list)
+      ORDER BY h.domain, h.list
+      FOR UPDATE OF h) AS given
+WHERE s.domain = given.domain AND s.list = given.list;

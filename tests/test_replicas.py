@@ -5,20 +5,18 @@ within an interval, and one that joins takes a share at once. Real processes thr
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import datetime
 
 import aiohttp
 import pytest
 
 from tests.support.account import API_KEY
+from tests.support.replicas import Replica, run_starts
 from worker.devtools.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SYNCED_LISTS
@@ -29,12 +27,6 @@ DOMAINS = tuple(f"mg{n}.replicas.example" for n in range(5))  # 20 lists
 INTERVAL = 2.0
 # A list due is claimed within a second (CLAIM_EVERY), then started.
 CLAIM_SLACK = 1.5
-
-
-@dataclass
-class Replica:
-    process: asyncio.subprocess.Process
-    http: str
 
 
 @pytest.fixture
@@ -93,14 +85,6 @@ async def runs_of(replica: Replica) -> float:
         text = await response.text()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("mailgun_sync_runs_total{"))
-
-
-async def run_starts(pool, since: datetime) -> dict[tuple[str, str], list[datetime]]:
-    starts: dict[tuple[str, str], list[datetime]] = collections.defaultdict(list)
-    for row in await pool.fetch("SELECT domain, list, started_at FROM mailgun.sync_runs "
-                                "WHERE started_at >= $1 ORDER BY started_at", since):
-        starts[(row["domain"], row["list"])].append(row["started_at"])
-    return starts
 
 
 async def test_three_replicas_reconcile_each_list_once_per_interval(emulator, pool, database_url):

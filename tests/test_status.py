@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from worker.records import SuppressionList
 from worker.runs import RunCounts, RunStatus
 
 SECOND_DOMAIN = "mg.second-example.org"
+OTHER_LISTS_DOMAIN = "mg.lastruns.example"
 BOUNCES = SuppressionList.BOUNCES
 UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
 COMPLAINTS = SuppressionList.COMPLAINTS
@@ -270,3 +271,22 @@ async def test_past_a_hundred_lists_status_prints_a_summary_and_the_lists_wantin
     assert "  mg07.many.example bounces  failed  " in summary.out
     assert "Mailgun answered 401" in summary.out
     assert len(every.out.splitlines()) > 120
+
+
+async def test_an_ok_run_recorded_after_a_later_failed_one_still_counts_as_the_last_success(store, pool):
+    """Two processes' runs of a list may be recorded in either order (record_run says so): the
+    list's last success is the latest ok run in the run log, whichever record came first."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    ok_at, failed_at = t0 + timedelta(seconds=10), t0 + timedelta(seconds=20)
+    # A CronJob's ok run ends at 10 s and is recorded late; a daemon's failed run ends at 20 s first.
+    await store.record_run(uuid.uuid4(), OTHER_LISTS_DOMAIN, SuppressionList.BOUNCES, status=RunStatus.FAILED,
+                           dry_run=False, counts=RunCounts(), error="Mailgun answered 500",
+                           started=t0 + timedelta(seconds=15), finished=failed_at)
+    await store.record_run(uuid.uuid4(), OTHER_LISTS_DOMAIN, SuppressionList.BOUNCES, status=RunStatus.OK,
+                           dry_run=False, counts=RunCounts(), error=None,
+                           started=t0, finished=ok_at)
+    in_log = await pool.fetchval("SELECT max(finished_at) FROM mailgun.sync_runs "
+                                 "WHERE domain = $1 AND status = 'ok'", OTHER_LISTS_DOMAIN)
+    successes = {(r["domain"], r["list"]): r["finished_at"] for r in await store.last_successes()}
+    assert in_log == ok_at
+    assert successes.get((OTHER_LISTS_DOMAIN, "bounces")) == ok_at, successes

@@ -46,7 +46,7 @@ from worker.schedule import (
     Claim,
     PlannedList,
     SharedSchedule,
-    first_due,
+    first_in,
     lease_for,
     next_due,
     schedule_of,
@@ -154,6 +154,8 @@ class Daemon:
         # The domains scheduled now; read by the webhook endpoint on every request.
         self._domains: tuple[str, ...] = ()
         self._stale: tuple[str, ...] = ()
+        # The domains whose lists it claims.
+        self._claimable: tuple[str, ...] = ()
 
     async def start(self, ports: dict[str, int] | None = None) -> None:
         """Put every (domain, list) on the shared schedule and start claiming. Lists new to the
@@ -221,10 +223,9 @@ class Daemon:
         triggers = {plan.name: build_trigger(self._settings, plan) for plan in plans}
         wanted = {f"{plan.name}/{kind.value}": _Scheduled(plan, kind, triggers[plan.name])
                   for plan in plans for kind in plan.lists}
-        now = datetime.now(UTC)
         await self._shared.plan([
             PlannedList(entry.plan.name, entry.kind.value, schedule_of(entry.trigger),
-                        lease_for(entry.trigger), first_due(now, self._settings.sync_jitter))
+                        lease_for(entry.trigger), first_in(self._settings.sync_jitter))
             for entry in wanted.values()])
         for job, entry in list(self._lists.items()):
             if job not in wanted:
@@ -235,6 +236,7 @@ class Daemon:
         added = {entry.ref for job, entry in wanted.items() if job not in self._lists}
         self._lists.update(wanted)
         self._domains = tuple(sorted({plan.name for plan in plans if plan.lists}))
+        self._claimable = tuple(sorted({entry.plan.name for entry in self._lists.values()}))
         return added
 
     async def refresh_domains(self) -> None:
@@ -262,10 +264,22 @@ class Daemon:
         there is room for."""
         if self._stopping:
             return
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)  # a stop waits for it, within its grace
+        try:
+            await self._claim_and_start()
+        except asyncio.CancelledError:  # a stop past its grace: claimed lists run out their lease
+            pass
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    async def _claim_and_start(self) -> None:
         room = RUN_SLOTS - len(self._runs)
         try:
             await self._shared.renew(claim for claim, _ in self._runs.values())
-            claims = await self._shared.claim(room) if room > 0 else []
+            claims = await self._shared.claim(room, self._claimable) if room > 0 else []
         except SyncError as exc:  # again at the next claim; said once a minute, not twice a second
             now = time.monotonic()
             if self._unread_since is None or now - self._unread_said >= 60.0:
@@ -276,21 +290,24 @@ class Daemon:
         if self._unread_since is not None:
             log.info("schedule_read_again", after_s=round(time.monotonic() - self._unread_since, 1))
             self._unread_since = None
+        if self._stopping:  # a stop began while it claimed: its runs are not waited for
+            await self._give_back(claims)
+            return
         for claim in claims:
             job = f"{claim.domain}/{claim.list}"
             entry = self._lists.get(job)
             if entry is None:
-                # Planned by another replica only (a rolling update changing the domains): its
-                # claim runs out after a lease, for a replica that syncs it.
+                # A list of a domain it syncs that it does not (another replica's configuration
+                # names more lists): its claim runs out after a lease, for a replica that syncs it.
                 continue
             if job in self._runs:
                 # Its run outlasted the lease: it sets the next due time when it ends.
                 self._metrics.runs_skipped.labels(**entry.ref.labels, reason="still_running").inc()
                 log.warning("scheduled_run_skipped", **entry.ref.labels, reason="still_running")
                 continue
-            task = asyncio.create_task(self._sync(entry, claim), name=f"reconcile {job}")
-            self._runs[job] = (claim, task)
-            self._running.add(task)
+            started = asyncio.create_task(self._sync(entry, claim), name=f"reconcile {job}")
+            self._runs[job] = (claim, started)
+            self._running.add(started)
 
     async def _sync(self, entry: _Scheduled, claim: Claim) -> None:
         ref = entry.ref
@@ -335,7 +352,8 @@ class Daemon:
         if ran:
             ended = claim.claimed_at + timedelta(seconds=time.perf_counter() - clock)
             try:
-                await self._shared.ran(claim, next_due(entry.trigger, claim, ended))
+                await self._shared.ran(claim, next_due(entry.trigger, claim, ended),
+                                       schedule_of(entry.trigger))
             except SyncError as exc:  # the claim runs out and the list is taken again
                 log.warning("next_run_not_scheduled", **ref.labels, error=str(exc))
 

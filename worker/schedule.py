@@ -26,9 +26,6 @@ from apscheduler.triggers.interval import IntervalTrigger
 from worker.database import connection_within, wrap_db_errors
 from worker.sql import queries
 
-# A list no replica has planned for this long (a domain retired from the configuration, or from
-# the account) is not claimed any more. Replicas plan their lists at start and at each refresh.
-PLANNED_WITHIN = timedelta(hours=3)
 # How often a replica claims the lists due and renews the claims of its runs in progress.
 CLAIM_EVERY = 0.5
 # A claim not renewed runs out after at most this long: a replica that died (or lost its
@@ -41,14 +38,14 @@ SHORT_WORK_WITHIN = 10.0
 
 @dataclass(frozen=True, slots=True)
 class PlannedList:
-    """A list this replica syncs: its schedule (see `schedule_of`) and its lease, and when it is
-    first due if new."""
+    """A list this replica syncs: its schedule (see `schedule_of`) and its lease, and in how many
+    seconds it is first due if new."""
 
     domain: str
     list: str
     schedule: str
     lease_s: float
-    first_due: datetime
+    first_in: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +75,11 @@ def lease_for(trigger: BaseTrigger) -> float:
     return LONGEST_LEASE
 
 
-def first_due(now: datetime, jitter: float) -> datetime:
-    """A list new to the schedule is due within the jitter (at most 5 s): replicas started
-    together do not reach for the same lists at once, and the first runs start at once."""
-    return now + timedelta(seconds=random.uniform(0, min(jitter, 5.0)))  # nosec B311
+def first_in(jitter: float) -> float:
+    """A list new to the schedule is due within the jitter (at most 5 s) of the database's now:
+    replicas started together do not reach for the same lists at once, and the first runs start
+    at once."""
+    return random.uniform(0, min(jitter, 5.0))  # nosec B311
 
 
 def next_due(trigger: BaseTrigger, claim: Claim, ended_at: datetime) -> datetime:
@@ -123,13 +121,13 @@ class SharedSchedule:
         async with wrap_db_errors("planning the schedule"):
             await self._pool.execute(
                 queries()["plan_lists"], [p.domain for p in lists], [p.list for p in lists],
-                [p.schedule for p in lists], [p.lease_s for p in lists], [p.first_due for p in lists])
+                [p.schedule for p in lists], [p.lease_s for p in lists], [p.first_in for p in lists])
 
-    async def claim(self, limit: int) -> list[Claim]:
-        """Up to `limit` due lists, now this replica's to run."""
+    async def claim(self, limit: int, domains: Sequence[str]) -> list[Claim]:
+        """Up to `limit` due lists of `domains` (those this replica syncs), now its to run."""
         async with connection_within(self._claims, SHORT_WORK_WITHIN, "claiming the lists due") as db:
             rows = await db.fetch(
-                queries()["claim_due_lists"], self.replica, limit, PLANNED_WITHIN.total_seconds())
+                queries()["claim_due_lists"], self.replica, limit, list(domains))
         return [Claim(r["domain"], r["list"], r["anchor_at"], r["lease_s"], r["claimed_at"]) for r in rows]
 
     async def renew(self, claims: Iterable[Claim]) -> None:
@@ -141,11 +139,12 @@ class SharedSchedule:
             await db.execute(queries()["renew_claims"], self.replica, [c.domain for c in held],
                              [c.list for c in held])
 
-    async def ran(self, claim: Claim, due: datetime) -> None:
-        """The claimed list's run ended: it is next due at `due`."""
+    async def ran(self, claim: Claim, due: datetime, schedule: str) -> None:
+        """The claimed list's run ended: it is next due at `due`, computed on `schedule` (unless
+        the list has been planned on another since)."""
         async with connection_within(self._claims, SHORT_WORK_WITHIN,
                                      f"scheduling {claim.domain} {claim.list}") as db:
-            await db.execute(queries()["schedule_next"], claim.domain, claim.list, due)
+            await db.execute(queries()["schedule_next"], claim.domain, claim.list, due, schedule)
 
     async def release(self, claims: Iterable[Claim], *, within: float, after: float = 0.0) -> None:
         """Give claims back unrun: another replica may take them `after` seconds from now. Over
