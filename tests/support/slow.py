@@ -41,7 +41,9 @@ class ProcessGuard:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item,
                                 nextitem: pytest.Item | None) -> Generator[None, None, None]:
-        if nextitem is None:  # the last test's teardown also ends the session's fixtures
+        if nextitem is None or nextitem.getparent(pytest.Module) is not item.getparent(pytest.Module):
+            # The last test of a module (or of the session) also ends that module's (or the
+            # session's) fixtures, which the tests that set them up answer for.
             return (yield)
         with self._watching(item):
             return (yield)
