@@ -374,7 +374,8 @@ WITH run AS (
 INSERT INTO mailgun.last_runs AS l
 SELECT domain, list, run_id, status, pulled, inserted, updated, removed, adopted, pushed, rejected,
        deleted, skipped, error, started_at, finished_at,
-       CASE WHEN status = 'ok' THEN finished_at END
+       CASE WHEN status = 'ok' THEN finished_at END,
+       CASE WHEN status IN ('failed', 'guarded') THEN 1 ELSE 0 END
 FROM run
 ON CONFLICT (domain, list) DO UPDATE
 SET run_id = excluded.run_id, status = excluded.status, pulled = excluded.pulled,
@@ -382,7 +383,9 @@ SET run_id = excluded.run_id, status = excluded.status, pulled = excluded.pulled
     adopted = excluded.adopted, pushed = excluded.pushed, rejected = excluded.rejected,
     deleted = excluded.deleted, skipped = excluded.skipped, error = excluded.error,
     started_at = excluded.started_at, finished_at = excluded.finished_at,
-    last_ok_at = GREATEST(excluded.last_ok_at, l.last_ok_at);
+    last_ok_at = GREATEST(excluded.last_ok_at, l.last_ok_at),
+    failures_in_a_row = CASE WHEN excluded.status = 'ok' THEN 0
+                             ELSE l.failures_in_a_row + excluded.failures_in_a_row END;
 
 -- name: database_now
 SELECT clock_timestamp();
@@ -709,6 +712,10 @@ ON CONFLICT (api_base) DO UPDATE SET checked_at = now(), error = EXCLUDED.error;
 
 -- name: discovery_state
 SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_domains ORDER BY api_base;
+
+-- name: list_health
+-- Each list's last success and its runs in a row not ending ok, for the daemon's gauges.
+SELECT domain, list, last_ok_at, failures_in_a_row FROM mailgun.last_runs;
 
 -- name: last_successes
 -- When each (domain, list) last ended ok.

@@ -16,7 +16,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from tests.support.account import API_KEY, DOMAIN
-from tests.support.mirror import rows
+from tests.support.mirror import insert_row, rows
 from worker.daemon import Daemon, build_http_app, build_trigger, fixed_plans
 from worker.domains import DomainPlan
 from worker.emulator import Fault
@@ -369,3 +369,39 @@ async def test_a_run_cancelled_by_a_stop_is_one_json_line_and_stderr_stays_json_
 
 async def _posted(emulator) -> bool:
     return any(r.method == "POST" for r in emulator.requests)
+
+
+async def test_every_replica_shows_each_lists_failures_pending_rows_and_last_success_as_the_mirror_has_them(
+        emulator, pool, store, client, metrics):
+    # The lists' runs are shared among replicas: a replica's gauges for a list another replica
+    # runs are read from the mirror, so an alert on any replica's series says what happened.
+    daemon = Daemon(daemon_settings(emulator, sync_interval=3600),
+                    Resources(pool=pool, store=store, mailgun=client), metrics,
+                    fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
+    await daemon.start()
+    try:
+        async def its_own_first_run() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs"))
+
+        await wait_for(its_own_first_run)
+        at = datetime.now(UTC)
+        for _ in range(3):  # another replica's runs, failing
+            await store.record_run(uuid.uuid4(), DOMAIN, BOUNCES, status=RunStatus.FAILED, dry_run=False,
+                                   counts=RunCounts(), error="Mailgun answered 500", started=at, finished=at)
+        await insert_row(pool, BOUNCES, DOMAIN, "waiting@example.com")
+        await daemon.refresh_gauges()
+        failing = (gauge(metrics, "mailgun_sync_consecutive_failures"),
+                   gauge(metrics, "mailgun_sync_pending_rows"))
+        ok_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+        await store.record_run(uuid.uuid4(), DOMAIN, BOUNCES, status=RunStatus.OK, dry_run=False,
+                               counts=RunCounts(), error=None, started=ok_at, finished=ok_at)
+        await daemon.refresh_gauges()
+        recovered = (gauge(metrics, "mailgun_sync_consecutive_failures"), last_success(metrics, DOMAIN))
+    finally:
+        await daemon.drain(grace=5)
+    assert failing == (3, 1)
+    assert recovered == (0, ok_at.timestamp())
+
+
+def gauge(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"domain": DOMAIN, "list": "bounces"})

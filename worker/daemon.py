@@ -89,6 +89,9 @@ _REFRESH_JOB = "refresh-domains"
 # skips its turn.
 PRUNE_INTERVAL = 3600.0
 _PRUNE_JOB = "prune-retention"
+# Every list's gauges are read from the database this often (see Daemon.refresh_gauges).
+GAUGES_EVERY = 30.0
+_GAUGES_JOB = "refresh-gauges"
 # How many runs the daemon has at once: one per connection of the runs' pool, so a claimed list
 # starts at once.
 _CLAIM_JOB = "claim-due-lists"
@@ -163,13 +166,17 @@ class Daemon:
         do not all reach for the same list at once; the others are due when their schedule says,
         whichever replica ran them last. `ports`, the ports served by name, are logged with the
         start."""
-        await self.seed_metrics(await self._schedule(await self._planner()))
+        await self._schedule(await self._planner())
+        await self.refresh_gauges()
         self._scheduler.add_job(
             self._claim_due, IntervalTrigger(seconds=CLAIM_EVERY, timezone=UTC), id=_CLAIM_JOB,
             name="claim the lists due", next_run_time=datetime.now(UTC))
         self._scheduler.add_job(
             self.refresh_domains, IntervalTrigger(seconds=DISCOVERY_REFRESH, timezone=UTC),
             id=_REFRESH_JOB, name="refresh the domains to sync")
+        self._scheduler.add_job(
+            self._refresh_gauges_job, IntervalTrigger(seconds=GAUGES_EVERY, timezone=UTC),
+            id=_GAUGES_JOB, name="read every list's gauges")
         if self._settings.retention_days > 0:
             # Spread over the first minutes, so replicas started together do not race for the lock.
             first = datetime.now(UTC) + timedelta(
@@ -242,9 +249,8 @@ class Daemon:
     async def refresh_domains(self) -> None:
         """Plan again: schedule new domains and lists, reschedule changed ones, drop the ones gone."""
         try:
-            added = await self._schedule(await self._planner())
-            if added:
-                await self.seed_metrics(added)
+            if await self._schedule(await self._planner()):
+                await self.refresh_gauges()
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
             self._metrics.domain_refreshes.labels(outcome="failed").inc()
             log.error("domains_not_refreshed", error=str(exc))
@@ -362,19 +368,41 @@ class Daemon:
         self._failures[ref] = 0 if reset else self._failures.get(ref, 0) + 1
         self._metrics.observe_failures(ref, self._failures[ref])
 
-    async def seed_metrics(self, lists: set[ListRef]) -> None:
-        """The last success of each of these newly scheduled lists from the mirror's run log, so
-        the gauge (and an alert on its age) does not wait for this process's first success. Lists
-        the run log knows but the daemon does not sync get no gauge: an alert would fire forever."""
+    async def refresh_gauges(self) -> None:
+        """Each synced list's gauges from the mirror: its last success and its runs in a row not
+        ending ok (from mailgun.last_runs), its pending rows. Every replica exports every list's
+        gauges, and each list's runs are shared among them: read from the database, the gauges
+        agree whichever replica ran the list, also across restarts. Lists the run log knows but
+        the daemon does not sync get no gauge: an alert would fire forever."""
         try:
-            # The run log names a list as text, which matches its value.
-            named = {(ref.domain, ref.list.value): ref for ref in lists}
-            for row in await self._resources.store.last_successes():
-                ref = named.get((row["domain"], row["list"]))
-                if ref is not None and f"{ref.domain}/{ref.list.value}" in self._lists:
-                    self._metrics.last_success.labels(**ref.labels).set(row["finished_at"].timestamp())
-        except SyncError as exc:
-            log.warning("last_success_not_read", error=str(exc))
+            health = await self._resources.store.list_health()
+            states = {kind: await self._resources.store.count_states_by_domain(kind)
+                      for kind in {entry.kind for entry in self._lists.values()}}
+        except SyncError as exc:  # read again at the next turn
+            log.warning("list_gauges_not_read", error=str(exc))
+            return
+        for entry in list(self._lists.values()):
+            ref = entry.ref
+            last_ok, in_a_row = health.get((ref.domain, ref.list.value), (None, 0))
+            if last_ok is not None:
+                self._metrics.last_success.labels(**ref.labels).set(last_ok.timestamp())
+            self._failures[ref] = in_a_row
+            self._metrics.observe_failures(ref, in_a_row)
+            self._metrics.observe_pending(ref, states[ref.list].get(ref.domain, (0, 0))[0])
+
+    async def _refresh_gauges_job(self) -> None:
+        if self._stopping:
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)  # a stop waits for it, within its grace
+        try:
+            await self.refresh_gauges()
+        except asyncio.CancelledError:  # a stop past its grace
+            pass
+        finally:
+            if task is not None:
+                self._running.discard(task)
 
     async def prune(self) -> None:
         """Delete the change log and run records past the retention (worker/retention.py)."""

@@ -478,6 +478,13 @@ class MirrorStore:
         async with wrap_db_errors("reading the discovered domains"):
             return [dict(r) for r in await self._pool.fetch(queries()["discovery_state"])]
 
+    async def list_health(self) -> dict[tuple[str, str], tuple[datetime | None, int]]:
+        """Per (domain, list) with a recorded run: when it last ended ok, and its runs in a row
+        since that did not."""
+        async with wrap_db_errors("reading the lists' health"):
+            rows = await self._pool.fetch(queries()["list_health"])
+        return {(r["domain"], r["list"]): (r["last_ok_at"], r["failures_in_a_row"]) for r in rows}
+
     async def last_successes(self) -> list[dict[str, Any]]:
         """When each (domain, list) last ended ok, from the run log."""
         async with wrap_db_errors("reading the last successes"):
