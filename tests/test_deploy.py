@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,89 @@ def test_every_workload_of_an_overlay_and_its_backfill_gets_the_same_configurati
     images = {c["image"] for d in installation if d["kind"] in WORKLOADS
               for c in pod_spec(d).get("initContainers", []) + pod_spec(d)["containers"]}
     assert images == {first["image"]}
+
+
+NAMESPACE = "mailgun-sync"
+
+
+def test_every_manifest_names_the_namespace_the_overlays_merge_into():
+    """Applied alone, no manifest lands in `default`; an overlay's `namespace:` moves them all, and
+    its ConfigMap generator merges into the base's, found by name and the base's namespace."""
+    for path, doc in documents():
+        assert doc["metadata"].get("namespace") == NAMESPACE, path
+    for kustomization in (K8S / "overlays").glob("*/kustomization.yaml"):
+        for generator in yaml.safe_load(kustomization.read_text()).get("configMapGenerator", []):
+            if generator.get("behavior") == "merge":
+                assert generator.get("namespace") == NAMESPACE, kustomization
+
+
+def project_version() -> str:
+    version: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return version
+
+
+def test_every_container_runs_the_release_of_this_version_and_pulls_what_its_tag_names_now():
+    version = project_version()
+    for path, doc in documents():
+        for container in containers(doc):
+            assert container["image"] == f"mailgun-sync:{version}", path
+            assert container.get("imagePullPolicy") == "Always", path
+    for kustomization in K8S.glob("overlays/**/kustomization.yaml"):
+        for image in yaml.safe_load(kustomization.read_text()).get("images", []):
+            assert image["newTag"] == version, kustomization
+
+
+def test_every_container_has_cpu_and_memory_requests_and_limits():
+    for path, doc in documents():
+        for container in containers(doc):
+            resources = container["resources"]
+            assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}, \
+                f"{path}: {container['name']}"
+
+
+def test_only_the_daemon_takes_connections_and_only_on_its_probe_metrics_and_webhook_ports():
+    policies = [doc for _, doc in documents() if doc["kind"] == "NetworkPolicy"]
+    deployment = next(doc for _, doc in documents() if doc["kind"] == "Deployment")
+    daemon = next(c for c in containers(deployment) if c.get("args") == ["daemon"])
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    every_pod = {"app.kubernetes.io/name": NAMESPACE}
+    allowed: list[Any] = []
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        selected = spec["podSelector"]["matchLabels"]
+        assert selected.items() <= pod_labels.items()
+        if selected != every_pod:  # the daemon's own
+            allowed += [port["port"] for rule in spec["ingress"] for port in rule["ports"]]
+            assert all(set(rule) == {"ports"} for rule in spec["ingress"])
+    assert any(p["spec"]["podSelector"]["matchLabels"] == every_pod and "ingress" not in p["spec"]
+               for p in policies), "a policy that selects every pod of the app and admits nothing"
+    assert sorted(allowed) == sorted(port["name"] for port in daemon["ports"])
+
+
+def test_each_checkov_exception_names_its_check_and_gives_its_reason():
+    skips = [(path, value) for path, doc in documents()
+             for key, value in doc["metadata"].get("annotations", {}).items()
+             if key.startswith("checkov.io/skip")]
+    assert skips
+    for path, value in skips:
+        assert re.fullmatch(r"CKV2?_K8S_\d+=\S.{40,}", value, re.DOTALL), f"{path}: {value}"
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard():
+    """What `pod-security.kubernetes.io/enforce=restricted` on the namespace (README) requires."""
+    for path, doc in documents():
+        pod = pod_of(doc)
+        if not pod:
+            continue
+        assert pod["securityContext"]["runAsNonRoot"] is True, path
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", path
+        assert {kind for volume in pod.get("volumes", []) for kind in volume if kind != "name"} \
+            <= {"configMap", "secret", "emptyDir"}, path
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod), path
+        for container in containers(doc):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, path
+            assert context["capabilities"] == {"drop": ["ALL"]}, path
+            assert not context.get("privileged"), path
+            assert all("hostPort" not in port for port in container.get("ports", [])), path
