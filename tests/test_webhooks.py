@@ -449,7 +449,7 @@ async def test_tokens_past_the_timestamp_window_are_pruned(pool):
     assert await pool.fetchval("SELECT array_agg(token) FROM mailgun.webhook_tokens") == ["new"]
 
 
-async def test_metrics_count_webhooks_by_event_and_outcome(pool, client, emulator, aiohttp_client):
+async def test_metrics_count_webhooks_by_event_and_outcome_and_time_their_answers(pool, client, emulator, aiohttp_client):
     metrics = Metrics()
     async with webhook_app(pool, client, settings(emulator), metrics=metrics) as app:
         http = await aiohttp_client(app)
@@ -461,6 +461,9 @@ async def test_metrics_count_webhooks_by_event_and_outcome(pool, client, emulato
     assert 'mailgun_sync_webhooks_total{event="complained",outcome="stored"} 1.0' in page
     assert 'mailgun_sync_webhooks_total{event="complained",outcome="replay"} 1.0' in page
     assert 'mailgun_sync_webhooks_total{event="other",outcome="unauthorized"} 1.0' in page
+    # How long each took to answer, by the answer's status.
+    assert 'mailgun_sync_webhook_duration_seconds_count{status="200"} 2.0' in page
+    assert 'mailgun_sync_webhook_duration_seconds_count{status="401"} 1.0' in page
 
 
 async def test_a_flood_of_forged_webhooks_is_counted_in_full_and_logged_once_a_second(

@@ -15,6 +15,8 @@ from worker.runs import RunStatus
 
 # Run durations range from a second (a small list) to many minutes (millions of records).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# A webhook is answered in milliseconds, unless the database is slow (it gives up at 4 s).
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
@@ -67,6 +69,10 @@ class Metrics:
         self.webhooks = Counter(
             "mailgun_sync_webhooks", "Webhook deliveries, by event and outcome.",
             ["event", "outcome"], registry=self.registry)
+        self.webhook_duration = Histogram(
+            "mailgun_sync_webhook_duration_seconds",
+            "How long a webhook request took to answer, from its arrival, by the answer's status.",
+            ["status"], buckets=WEBHOOK_BUCKETS, registry=self.registry)
         self.webhooks_unverified = Counter(
             "mailgun_sync_webhooks_unverified",
             "Webhook requests refused before any database work because no signature could verify, "
@@ -99,6 +105,9 @@ class Metrics:
 
     def observe_webhook(self, event: str, outcome: str) -> None:
         self.webhooks.labels(event=event, outcome=outcome).inc()
+
+    def observe_webhook_answer(self, status: int, seconds: float) -> None:
+        self.webhook_duration.labels(status=str(status)).observe(seconds)
 
     def observe_unverified(self, reason: str) -> None:
         self.webhooks_unverified.labels(reason=reason).inc()

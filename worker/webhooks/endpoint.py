@@ -64,6 +64,12 @@ class WebhookEndpoint:
         return web.Response(status=status, text=text + "\n")
 
     async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response = await self._handle(request)
+        self._metrics.observe_webhook_answer(response.status, time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: web.Request) -> web.Response:
         if self._key is None or self._writer is None:
             return self._answer(503, "other", "unconfigured",
                                 "webhooks are not configured: set MAILGUN_WEBHOOK_SIGNING_KEY")
