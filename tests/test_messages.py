@@ -52,3 +52,23 @@ async def test_webhook_test_of_an_endpoint_that_never_answers_is_one_line_and_ex
     assert (outcome.code, outcome.out) == (1, "")
     [line] = outcome.err.splitlines()
     assert line.startswith("mailgun-sync: --url: the endpoint answered none of the samples: Cannot connect")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[::1]x/", "http://", "https:///webhooks/mailgun"])
+async def test_webhook_test_with_a_url_that_does_not_parse_is_one_line_naming_url_and_exit_2(invoke, url):
+    outcome = await invoke("webhook-test", "--url", url, "--signing-key", "k", "--domain", DOMAIN, env={})
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err == ("mailgun-sync: --url: is not an http:// or https:// URL; give the endpoint, "
+                           "such as https://sync.example.com/webhooks/mailgun\n")
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("http://127.0.0.1:99999/webhooks/mailgun", "port 99999 is"),
+    ("https://[::1]:70000/", "port 70000 is"),
+    ("http://127.0.0.1:0/", "port 0 is"),
+    ("http://127.0.0.1:http/", "its port is"),  # not digits: not shown
+])
+async def test_webhook_test_with_a_port_out_of_range_is_a_usage_error_naming_the_port(invoke, url, said):
+    outcome = await invoke("webhook-test", "--url", url, "--signing-key", "k", "--domain", DOMAIN, env={})
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err == f"mailgun-sync: --url: {said} not a port number from 1 to 65535\n"

@@ -360,14 +360,43 @@ QUOTED_URL = "postgresql://mirror:S3c'retKey9@db.internal/app"  # a ' needs no p
     ["run", "--domain", "mg.example.com", "--max-attempts", f"key-{MISPLACED}"],
     ["daemon", "--domain", "mg.example.com", "--http-port", MISPLACED],
     ["run", f"-p{MISPLACED}"],
+    ["--log-level", MISPLACED, "run"],  # upper-cased by the parser before it is refused
+    ["run", "--domain", "mg.example.com", "--max-attempts", "S3c\\retKey9"],  # repr() doubles its backslash
+    ["run", "--domain", "mg.example.com", "--max-attempts", "S3cretKey9s"],  # beside a longer one
+    ["run", "--domain", "mg.example.com", "--max-attempts", "S3cretKey9s", "--jitter", "S3cretKey9"],
 ], ids=["ambiguous-abbrev-with-eq", "ambiguous-abbrev", "store-true-with-eq", "json-with-eq",
         "command-url-with-quote", "list-choice-with-quote", "backoff-max-given-url",
-        "api-base-given-key", "max-attempts-given-key", "http-port-given-secret", "short-option-attached"])
+        "api-base-given-key", "max-attempts-given-key", "http-port-given-secret", "short-option-attached",
+        "log-level-upper-cased", "max-attempts-given-a-backslash", "a-value-ending-in-a-letter",
+        "a-value-and-its-start"])
 async def test_no_error_echoes_a_value_given_on_the_command_line(invoke, argv):
-    # Argparse quotes or cuts values in many ways, and a setting's check quotes what it refuses.
+    # Argparse quotes, cases or cuts values in many ways, and a setting's check quotes what it
+    # refuses.
     outcome = await invoke(*argv, env={"MAILGUN_API_KEY": API_KEY})
     assert outcome.code == 2
-    assert "S3c" not in outcome.out + outcome.err, outcome.err
+    assert "s3c" not in (outcome.out + outcome.err).lower(), outcome.err
+
+
+@pytest.mark.parametrize(("argv", "kept", "hidden"), [
+    (["run", "--list", "bounce"], "(choose from 'bounces', 'unsubscribes',", "'bounce'"),
+    (["webhook-test", "--url", "http://", "--signing-key", "k", "--domain", DOMAIN],
+     "is not an http:// or https:// URL", None),
+    (["webhook-test", "--url", "http:", "--signing-key", "k", "--domain", DOMAIN],
+     "is not an http:// or https:// URL", None),
+    (["daemon", "--domain", DOMAIN, "--cron", "minute"], "needs 5 fields: minute hour day month weekday",
+     None),
+    (["daemon", "--domain", DOMAIN, "--cron", "* * * *"], "needs 5 fields: minute hour day month weekday",
+     "* * * *"),
+])
+async def test_hiding_the_command_lines_values_leaves_the_messages_own_words_whole(
+        invoke, argv, kept, hidden):
+    # A value is hidden where it stands whole, not inside a longer word of the message; the
+    # parser's own vocabulary (a list's name, a crontab field's, a URL scheme) is no secret.
+    outcome = await invoke(*argv, env={"MAILGUN_API_KEY": API_KEY})
+    assert outcome.code == 2
+    [line] = outcome.err.splitlines()
+    assert kept in line
+    assert hidden is None or hidden not in line
 
 
 async def test_an_unknown_log_level_is_one_line_exit_2_not_a_traceback(invoke):

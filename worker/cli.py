@@ -20,16 +20,18 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import orjson
 
 from worker import __version__
 from worker.backfill import Backfiller, Progress
+from worker.cron import VOCABULARY as CRON_VOCABULARY
 from worker.daemon import build_trigger, serve
 from worker.database import open_pool, wrap_db_errors
 from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
@@ -78,8 +80,11 @@ Handler = Callable[[argparse.Namespace, Mapping[str, str]], Awaitable[int]]
 _OPTION_NAME = re.compile(r"--[a-z][a-z0-9-]*|-h")
 
 
-# The subcommands' names, shown in usage errors (filled when the parser is built).
-_COMMAND_NAMES: set[str] = set()
+# The parser's own vocabulary, kept in usage errors wherever it appears: the commands' names and
+# every choice an argument offers (filled when the parser is built), the crontab's field names
+# and macros, the URL schemes --url takes. A message names them; none of them is a secret.
+_URL_SCHEMES = ("http://", "https://")
+_VOCABULARY: set[str] = {*CRON_VOCABULARY, *_URL_SCHEMES}
 # Shorter words are not hidden: replacing them would garble the message, and shown alone they
 # give away no secret.
 _SHORTEST_HIDDEN = 4
@@ -87,6 +92,12 @@ _SHORTEST_HIDDEN = 4
 # the value of a flag that takes a file, relative as it may be (`--config sync.toml`).
 _PATH_STARTS = ("/", "./", "../", "~/")
 _PATH_FLAGS = ("--config", "--seed", "--keep")
+# A value is hidden where it stands whole: not where it is the start or the end of a longer word
+# of the message ("bounce" in "bounces", "http:" in "http://"). What ends a word: a space, a
+# quote, a bracket, a comma, a semicolon, an equals sign, or a sentence's punctuation.
+_ENDS = r"""\s'"()\[\]{}<>,;="""
+_BEFORE = rf"(?<![^{_ENDS}:])"
+_AFTER = rf"(?=$|[{_ENDS}]|[.:!?](?:$|\s))"
 
 
 def _path_values(argv: Sequence[str]) -> set[str]:
@@ -95,18 +106,39 @@ def _path_values(argv: Sequence[str]) -> set[str]:
                      and "=" in word}
 
 
+def _choices(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """Every choice of the parser's arguments and its subcommands', their names included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name
+                yield from _choices(sub)
+        elif action.choices is not None:
+            yield from (str(choice) for choice in action.choices)
+
+
+def _shown(word: str, paths: set[str]) -> bool:
+    """Whether a word of the command line may appear in an error: an option's or command's name,
+    the parser's vocabulary (alone or in words of it: `--cron "minute hour"`), a path."""
+    return (len(word) < _SHORTEST_HIDDEN or bool(_OPTION_NAME.fullmatch(word))
+            or all(piece.lower() in _VOCABULARY for piece in word.split())
+            or word.startswith(_PATH_STARTS) or word in paths)
+
+
 def shown_usage_error(message: str, argv: Sequence[str]) -> str:
     """An error's message without any value of the command line in it, however argparse or a
-    setting's check quoted or cut it: a secret given to the wrong flag, or a URL given where a
-    command was expected, would be echoed. Option and command names, and paths, are kept."""
+    setting's check quoted, cased or cut it: a secret given to the wrong flag, or a URL given where
+    a command was expected, would be echoed. Option and command names, the parser's vocabulary and
+    paths are kept, and so is the message's own text where a value is part of a longer word."""
     words = set(argv) | {part for word in argv if "=" in word for part in word.split("=", 1)}
     paths = _path_values(argv)
-    hidden = sorted((w for w in words if len(w) >= _SHORTEST_HIDDEN and not _OPTION_NAME.fullmatch(w)
-                     and w not in _COMMAND_NAMES and not w.startswith(_PATH_STARTS) and w not in paths),
-                    key=len, reverse=True)
-    for word in hidden:
-        message = message.replace(word, "…")
-    return message
+    hidden = {form for word in words if not _shown(word, paths)
+              for form in (word, repr(word)[1:-1])}  # as typed, and as a repr() quotes it
+    if not hidden:
+        return message
+    # One pass, longest first: a shorter value never matches inside a longer one already hidden.
+    either = "|".join(re.escape(form) for form in sorted(hidden, key=len, reverse=True))
+    return re.sub(f"{_BEFORE}(?:{either}){_AFTER}", "…", message, flags=re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -282,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--generate", action="append", default=[], metavar="LIST=N",
                           help="add N synthetic records to a list of the first domain (repeatable)")
     emulator.set_defaults(handler=emulator_command)
-    _COMMAND_NAMES.update(commands.choices)
+    _VOCABULARY.update(word.lower() for word in _choices(parser))
     return parser
 
 
@@ -475,6 +507,31 @@ async def grants_command(args: argparse.Namespace, env: Mapping[str, str]) -> in
     return EXIT_OK
 
 
+def _not_an_endpoint() -> ConfigError:
+    return ConfigError("--url", f"is not an {' or '.join(_URL_SCHEMES)} URL; give the endpoint, "
+                                "such as https://sync.example.com/webhooks/mailgun")
+
+
+def endpoint_url(text: str) -> None:
+    """Refuse, as a usage error, a --url no request could be sent to."""
+    not_a_url = _not_an_endpoint()
+    try:
+        url = urlsplit(text)
+    except ValueError:  # an unclosed [IPv6] bracket
+        raise not_a_url from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise not_a_url
+    try:
+        port = url.port
+    except ValueError:  # out of range, or not a number
+        port = 0
+    if port == 0:
+        given = url.netloc.rpartition(":")[2]
+        # Digits are shown (no secret is a port number); anything else is not.
+        shown = f"port {given} is" if given.isascii() and given.isdigit() else "its port is"
+        raise ConfigError("--url", f"{shown} not a port number from 1 to 65535")
+
+
 async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from worker.webhooks.selftest import TEST_RECIPIENT, render, run_webhook_test
 
@@ -485,11 +542,11 @@ async def webhook_test_command(args: argparse.Namespace, env: Mapping[str, str])
     domain = args.domain or next(iter(domain_names(env.get("MAILGUN_DOMAINS", ""))), None)
     if not domain:
         raise ConfigError("--domain", "no domain for the samples: pass --domain or set MAILGUN_DOMAINS")
-    url = urlsplit(args.url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError("--url", "is not an http:// or https:// URL; give the endpoint, such as "
-                                   "https://sync.example.com/webhooks/mailgun")
-    checks = await run_webhook_test(args.url, key, domain, args.recipient or TEST_RECIPIENT)
+    endpoint_url(args.url)
+    try:
+        checks = await run_webhook_test(args.url, key, domain, args.recipient or TEST_RECIPIENT)
+    except aiohttp.InvalidURL:  # what the HTTP client reads more strictly than urlsplit
+        raise _not_an_endpoint() from None
     if all(check.status is None for check in checks):  # nothing to compare: one line, not six
         raise SyncError(f"--url: the endpoint answered none of the samples: "
                         f"{checks[0].answer.removeprefix('no answer: ')}")

@@ -25,6 +25,9 @@ MACROS = {
 }
 _MONTHS = {name.lower(): number for number, name in enumerate(calendar.month_abbr) if name}
 _WEEKDAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
+# The words cron's messages use of their own (field names, macros, month and weekday names).
+VOCABULARY = frozenset({"minute", "hour", "day", "of", "month", "weekday", *MACROS, "@reboot",
+                        *_MONTHS, *_WEEKDAYS})
 _APS_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # cron's 0-6 by name
 
 

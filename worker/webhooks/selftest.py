@@ -87,6 +87,8 @@ async def run_webhook_test(url: str, key: str, domain: str,
                                         headers={"Content-Type": "application/json"}) as response:
                     text = (await response.text()).strip()
                     checks.append(Check(name, expected, response.status, text[:200]))
+            except aiohttp.InvalidURL:
+                raise  # no request could be made: the caller's to say, once
             except (aiohttp.ClientError, TimeoutError) as exc:
                 checks.append(Check(name, expected, None, f"no answer: {str(exc) or type(exc).__name__}"))
     return checks
