@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.support.account import API_KEY, DOMAIN
@@ -285,6 +286,33 @@ async def test_control_endpoint_seeds_injects_faults_and_logs_requests(emulator,
         assert bad.status == 400
         state = await (await control.get("/_emulator/state")).json()
         assert state["domains"][DOMAIN]["complaints"] == 1
+
+
+@pytest.mark.parametrize(("method", "path", "sent", "said"), [
+    ("PATCH", "/_emulator/settings", {"latency_s": "slow"}, 'latency_s: expected a number, got "slow"'),
+    ("PATCH", "/_emulator/settings", {"case_sensitive": 1}, "case_sensitive: expected true or false"),
+    ("PATCH", "/_emulator/settings", {"over_limit": "drop"}, 'over_limit: expected one of "clamp", "reject"'),
+    ("PATCH", "/_emulator/settings", {"latency_s": 0.5, "rate_limit": "many"},
+     "rate_limit: expected an integer"),
+    ("PATCH", "/_emulator/settings", [1], "expected a JSON object of emulator settings, got [1]"),
+    ("PATCH", "/_emulator/settings", 5, "expected a JSON object of emulator settings, got 5"),
+    ("PATCH", "/_emulator/settings", None, "expected a JSON object of emulator settings, got null"),
+    ("POST", "/_emulator/faults", {"times": "x"}, 'times: expected an integer or null, got "x"'),
+    ("POST", "/_emulator/faults", {"status": "abc"}, 'status: expected an integer, got "abc"'),
+    ("POST", "/_emulator/faults", {"status": 5}, "status: expected an HTTP status from 100 to 599, got 5"),
+    ("POST", "/_emulator/faults", {"delay_s": [1]}, "delay_s: expected a number, got [1]"),
+    ("POST", "/_emulator/faults", [1], "expected a JSON object of fault fields, got [1]"),
+])
+async def test_a_control_body_of_the_wrong_type_is_refused_naming_the_field_and_the_api_keeps_answering(
+        emulator, api, method, path, sent, said):
+    before = await (await api.get("/_emulator/state")).json()
+    async with aiohttp.ClientSession(base_url=emulator.base_url) as control, \
+            control.request(method, path, data=orjson.dumps(sent)) as answer:
+        assert answer.status == 400, await answer.text()
+        assert said in (await answer.json())["message"]
+    after = await (await api.get("/_emulator/state")).json()
+    assert (after["settings"], after["faults"]) == (before["settings"], before["faults"])  # none of it
+    assert (await api.get(f"/v3/{DOMAIN}/bounces")).status == 200
 
 
 async def test_a_held_request_waits_for_release_and_one_held_after_is_stored_first(emulator, api):

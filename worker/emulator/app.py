@@ -710,7 +710,7 @@ class MailgunEmulator:
     async def _control_settings(self, request: web.Request) -> web.Response:
         try:
             self.settings.update(orjson.loads(await request.read()))
-        except (orjson.JSONDecodeError, ValueError, AttributeError) as exc:
+        except (orjson.JSONDecodeError, ValueError) as exc:
             return _message(400, f"bad settings: {exc}")
         return _json(200, asdict(self.settings))
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
+
+from worker.emulator.settings import checked_fields
 
 Action = Literal[
     "status",          # answer `status` with {"message": ...}; optional Retry-After / X-Request-Reset
@@ -55,16 +56,13 @@ class Fault:
     probability: float = 1.0         # each matching request is hit with this chance (soak tests)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Fault:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown fault fields: {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
-        if data.get("action", "status") not in ACTIONS:
+    def from_json(cls, data: object) -> Fault:
+        """A rule from a control request's JSON; ValueError names a field unknown or of the
+        wrong type, and what it takes."""
+        if isinstance(data, dict) and data.get("action", "status") not in ACTIONS:
             raise ValueError(f"unknown fault action {data.get('action')!r} "
                              f"(valid actions: {', '.join(ACTIONS)})")
-        return cls(**data)
+        return cls(**checked_fields(cls, data, "fault fields"))
 
     def matches(self, method: str, path: str, domain: str | None, kind: str | None,
                 page: str | None, body: bytes = b"") -> bool:

@@ -5,9 +5,64 @@ Each default is the reading of the evidence the reference gives; tests and users
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
+
+# Fields that are an HTTP status to answer with: aiohttp refuses others, as a 500.
+_HTTP_STATUS_FIELDS = frozenset({"status", "import_status"})
+_HTTP_STATUSES = range(100, 600)
+
+
+def _accepts(kind: Any, value: Any) -> bool:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_accepts(option, value) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is Literal:
+        return value in typing.get_args(kind)
+    if kind is type(None):
+        return value is None
+    if kind is float:  # JSON writes 1 and 1.0 alike
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:  # JSON's true is no count
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _expected(kind: Any) -> str:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(orjson.dumps(v).decode() for v in typing.get_args(kind))
+    return {type(None): "null", float: "a number", int: "an integer", bool: "true or false",
+            str: "a string"}[kind]
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def checked_fields(cls: type, data: object, what: str) -> dict[str, Any]:
+    """A control endpoint's JSON body for the dataclass `cls`: an object of its fields, each of its
+    type. ValueError names the first field that is not, and what it takes: a value of the wrong
+    type taken as it is would fail every API request after it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object of {what}, got {orjson.dumps(data).decode()}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(sorted(types_))})")
+    for name, value in data.items():
+        if not _accepts(types_[name], value):
+            raise ValueError(f"{name}: expected {_expected(types_[name])}, "
+                             f"got {orjson.dumps(value).decode()}")
+        if name in _HTTP_STATUS_FIELDS and value not in _HTTP_STATUSES:
+            raise ValueError(f"{name}: expected an HTTP status from 100 to 599, got {value}")
+    return data
 
 
 @dataclass(kw_only=True)
@@ -54,12 +109,8 @@ class EmulatorSettings:
     # Largest request body accepted (CSV imports are documented up to 25 MB).
     max_request_bytes: int = 32 * 1024 * 1024
 
-    def update(self, changes: dict[str, Any]) -> None:
-        """Apply a partial update (the control endpoint's PATCH), refusing unknown names."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown emulator settings: {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
-        for name, value in changes.items():
+    def update(self, changes: object) -> None:
+        """Apply a partial update (the control endpoint's PATCH): all of it, or, if a name is
+        unknown or a value not of its setting's type, none of it (ValueError says which)."""
+        for name, value in checked_fields(type(self), changes, "emulator settings").items():
             setattr(self, name, value)
