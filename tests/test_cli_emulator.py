@@ -18,6 +18,7 @@ import pytest
 
 from worker.emulator import MailgunEmulator
 from worker.emulator.faults import ACTIONS
+from worker.settings import Settings
 
 CLI_DOMAIN = "mg.example.com"
 CLI_KEY = "key-x"
@@ -215,6 +216,18 @@ async def test_v4_domains_as_the_javascript_sdk_asks_answers_as_v3_domains(runni
     async with aiohttp.ClientSession(headers=wrong_key) as session, \
             session.get(f"{running.base_url}/v4/domains") as response:
         assert response.status == 401
+
+
+async def test_an_emulator_on_an_ipv6_host_gives_a_bracketed_base_url_the_worker_takes():
+    async with MailgunEmulator(api_key=CLI_KEY, domains=[CLI_DOMAIN]) as emulator:
+        await emulator.stop()
+        base_url = await emulator.start("::1", 0)
+        assert re.fullmatch(r"http://\[::1\]:\d+", base_url), base_url
+        settings = Settings.from_env({"MAILGUN_API_KEY": CLI_KEY, "MAILGUN_API_BASE": base_url})
+        assert settings.api_base == base_url
+        async with aiohttp.ClientSession(headers=AUTH) as session, \
+                session.get(f"{base_url}/v3/{CLI_DOMAIN}/bounces") as response:
+            assert response.status == 200
 
 
 def test_the_emulators_readme_shows_a_curl_example_of_every_control_endpoint():

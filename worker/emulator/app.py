@@ -210,14 +210,16 @@ class MailgunEmulator:
         self._budget.clear()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on a real socket; returns the base URL (`http://host:port`)."""
+        """Serve on a real socket; returns the base URL (`http://host:port`, `http://[::1]:port`)."""
         # A stop does not wait long for requests held by a delay fault.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
-        self.base_url = f"http://{bound_host}:{bound_port}"
+        # An IPv6 address is bracketed in a URL (RFC 3986), or its colons read as the port's.
+        host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.base_url = f"http://{host}:{bound_port}"
         return self.base_url
 
     async def stop(self) -> None:
