@@ -215,6 +215,14 @@ async def test_a_relative_next_url_is_refused(emulator, make_client):
         await pull(make_client(page_limit=2))
 
 
+async def test_a_next_url_that_does_not_parse_stops_the_pull_as_a_malformed_page(emulator, make_client):
+    emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 3))
+    emulator.inject(Fault(action="foreign_next", foreign_origin="https://[::1"))
+    with pytest.raises(errors.MalformedPageError, match=r"paging\.next is not a URL"):
+        await pull(make_client(page_limit=2))
+    assert len(emulator.requests) == 1
+
+
 async def test_a_truncated_page_is_fetched_again(emulator, client, sleeps):
     emulator.seed(DOMAIN, "bounces", wire_records(SuppressionList.BOUNCES, 3))
     emulator.inject(Fault(action="truncated_json"))

@@ -75,6 +75,8 @@ def test_webhooks_are_served_on_http_port_unless_webhook_port_is_set():
     ({**BASE, "MAILGUN_API_BASE": "http://api.mailgun.net"}, "MAILGUN_API_BASE"),
     ({**BASE, "MAILGUN_API_BASE": "https://api:key@api.mailgun.net"}, "MAILGUN_API_BASE"),
     ({**BASE, "MAILGUN_API_BASE": "https://api.mailgun.net/v3/mg.a.com/bounces"}, "MAILGUN_API_BASE"),
+    ({**BASE, "MAILGUN_API_BASE": "http://[::1"}, "MAILGUN_API_BASE"),  # urlsplit raises
+    ({**BASE, "MAILGUN_API_BASE": "https://api.mailgun.net:99999"}, "MAILGUN_API_BASE"),
     ({**BASE, "WEBHOOK_MAX_AGE": "10"}, "WEBHOOK_MAX_AGE"),
     ({**BASE, "WEBHOOK_MAX_AGE": "inf"}, "WEBHOOK_MAX_AGE"),
     ({**BASE, "SYNC_RETENTION_DAYS": "-1"}, "SYNC_RETENTION_DAYS"),

@@ -74,7 +74,10 @@ def is_loopback(host: str) -> bool:
 
 def validate_api_base(value: str, setting: str = "MAILGUN_API_BASE") -> str:
     """An https origin, or plain http to a loopback host (an emulator); no path, no credentials."""
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:  # an unclosed [IPv6] bracket
+        parts = urlsplit("")
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(setting, f"{value!r} is not an http(s) URL such as {US_API_BASE}")
     if parts.username or parts.password or parts.query or parts.fragment:

@@ -201,7 +201,12 @@ class ListPull:
             raise errors.MalformedPageError(
                 f"{self._where}: a page with records has no paging.next, so the list cannot be "
                 "read to its end", url=url)
-        parts = urlsplit(nxt)
+        try:
+            parts = urlsplit(nxt)
+        except ValueError:  # an unclosed [IPv6] bracket
+            raise errors.MalformedPageError(
+                f"{self._where}: paging.next is not a URL, so the list cannot be read to its end",
+                url=url) from None
         origin, api_base = self._transport.origin, self._transport.base
         if (parts.scheme, parts.netloc) != (origin.scheme, origin.netloc):
             raise errors.PagingError(
