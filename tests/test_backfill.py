@@ -4,12 +4,15 @@ resumable after a kill or a failed page with the same end result, progress lines
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import os
 import pty
 import re
 import signal
+import struct
 import sys
+import termios
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +26,7 @@ from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault
 from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ReconcileOptions
-from worker.records import SuppressionList, format_timestamp, parse_timestamp
+from worker.records import ListRef, SuppressionList, format_timestamp, parse_timestamp
 
 BOUNCES = SuppressionList.BOUNCES
 COMPLAINTS = SuppressionList.COMPLAINTS
@@ -384,6 +387,33 @@ async def test_progress_draws_a_bar_when_the_output_is_a_terminal(
         assert f"\r\x1b[K{DOMAIN} bounces: {records} records, {pages} pages, " in drawn
     assert "pages/s" in drawn
     assert drawn.endswith("\r\n")  # the bar's line is ended once the list is read
+
+
+def test_the_progress_bar_is_cut_to_the_terminals_width_keeping_its_counts_whole(terminal):
+    # A line wider than the terminal wraps, and erasing it erases only its last row: each redraw
+    # would leave a stale row behind.
+    fcntl.ioctl(terminal.file.fileno(), termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    progress = Progress(terminal.file, every=3600)
+    progress.start()
+    ref = ListRef("mail.transactional-notifications.example.com", BOUNCES)
+    for page in range(1, 6):
+        progress.page(ref, page * 1000, page, 0)
+    progress.done()
+
+    frames = terminal.drawn().removesuffix("\r\n").split("\r\x1b[K")[1:]
+    assert len(frames) == 5
+    assert all(len(frame) < 80 for frame in frames), frames
+    assert re.fullmatch(r"…[a-z.-]+\.example\.com bounces: 5,000 records, 5 pages, "
+                        r"[\d.,]+ pages/s, \d+s", frames[-1]), frames[-1]
+
+
+def test_the_progress_bar_is_drawn_whole_on_a_terminal_wide_enough(terminal):
+    fcntl.ioctl(terminal.file.fileno(), termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    progress = Progress(terminal.file, every=3600)
+    progress.page(ListRef("mail.transactional-notifications.example.com", BOUNCES), 1000, 1, 0)
+    progress.done()
+    assert terminal.drawn().startswith(
+        "\r\x1b[Kmail.transactional-notifications.example.com bounces: 1,000 records, 1 pages, ")
 
 
 # ---- one process per list ------------------------------------------------------------------------

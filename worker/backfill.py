@@ -43,8 +43,9 @@ class Progress:
         # The bar first: a log line now is written above it, and the bar drawn again after it
         # shows the same counts.
         if self._bar is not None:
-            self._bar.show(f"{ref}: {records:,} records, {pages:,} pages, "
-                           f"{rate:,.1f} pages/s, {elapsed:,.0f}s")
+            # On a narrow terminal the list's name gives way, not the counts.
+            self._bar.show(str(ref), tail=f": {records:,} records, {pages:,} pages, "
+                                          f"{rate:,.1f} pages/s, {elapsed:,.0f}s")
         if now - self._last_log >= self._every:
             self._last_log = now
             log.info("backfill_progress", **ref.labels, records=records, pages=pages,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
@@ -15,21 +16,43 @@ _CLEAR_LINE = "\r\x1b[K"
 class StatusLine:
     """A line redrawn in place on a terminal (a progress bar). A log line written meanwhile goes
     above it: the status line is erased first and drawn again after, so the two never share a
-    line."""
+    line. It is cut to the terminal's width at each draw: a line that wraps is erased only from
+    its last row, and each redraw would leave a stale row behind."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
         self._text = ""
+        self._tail = ""
         self._erased = True
 
-    def show(self, text: str) -> None:
+    def show(self, text: str, *, tail: str = "") -> None:
+        """Draw `text` + `tail`; where it does not fit, `text` loses its start, `tail` stays whole."""
         global _status_line
         _status_line = self
-        self._text = text
+        self._text, self._tail = text, tail
         self._draw()
 
+    def _columns(self) -> int | None:
+        try:
+            columns = os.get_terminal_size(self._out.fileno()).columns
+        except (OSError, ValueError, AttributeError):  # not a terminal, or closed
+            return None
+        return columns or None  # 0: a terminal that does not know its size
+
+    def _fitted(self) -> str:
+        line = self._text + self._tail
+        columns = self._columns()
+        # A column to spare: a line that fills the last one leaves some terminals' cursor on it,
+        # waiting to wrap.
+        room = columns - 1 if columns is not None else len(line)
+        if len(line) <= room:
+            return line
+        if len(self._tail) + 1 >= room:
+            return line[:room]
+        return "…" + self._text[len(line) - room + 1:] + self._tail
+
     def _draw(self) -> None:
-        self._out.write(_CLEAR_LINE + self._text)
+        self._out.write(_CLEAR_LINE + self._fitted())
         self._out.flush()
         self._erased = False
 
@@ -40,16 +63,16 @@ class StatusLine:
             self._erased = True
 
     def redraw(self) -> None:
-        if self._text:
+        if self._text or self._tail:
             self._draw()
 
     def end(self) -> None:
         """Leave the last state on its line; log lines go below it from now on."""
         global _status_line
-        if self._text and not self._erased:
+        if (self._text or self._tail) and not self._erased:
             self._out.write("\n")
             self._out.flush()
-        self._text, self._erased = "", True
+        self._text, self._tail, self._erased = "", "", True
         if _status_line is self:
             _status_line = None
 
