@@ -27,7 +27,7 @@ UNRESOLVABLE = "mailgun-sync-test.invalid"
 def busy_port() -> Iterator[int]:
     """A port another process's socket listens on (this test's)."""
     with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))  # nosec B104: the daemon binds every interface too
+        taken.bind(("0.0.0.0", 0))  # nosec B104: every IPv4 interface, as the daemon binds
         taken.listen()
         yield taken.getsockname()[1]
 
@@ -97,6 +97,16 @@ async def test_a_demo_directory_that_cannot_be_made_names_the_flag_and_the_path(
 
 
 FULL = Path("/dev/full")  # every write to it fails: no space left on device
+
+
+async def test_a_database_host_that_does_not_resolve_names_database_url_and_shows_no_part_of_it():
+    outcome = await run_worker("status", env={
+        **os.environ, "DATABASE_URL": f"postgresql://mirror:S3cretKey9@db.{UNRESOLVABLE}:5432/app"})
+    line = one_line(outcome)
+    # The resolver's own reason follows ("Name or service not known" from glibc).
+    assert line.startswith("mailgun-sync: PostgreSQL could not be reached while connecting: "
+                           "DATABASE_URL's host name does not resolve ("), line
+    assert UNRESOLVABLE not in line and "S3c" not in line
 
 
 @pytest.mark.skipif(not FULL.exists(), reason="no /dev/full on this system")

@@ -23,6 +23,11 @@ async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseError(f"PostgreSQL failed while {doing}: {type(exc).__name__}: {exc}") from exc
+    except socket.gaierror as exc:
+        # The setting is named, not the host: no part of the URL is shown (any part of it may hold
+        # a piece of the password).
+        raise DatabaseError(f"PostgreSQL could not be reached while {doing}: DATABASE_URL's host "
+                            f"name does not resolve ({exc.strerror})") from exc
     except (OSError, TimeoutError) as exc:
         raise DatabaseError(f"PostgreSQL could not be reached while {doing}: {exc}") from exc
 
