@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import io
+import json
 import os
 import pty
 import re
@@ -283,6 +284,37 @@ async def test_a_guarded_backfill_keeps_its_pages_and_applies_them_when_allowed(
     assert len(gets(emulator, cut)) == 1  # only the read that confirms the list has ended
     assert mirror_bounces(await rows(pool, BOUNCES)) == remote_bounces(emulator)
     assert await backfill_rows(pool) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_a_backfill_stopped_by_sigterm_or_sigint_keeps_its_pages_says_so_and_exits_128_plus_the_signal(
+        pool, emulator, database_url, sig, code):
+    found = seed_bounces(emulator, 2500)
+    emulator.inject(Fault(action="hold", method="GET", page="next", times=None))  # after the first page
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "backfill", "--list", "bounces", env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(30):
+            await emulator.until_held()
+            for _ in range(1000):  # the next page is asked while this one is saved
+                if await committed(pool) is not None:
+                    break
+                await asyncio.sleep(0.01)
+        worker.send_signal(sig)
+        _, err = await asyncio.wait_for(worker.communicate(), 30)
+    finally:
+        emulator.release()
+
+    assert worker.returncode == code, err.decode()
+    logs = [json.loads(line) for line in err.decode().splitlines()]
+    [reconciled] = [line for line in logs if line["event"] == "list_reconciled"]
+    assert reconciled["status"] == "failed"
+    assert (logs[-1]["event"], logs[-1]["signal"], logs[-1]["exit_code"]) == ("interrupted", sig.name, code)
+    assert await committed(pool) == {"last_address": found[999], "pages": 1, "records": 1000}
 
 
 # ---- progress ------------------------------------------------------------------------------------

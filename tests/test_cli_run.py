@@ -1,14 +1,21 @@
 """`mailgun-sync run` (and `migrate`) called in-process as `cli(argv, env)`: what it prints, its exit
-code, how it names a bad setting, and that the API key shows up nowhere, whatever happens."""
+code, how it names a bad setting, and that the API key shows up nowhere, whatever happens; and, as a
+child process, how it ends when a signal stops it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
+from worker.emulator import Fault
 from worker.records import SYNCED_LISTS, SuppressionList
 from worker.sql import migrations
 
@@ -453,3 +460,41 @@ async def test_a_run_warns_once_per_domain_it_does_not_sync_that_has_pending_row
     # A run narrowed to some domains does not know what the others are: it says nothing of them.
     narrowed = await invoke("run", "--json", "--domain", DOMAIN, env=env)
     assert not [line for line in narrowed.logs() if line["event"] == "pending_rows_of_unsynced_domain"]
+
+
+# ---- stopped by a signal -------------------------------------------------------------------------
+
+
+async def start_held_run(emulator, env, *argv: str) -> asyncio.subprocess.Process:
+    """`mailgun-sync ARGV` as a child process, returned once its first read of bounces is parked
+    at the emulator (stderr is a pipe: the logs are JSON lines)."""
+    emulator.inject(Fault(action="hold", method="GET", list="bounces", times=None))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", *argv, "--list", "bounces", env={**os.environ, **env},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        await emulator.until_held()
+    return process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_run_stopped_by_sigint_or_sigterm_logs_its_list_failed_says_so_and_exits_128_plus_the_signal(
+        emulator, env, pool, sig, code):
+    # A CronJob's pod gets SIGTERM; a shell reports a command killed by signal N as 128 + N.
+    process = await start_held_run(emulator, env, "run")
+    try:
+        process.send_signal(sig)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        emulator.release()
+
+    assert process.returncode == code, err.decode()
+    assert out == b""  # no table: the run did not end
+    logs = [json.loads(line) for line in err.decode().splitlines()]
+    [reconciled] = [line for line in logs if line["event"] == "list_reconciled"]
+    assert (reconciled["status"], reconciled["level"]) == ("failed", "warning")
+    assert reconciled["error"] == "interrupted before the end; unconfirmed rows stay pending"
+    assert logs[-1]["event"] == "interrupted"
+    assert (logs[-1]["signal"], logs[-1]["exit_code"], logs[-1]["level"]) == (sig.name, code, "warning")
+    assert await sync_runs(pool) == [(DOMAIN, "bounces", "failed")]

@@ -5,8 +5,11 @@ child process."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.cli import Outcome
 from tests.support.process import run_worker
+from tests.support.waiting import wait_for
 
 # Each test runs `mailgun-sync` as a child process.
 pytestmark = pytest.mark.slow
@@ -107,6 +111,34 @@ async def test_a_database_host_that_does_not_resolve_names_database_url_and_show
     assert line.startswith("mailgun-sync: PostgreSQL could not be reached while connecting: "
                            "DATABASE_URL's host name does not resolve ("), line
     assert UNRESOLVABLE not in line and "S3c" not in line
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler of its own for SIGTERM (Python installs none by itself)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:  # it has already exited
+        return True
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="no /proc to see a process's handlers")
+@pytest.mark.parametrize("command", ["python -m worker", "mailgun-sync"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_daemon_stopped_while_its_modules_load_exits_at_once_quietly_with_the_shells_code(
+        daemon_env, command, sig, code):
+    argv = [sys.executable, "-m", "worker"] if command == "python -m worker" else \
+        [str(Path(sys.executable).with_name("mailgun-sync"))]
+    process = await asyncio.create_subprocess_exec(
+        *argv, "daemon", env={**daemon_env, "HTTP_PORT": "0"}, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    # The moment the worker's first module sets its handlers: the rest (about half a second of
+    # imports) is still to load.
+    await wait_for(lambda: catches_sigterm(process.pid), seconds=10)
+    process.send_signal(sig)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, out, err) == (code, b"", b"")
 
 
 @pytest.mark.skipif(not FULL.exists(), reason="no /dev/full on this system")

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 a list did not end `ok` or `skipped`, the run failed, or the system
 refused what the process needs (a port, a host, a path); 2 a setting or argument is missing or
-malformed.
+malformed; 130 and 143 stopped by SIGINT and SIGTERM (the daemon and the emulator: 0, a stop).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ from worker.store import MirrorStore
 log = get_logger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# A command stopped by a signal exits as a shell reports one killed by it: 128 + its number.
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 # What a command runs, set on its parser as set_defaults(handler=...).
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], Awaitable[int]]
@@ -621,22 +623,59 @@ def os_error(exc: OSError) -> str:
     return f"{exc.strerror or type(exc).__name__}{where}"
 
 
+async def interruptible(argv: Sequence[str]) -> int:
+    """cli(argv), stopped by SIGINT or SIGTERM alike (a CronJob's pod gets SIGTERM): the command is
+    cancelled (a run or a backfill logs the list it was in the middle of as failed, its unconfirmed
+    rows pending), one log line says so, and the exit code is the shell's for the signal. The
+    daemon and the emulator take both signals themselves while they serve: a stop, exit 0."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is None:  # not run as a task: nothing to cancel
+        return await cli(argv)
+    received: list[signal.Signals] = []
+
+    def interrupt(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()  # a second signal cuts the first one's clean-up short
+
+    for sig in EXIT_INTERRUPTED:
+        loop.add_signal_handler(sig, interrupt, sig)
+    try:
+        code = await cli(argv)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+    finally:
+        for sig in EXIT_INTERRUPTED:
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+    if not received:
+        return code
+    code = EXIT_INTERRUPTED[received[0]]
+    log.warning("interrupted", signal=received[0].name, exit_code=code, detail="stopped before the end")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    # A pull allocates thousands of short-lived objects per page; with the default thresholds the
-    # collector runs every 700 allocations and costs about a third of the pull's CPU. What exists
-    # now (modules, classes) lives as long as the process: keep it out of collections altogether.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    with contextlib.suppress(KeyboardInterrupt):
-        code = asyncio.run(cli(sys.argv[1:] if argv is None else argv))
-        try:
-            sys.stdout.flush()
-        except OSError as exc:  # stdout a closed pipe or a full disk; said once
-            if code == EXIT_OK:
-                print(f"mailgun-sync: cannot write the output: {os_error(exc)}", file=sys.stderr)
-                code = EXIT_FAILED
-        finally:
-            # Nothing is left for the interpreter's own flush at exit, which would print a traceback.
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(code)
+    try:
+        # A pull allocates thousands of short-lived objects per page; with the default thresholds
+        # the collector runs every 700 allocations and costs about a third of the pull's CPU. What
+        # exists now (modules, classes) lives as long as the process: keep it out of collections.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        code = asyncio.run(interruptible(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # Ctrl-C before the command took signals over (or after it gave them back): nothing had
+        # started, or all was done; no traceback.
+        code = EXIT_INTERRUPTED[signal.SIGINT]
+    try:
+        sys.stdout.flush()
+    except OSError as exc:  # stdout a closed pipe or a full disk; said once
+        if code == EXIT_OK:
+            print(f"mailgun-sync: cannot write the output: {os_error(exc)}", file=sys.stderr)
+            code = EXIT_FAILED
+    finally:
+        # Nothing is left for the interpreter's own flush at exit, which would print a traceback.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
