@@ -93,6 +93,45 @@ ALTER TABLE staging_unique RENAME TO staging;
 -- name: analyze_staging
 ANALYZE staging;
 
+-- name: dry_run_remove_staged
+-- $1 addresses deleted whole. A dry run sends nothing, but a run carries out the queued removals
+-- before it pulls: these dry_run_ queries take them out of the staged list instead, as Mailgun
+-- would list it after them, so that the dry run's counts are the run's. Mailgun deletes the
+-- record of the spelling asked for. Returns the held and the skipped records taken out.
+WITH gone AS (
+    DELETE FROM staging s USING unnest($1::text[]) AS w(address)
+    WHERE s.address = w.address
+    RETURNING s.skipped
+)
+SELECT count(*) FILTER (WHERE NOT skipped) AS records, count(*) FILTER (WHERE skipped) AS skipped
+FROM gone;
+
+-- name: dry_run_drop_staged_tags
+-- $1 addresses, $2 the unsubscribe tag dropped from each (one pair a removal).
+UPDATE staging s SET tags = ARRAY(SELECT t FROM unnest(coalesce(s.tags, '{*}')) AS t
+                                  WHERE t <> ALL (d.tags))
+FROM (SELECT address, array_agg(tag) AS tags FROM unnest($1::text[], $2::text[]) AS r(address, tag)
+      GROUP BY address) AS d
+WHERE s.address = d.address;
+
+-- name: dry_run_remove_untagged
+-- Mailgun removes an unsubscribe whose last tag goes. Returns the held and the skipped records.
+WITH gone AS (
+    DELETE FROM staging WHERE tags = '{}' RETURNING skipped
+)
+SELECT count(*) FILTER (WHERE NOT skipped) AS records, count(*) FILTER (WHERE skipped) AS skipped
+FROM gone;
+
+-- name: dry_run_other_spellings
+-- $1 keys, $2 addresses, $3 removal times of records deleted whole: the records the pull finds of
+-- the same mailbox under another spelling, older than the removal, which the run then deletes in
+-- turn (see build_diff's requeue).
+SELECT count(*) FROM staging s
+JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS w(key, address, removed_at)
+  ON coalesce(s.key, lower(s.address COLLATE "C")) = w.key
+WHERE NOT s.skipped AND s.address <> w.address
+  AND coalesce(s.created_at::timestamptz, now()) < date_trunc('second', w.removed_at);
+
 -- name: count_rows
 SELECT count(*) FROM {table} WHERE domain = $1;
 

@@ -7,8 +7,10 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.support.account import DOMAIN
-from tests.support.mirror import changes, insert_row, rows
+from tests.support.mirror import changes, insert_row, rows, snapshot
 from tests.support.waiting import wait_for
 from worker.emulator import Fault
 from worker.records import SuppressionList
@@ -374,3 +376,84 @@ async def test_a_tag_removal_answered_404_with_another_text_is_done_when_the_tag
     # Mailgun lists the address, but without the tag: the removal is done.
     assert (result.status, result.deleted) == ("ok", 1), result.error
     assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
+
+
+UNSUBSCRIBES = SuppressionList.UNSUBSCRIBES
+ALLOWLIST = SuppressionList.ALLOWLIST
+MARCH = "Mon, 02 Mar 2026 10:00:00 UTC"
+
+
+async def synced_both_sides(pool, emulator, kind, records) -> None:
+    """`records` (address, Mailgun's record) at Mailgun, and the mirror's synced rows of them."""
+    emulator.seed(DOMAIN, kind, [{kind.address_field: a, "created_at": MARCH, **extra}
+                                 for a, extra in records])
+    for address, extra in records:
+        await insert_row(pool, kind, DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO,
+                         created_at=datetime(2026, 3, 2, 10, tzinfo=UTC), **extra)
+
+
+async def a_record_deleted_whole(pool, emulator):
+    await synced_both_sides(pool, emulator, BOUNCES, [("keep@example.com", {}), ("drop@example.com", {})])
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'drop@example.com'")
+    return BOUNCES
+
+
+async def a_tag_dropped(pool, emulator):
+    await synced_both_sides(pool, emulator, UNSUBSCRIBES, [("u@example.com", {"tags": ["news", "promo"]}),
+                                                          ("v@example.com", {"tags": ["news"]})])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{promo}' WHERE address = 'u@example.com'")
+    return UNSUBSCRIBES
+
+
+async def every_tag_dropped(pool, emulator):
+    await synced_both_sides(pool, emulator, UNSUBSCRIBES, [("u@example.com", {"tags": ["news", "promo"]})])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{}' WHERE address = 'u@example.com'")
+    return UNSUBSCRIBES
+
+
+async def deleted_with_its_tags_dropped_before(pool, emulator):
+    await synced_both_sides(pool, emulator, UNSUBSCRIBES, [("u@example.com", {"tags": ["news", "promo"]})])
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{promo}' WHERE address = 'u@example.com'")
+    await pool.execute("DELETE FROM mailgun.unsubscribes WHERE address = 'u@example.com'")
+    return UNSUBSCRIBES
+
+
+async def an_allowlist_entry_deleted(pool, emulator):
+    await synced_both_sides(pool, emulator, ALLOWLIST, [("vip@example.com", {"type": "address"}),
+                                                       ("partner.example.org", {"type": "domain"})])
+    await pool.execute("DELETE FROM mailgun.allowlist WHERE value = 'partner.example.org'")
+    return ALLOWLIST
+
+
+async def another_spelling_at_mailgun(pool, emulator):
+    emulator.seed(DOMAIN, BOUNCES, [{"address": "Twice@example.com", "created_at": MARCH}])
+    await synced_both_sides(pool, emulator, BOUNCES, [("twice@example.com", {})])
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address = 'twice@example.com'")
+    return BOUNCES
+
+
+async def a_mass_deletion(pool, emulator):
+    await synced_both_sides(pool, emulator, BOUNCES, [(f"m{i:03}@example.com", {}) for i in range(100)])
+    await pool.execute("DELETE FROM mailgun.bounces WHERE address < 'm020'")
+    return BOUNCES
+
+
+@pytest.mark.parametrize("removal", [
+    a_record_deleted_whole, a_tag_dropped, every_tag_dropped, deleted_with_its_tags_dropped_before,
+    an_allowlist_entry_deleted, another_spelling_at_mailgun, a_mass_deletion])
+async def test_a_dry_run_after_local_removals_counts_as_the_run_that_follows_and_changes_nothing(
+        pool, emulator, make_reconciler, removal):
+    # The run deletes at Mailgun before it pulls: the dry run counts the pull as it would read.
+    kind = await removal(pool, emulator)
+    before = (await snapshot(pool), await pool.fetch("SELECT * FROM mailgun.removals ORDER BY id"),
+              emulator.records(DOMAIN, kind))
+
+    dry = await make_reconciler(dry_run=True).reconcile(uuid.uuid4(), DOMAIN, kind)
+
+    assert (await snapshot(pool), await pool.fetch("SELECT * FROM mailgun.removals ORDER BY id"),
+            emulator.records(DOMAIN, kind)) == before
+    assert deletes(emulator) == []
+    real = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, kind)
+    assert real.deleted > 0 or real.status == "guarded"
+    assert dry.as_json() | {"error": None} == real.as_json() | {"error": None}
+    assert dry.error == real.error

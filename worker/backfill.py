@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TextIO
 
@@ -16,7 +17,7 @@ from worker.logs import StatusLine, get_logger
 from worker.mailgun import MailgunClient
 from worker.reconcile import ListResult, ReconcileOptions, Reconciler
 from worker.records import ListRef
-from worker.store import ListSession, MirrorStore
+from worker.store import ListSession, MirrorStore, QueuedRemoval
 
 log = get_logger(__name__)
 
@@ -66,7 +67,9 @@ class Backfiller(Reconciler):
             max_delete_fraction=options.max_delete_fraction, push=push))
         self._progress = progress or Progress(every=5.0)
 
-    async def _pull(self, session: ListSession, result: ListResult) -> datetime:
+    async def _pull(self, session: ListSession, result: ListResult, *,
+                    removed_first: Sequence[QueuedRemoval] = ()) -> datetime:
+        # A backfill is never a dry run: its removals were carried out before it pulls.
         saved = await session.backfill_progress()
         if saved and await session.backfill_overtaken(saved.started_at):
             # A run or a removal at Mailgun since these pages were read: they may list records

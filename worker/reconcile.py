@@ -139,8 +139,10 @@ class Reconciler:
               dry_run=self._options.dry_run, seconds=round(time.perf_counter() - clock, 3),
               steps=result.timings)
 
-    async def _pull(self, session: ListSession, result: ListResult) -> datetime:
-        """Stage the whole remote list; returns when the pull started (by the database's clock).
+    async def _pull(self, session: ListSession, result: ListResult, *,
+                    removed_first: Sequence[QueuedRemoval] = ()) -> datetime:
+        """Stage the whole remote list (without what `removed_first` would take away at Mailgun);
+        returns when the pull started (by the database's clock).
 
         A large list is read in parallel keyset ranges cut where the mirror's own addresses say
         the list is evenly split, which hides Mailgun's round trips; if Mailgun's order turns out
@@ -152,14 +154,16 @@ class Reconciler:
         if pivots:
             try:
                 staged = await session.stage(
-                    self._mailgun.ranged_pages(domain, kind, pivots), ranged=True)
+                    self._mailgun.ranged_pages(domain, kind, pivots), ranged=True,
+                    removed_first=removed_first)
                 result.pulled, result.skipped = staged.records, staged.skipped
                 return pull_started
             except PagingOrderError as exc:
                 log.warning("ranges_abandoned", reason=str(exc))
         for attempt in range(1, LIST_SHIFTED_ATTEMPTS + 1):
             try:
-                staged = await session.stage(self._mailgun.pages(domain, kind))
+                staged = await session.stage(self._mailgun.pages(domain, kind),
+                                             removed_first=removed_first)
                 break
             except ListShiftedError as exc:
                 if attempt == LIST_SHIFTED_ATTEMPTS:
@@ -170,14 +174,20 @@ class Reconciler:
 
     async def _reconcile(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
         options = self._options
-        if not await self._deleted(session, run_id, result, "delete", "nothing else done"):
+        sent = await self._deleted(session, run_id, result, "delete", "nothing else done")
+        if sent is None:
             return
         try:
             with result.timed("pull"):
-                pull_started = await self._pull(session, result)
+                # The run's pull follows its deletions at Mailgun, which the dry run does not
+                # send: it takes them out of what it pulls instead, so that its counts are the run's.
+                pull_started = await self._pull(session, result,
+                                                removed_first=sent if options.dry_run else ())
         except MailgunError as exc:
             result.status, result.error = RunStatus.FAILED, f"pull incomplete, nothing changed: {exc}"
             return
+        if options.dry_run:  # the run deletes the other spellings its pull finds, in turn
+            result.deleted += await session.other_spellings(sent)
         with result.timed("diff"):
             plan = await session.plan(pull_started)
         guarded = not options.allow_mass_delete and guard_trips(
@@ -207,8 +217,8 @@ class Reconciler:
         await self._applied(session, guarded=guarded)
         # Another spelling of an address deleted earlier: deleted now, so that this run leaves
         # both sides in step rather than the next.
-        if plan.requeues and not await self._deleted(session, run_id, result, "delete again",
-                                                     "nothing pushed"):
+        if plan.requeues and await self._deleted(session, run_id, result, "delete again",
+                                                 "nothing pushed") is None:
             return
         if not options.push:
             return
@@ -220,24 +230,25 @@ class Reconciler:
             result.error = f"push stopped, unconfirmed rows stay pending: {exc}"
 
     async def _deleted(self, session: ListSession, run_id: uuid.UUID, result: ListResult, step: str,
-                       skipped: str) -> bool:
-        """Send the queued removals; False, the list failed, if Mailgun stopped them."""
+                       skipped: str) -> list[QueuedRemoval] | None:
+        """Send the queued removals: those sent (a dry run's: those a run would send), or None,
+        the list failed, if Mailgun stopped them."""
         try:
             with result.timed(step):
-                await self._send_removals(session, run_id, result)
+                return await self._send_removals(session, run_id, result)
         except MailgunError as exc:
             result.status = RunStatus.FAILED
             result.error = f"deletions stopped, the rest stay queued; {skipped}: {exc}"
-            return False
-        return True
+            return None
 
-    async def _send_removals(self, session: ListSession, run_id: uuid.UUID, result: ListResult) -> None:
+    async def _send_removals(self, session: ListSession, run_id: uuid.UUID,
+                             result: ListResult) -> list[QueuedRemoval]:
         """Delete at Mailgun what the application removed locally, before the pull, so the pull
         sees Mailgun without them. The deletion guard covers whole records; dropped unsubscribe
         tags are always sent, or the pull's adoption would give them back to the mirror."""
         queued = await session.queued_removals()
         if not queued:
-            return
+            return []
         options = self._options
         whole = [r for r in queued if r.tag is None]
         gone = {r.key for r in whole}
@@ -253,21 +264,24 @@ class Reconciler:
                 f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; deleted nothing "
                 "(--allow-mass-delete lets it through)")
             whole, superseded = [], []
+        todo = sorted(whole + tags, key=lambda r: r.id)
         if options.dry_run:
-            result.deleted = len(whole) + len(tags)
-            return
+            result.deleted = len(todo)
+            return todo
         if superseded:
             await session.removals_superseded(superseded)
-        todo = sorted(whole + tags, key=lambda r: r.id)
+        sent: list[QueuedRemoval] = []
         for start in range(0, len(todo), REMOVALS_AT_ONCE):
             chunk = await session.removals_sending(todo[start:start + REMOVALS_AT_ONCE])
             done, failure = await self._delete_all(session, chunk)
             await session.removals_done(run_id, done)
             result.deleted += len(done)
+            sent += done
             if failure is not None:
                 removal, exc = failure
                 await session.removal_failed(removal.id, str(exc))
                 raise exc
+        return sent
 
     async def _delete_all(self, session: ListSession, removals: Sequence[QueuedRemoval]
                           ) -> tuple[list[QueuedRemoval], tuple[QueuedRemoval, MailgunError] | None]:

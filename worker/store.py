@@ -185,11 +185,13 @@ class ListSession:
             moment: datetime = await self._db.fetchval(queries()["database_now"])
         return moment
 
-    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False) -> Staged:
+    async def stage(self, pages: AsyncGenerator[Page, None], *, ranged: bool = False,
+                    removed_first: Sequence[QueuedRemoval] = ()) -> Staged:
         """Stream every page into the staging table in one COPY; returns what it staged.
 
         If the pages raise, the COPY is abandoned and the error propagates: a partial pull leaves
-        nothing staged.
+        nothing staged. `removed_first` (a dry run's) are taken out of the list as Mailgun would
+        list it had they been carried out first, before repeats are merged.
         """
         repeats = RepeatWatch(ranged=ranged)
         skipped = 0
@@ -208,8 +210,37 @@ class ListSession:
             await self._db.execute(queries()["create_staging"])
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
             await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
+            taken = await self._take_out(removed_first) if removed_first else Staged(0, 0)
             await self._finish_staging(maybe_repeats=repeats.possible)
-        return Staged(repeats.count, skipped)
+        return Staged(repeats.count - taken.records, skipped - taken.skipped)
+
+    async def _take_out(self, removals: Sequence[QueuedRemoval]) -> Staged:
+        """The staged records these removals would take away at Mailgun (records deleted whole,
+        unsubscribes left without tags), taken out; returns how many."""
+        q = queries()
+        whole = [r.address for r in removals if r.tag is None]
+        tags = [r for r in removals if r.tag is not None]
+        row = await self._db.fetchrow(q["dry_run_remove_staged"], whole)
+        records, skipped = row["records"], row["skipped"]
+        if tags:
+            await self._db.execute(q["dry_run_drop_staged_tags"], [r.address for r in tags],
+                                   [r.tag for r in tags])
+            row = await self._db.fetchrow(q["dry_run_remove_untagged"])
+            records, skipped = records + row["records"], skipped + row["skipped"]
+        return Staged(records, skipped)
+
+    async def other_spellings(self, removals: Sequence[QueuedRemoval]) -> int:
+        """For a dry run: the staged records of the same mailboxes as these removals (deleted
+        whole, before the pull) under another spelling, older than the removal, which a run
+        deletes in turn once the removal is carried out."""
+        whole = [r for r in removals if r.tag is None]
+        if not whole:
+            return 0
+        async with wrap_db_errors(f"reading the pull of {self.ref}"):
+            found: int = await self._db.fetchval(
+                queries()["dry_run_other_spellings"], [r.key for r in whole],
+                [r.address for r in whole], [r.removed_at for r in whole])
+        return found
 
     async def _finish_staging(self, *, maybe_repeats: bool) -> None:
         if maybe_repeats and await self._db.fetchval(queries()["staging_has_duplicates"]):
