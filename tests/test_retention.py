@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -277,6 +278,19 @@ async def test_prune_command_json_names_each_table(pool, invoke, database_url):
     assert (report["retention_days"], report["rows"], report["skipped"]) == (30, 4, False)
     assert [(t["table"], t["rows"]) for t in report["tables"]] == [
         ("changes", 4), ("sync_runs", 0), ("removals", 0)]
+
+
+async def test_the_retention_pruned_line_gives_the_cutoff_in_iso_8601(pool, invoke, database_url):
+    await add_changes(pool, 2, days_old=40)
+
+    done = await invoke("prune", env={"DATABASE_URL": database_url})
+
+    assert done.code == 0, done.err
+    [line] = [line for line in done.logs() if line["event"] == "retention_pruned"]
+    cutoff = datetime.fromisoformat(line["cutoff"])
+    assert cutoff.utcoffset() is not None
+    assert timedelta(days=29) < datetime.now(UTC) - cutoff < timedelta(days=31)
+    assert line["changes"] == 2
 
 
 async def test_prune_command_with_retention_zero_prunes_nothing_and_says_so(pool, invoke, database_url):

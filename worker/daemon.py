@@ -533,8 +533,9 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
     try:
         # The ports open first, so /healthz answers while the domains are planned (discovery may
         # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
-        # Every interface on purpose: in a container the probes, Prometheus and Mailgun's webhooks
-        # reach the pod's address, never its loopback; what is exposed is the Service's business.
+        # Every IPv4 interface (0.0.0.0, not IPv6's) on purpose: in a container the probes,
+        # Prometheus and Mailgun's webhooks reach the pod's address, never its loopback; what is
+        # exposed is the Service's business.
         ports: dict[str, int] = {}
         for runner, (_, port, setting, name) in zip(runners, sites, strict=True):
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -103,6 +104,15 @@ class _CurrentStderr:
 _LIBRARIES = logging.StreamHandler(_CurrentStderr())
 
 
+def _iso_datetimes(logger: object, method: str, event: structlog.typing.EventDict
+                   ) -> structlog.typing.EventDict:
+    """A datetime in a line is ISO 8601 (JSON has no datetime; the renderer would write its repr)."""
+    for key, value in event.items():
+        if isinstance(value, datetime.date):
+            event[key] = value.isoformat()
+    return event
+
+
 def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
     """Set up structlog. `json=None` picks JSON unless stderr is a terminal.
 
@@ -121,6 +131,7 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _iso_datetimes,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
