@@ -221,9 +221,9 @@ async def test_with_webhook_port_webhooks_are_served_there_only_and_probes_and_m
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await timed_get(session, f"{running.webhooks}{path}"))[0] == 404
 
+        await until_ready(session, running)  # webhooks are answered 503 until its domains are planned
         assert await deliver(session, delivery, url=running.webhooks) == (200, "stored")
         assert "ported@example.com" in await rows(pool, SuppressionList.COMPLAINTS)
-        await until_ready(session, running)
         status, metrics, _ = await timed_get(session, f"{running.http}/metrics")
         assert status == 200
         assert 'mailgun_sync_webhooks_total{event="complained",outcome="stored"} 1.0' in metrics

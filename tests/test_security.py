@@ -280,6 +280,16 @@ async def test_a_refused_password_or_an_unreachable_server_shows_no_piece_of_a_p
 # ---- secrets from files --------------------------------------------------------------------------
 
 
+async def until_ready(base: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            async with session.get(f"{base}/readyz") as response:
+                if response.status == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError("the daemon did not become ready")
+
+
 @pytest.mark.slow
 async def test_every_secret_can_come_from_a_file_as_docker_and_kubernetes_mount_them(
         invoke, emulator, database_url, pool, tmp_path):
@@ -300,6 +310,7 @@ async def test_every_secret_can_come_from_a_file_as_docker_and_kubernetes_mount_
     # The variables start_daemon sets, emptied: an empty variable is an unset one.
     daemon, base = await start_daemon(emulator, database_url, MAILGUN_API_KEY="", DATABASE_URL="", **files)
     try:
+        await until_ready(base)  # webhooks are answered 503 until its domains are planned
         key_file = {"MAILGUN_WEBHOOK_SIGNING_KEY_FILE": files["MAILGUN_WEBHOOK_SIGNING_KEY_FILE"]}
         tested = await invoke("webhook-test", "--url", f"{base}/webhooks/mailgun", "--domain", DOMAIN,
                               env=key_file)
