@@ -449,7 +449,8 @@ async def test_tokens_past_the_timestamp_window_are_pruned(pool):
     assert await pool.fetchval("SELECT array_agg(token) FROM mailgun.webhook_tokens") == ["new"]
 
 
-async def test_metrics_count_webhooks_by_event_and_outcome_and_time_their_answers(pool, client, emulator, aiohttp_client):
+async def test_metrics_count_webhooks_by_event_and_outcome_and_time_their_answers(
+        pool, client, emulator, aiohttp_client):
     metrics = Metrics()
     async with webhook_app(pool, client, settings(emulator), metrics=metrics) as app:
         http = await aiohttp_client(app)
