@@ -17,7 +17,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
-from worker.daemon import Daemon, build_http_app, build_trigger, fixed_plans
+from worker.daemon import Daemon, build_trigger, fixed_plans
 from worker.domains import DomainPlan
 from worker.emulator import Fault
 from worker.errors import ConfigError, DatabaseError
@@ -25,6 +25,7 @@ from worker.lifespan import Resources
 from worker.metrics import Metrics
 from worker.records import SYNCED_LISTS, ListRef, SuppressionList
 from worker.runs import RunCounts, RunStatus
+from worker.serving import build_http_app
 from worker.settings import Settings
 from worker.store import MirrorStore
 

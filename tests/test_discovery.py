@@ -13,12 +13,13 @@ from structlog.testing import capture_logs
 
 from tests.support.account import API_KEY
 from tests.support.webhooks import SIGNING_KEY, deliver, event
-from worker.daemon import Daemon, build_http_app
+from worker.daemon import Daemon
 from worker.domains import Planned, plan_domains
 from worker.emulator import EmulatorSettings, Fault, MailgunEmulator
 from worker.lifespan import Resources
 from worker.mailgun.retry import RetryPolicy
 from worker.metrics import Metrics
+from worker.serving import build_http_app
 from worker.settings import Settings
 from worker.webhooks.endpoint import WebhookEndpoint
 from worker.webhooks.writer import WebhookStore, WebhookWriter

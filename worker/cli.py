@@ -32,7 +32,7 @@ import orjson
 from worker import __version__
 from worker.backfill import Backfiller, Progress
 from worker.cron import VOCABULARY as CRON_VOCABULARY
-from worker.daemon import build_trigger, serve
+from worker.daemon import build_trigger
 from worker.database import open_pool, wrap_db_errors
 from worker.domains import DomainPlan, Planned, plan_domains, read_sync_config
 from worker.emulator import EmulatorSettings, MailgunEmulator
@@ -57,6 +57,7 @@ from worker.report import (
 )
 from worker.retention import prune
 from worker.retention import render as render_prune
+from worker.serving import serve
 from worker.settings import (
     US_API_BASE,
     Settings,

@@ -1,8 +1,8 @@
-"""`mailgun-sync daemon`: every (domain, list) on a schedule, with health, readiness and metrics,
-Mailgun's webhooks (worker/webhooks/endpoint.py), and a drain on SIGTERM.
+"""The daemon's schedule: every (domain, list) it syncs, run when due, its readiness, its gauges,
+and a drain on SIGTERM (its HTTP ports and signals are worker/serving.py's).
 
 Which list runs when is shared with the other replicas through PostgreSQL (worker/schedule.py):
-every second the daemon claims the lists that are due, as many as it has room to run.
+twice a second the daemon claims the lists that are due, as many as it has room to run.
 
 APScheduler 3's `shutdown(wait=True)` cancels running asyncio jobs instead of waiting for them,
 so the daemon tracks its own runs: on a stop signal it pauses the scheduler, waits for the runs
@@ -13,10 +13,8 @@ half-applied) and only then shuts the scheduler down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
-import signal
 import socket
 import time
 import uuid
@@ -25,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -33,7 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from worker.cron import parse_cron
 from worker.database import POOL_SIZE, ping
 from worker.domains import DomainPlan, Planned
-from worker.errors import ConfigError, DatabaseError, StartupError, SyncError
+from worker.errors import ConfigError, DatabaseError, SyncError
 from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -52,8 +49,6 @@ from worker.schedule import (
     schedule_of,
 )
 from worker.settings import Settings
-from worker.webhooks.endpoint import MAX_BODY, WebhookEndpoint
-from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
 
@@ -468,100 +463,3 @@ class Daemon:
             await self._shared.release(claims, within=GIVE_BACK_WITHIN)
         except SyncError as exc:  # they run out after a lease
             log.warning("claims_not_given_back", lists=len(claims), error=str(exc))
-
-
-def build_http_app(daemon: Daemon, metrics: Metrics,
-                   webhooks: WebhookEndpoint | None = None) -> web.Application:
-    """/healthz, /readyz and /metrics, and the webhooks when given."""
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
-        problem = await daemon.readiness()
-        if problem:
-            return web.Response(status=503, text=f"not ready: {problem}\n")
-        return web.Response(text="ready\n")
-
-    async def metrics_page(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_page)
-    if webhooks is not None:
-        webhooks.register(app)
-    return app
-
-
-def build_webhook_app(webhooks: WebhookEndpoint) -> web.Application:
-    """The webhooks alone, for WEBHOOK_PORT."""
-    app = web.Application(client_max_size=MAX_BODY)
-    webhooks.register(app)
-    return app
-
-
-async def serve(settings: Settings, resources: Resources, metrics: Metrics, planner: Planner, *,
-                stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
-    stop = stop or asyncio.Event()
-    daemon = Daemon(settings, resources, metrics, planner)
-    writer = WebhookWriter(WebhookStore(resources.serving), max_age=settings.webhook_max_age) \
-        if settings.webhook_signing_key else None
-    # Webhooks are taken for the domains the daemon syncs, as planned now and at each refresh.
-    webhooks = WebhookEndpoint(signing_key=settings.webhook_signing_key, domains=daemon.domains,
-                               max_age=settings.webhook_max_age, writer=writer, metrics=metrics,
-                               domains_complete=daemon.domains_complete)
-    # With WEBHOOK_PORT the webhooks have a port of their own, which an ingress can expose whole;
-    # /metrics and the probes stay on HTTP_PORT.
-    # Each site: its app, its port, the setting that names the port, its name in daemon_started.
-    http = (settings.http_port, "HTTP_PORT (--http-port)", "http_port")
-    if settings.webhook_port is None:
-        sites = [(build_http_app(daemon, metrics, webhooks), *http)]
-    else:
-        sites = [(build_http_app(daemon, metrics), *http),
-                 (build_webhook_app(webhooks), settings.webhook_port, "WEBHOOK_PORT (--webhook-port)",
-                  "webhook_port")]
-    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, *_ in sites]
-    for runner in runners:
-        await runner.setup()
-    if writer is not None:
-        writer.start()
-    loop = asyncio.get_running_loop()
-    stopped_at: float | None = None
-    try:
-        # The ports open first, so /healthz answers while the domains are planned (discovery may
-        # wait on Mailgun's retries); webhooks are answered 503 until then, and Mailgun retries.
-        # Every IPv4 interface (0.0.0.0, not IPv6's) on purpose: in a container the probes,
-        # Prometheus and Mailgun's webhooks reach the pod's address, never its loopback; what is
-        # exposed is the Service's business.
-        ports: dict[str, int] = {}
-        for runner, (_, port, setting, name) in zip(runners, sites, strict=True):
-            try:
-                await web.TCPSite(runner, "0.0.0.0", port).start()  # nosec B104
-            except OSError as exc:
-                raise StartupError.listening(exc, setting, "0.0.0.0", port) from None  # nosec B104
-            ports[name] = runner.addresses[0][1]  # as bound: port 0 is any free one
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await daemon.start(ports)
-        await stop.wait()
-        log.info("stop_requested")
-        stopped_at = loop.time()
-        await daemon.drain(settings.shutdown_grace)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
-        # The webhooks in flight are written within the grace too: past it the writer gives up
-        # the write under way (a database that does not answer) and they are answered 503.
-        deadline = (loop.time() if stopped_at is None else stopped_at) + settings.shutdown_grace
-        abandon = loop.call_at(deadline, writer.abandon) if writer is not None else None
-        for runner in runners:
-            await runner.cleanup()  # answers the webhooks in flight first
-        if writer is not None:
-            await writer.stop(within=max(deadline - loop.time(), 0.0))
-        if abandon is not None:
-            abandon.cancel()
-    log.info("daemon_stopped")

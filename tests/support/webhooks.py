@@ -11,11 +11,12 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
-from worker.daemon import Daemon, build_http_app, fixed_plans
+from worker.daemon import Daemon, fixed_plans
 from worker.domains import DomainPlan
 from worker.lifespan import Resources
 from worker.mailgun import MailgunClient
 from worker.metrics import Metrics
+from worker.serving import build_http_app
 from worker.settings import Settings
 from worker.store import MirrorStore
 from worker.webhooks.endpoint import PATH, WebhookEndpoint
