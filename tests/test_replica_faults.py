@@ -10,18 +10,14 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import aiohttp
 import pytest
 
 from tests.support.account import API_KEY
-from tests.support.replicas import Replica, run_starts
-from worker.devtools.benchmark.run import _free_port
+from tests.support.replicas import FAKETIME, Fleet, Replica, run_starts
+from tests.support.replicas import fleet as replicas_fleet
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SYNCED_LISTS
 
@@ -31,11 +27,6 @@ DOMAINS = tuple(f"mg{n}.faults.example" for n in range(6))
 INTERVAL = 2.0
 CLAIM_SLACK = 1.5
 
-try:
-    import libfaketime
-    FAKETIME = Path(libfaketime.__file__).parent / "vendor/libfaketime/src/libfaketime.so.1"
-except ImportError:  # pip install libfaketime: a replica whose clock is off
-    FAKETIME = None
 
 
 @pytest.fixture
@@ -45,51 +36,8 @@ async def emulator() -> AsyncIterator[MailgunEmulator]:
         yield running
 
 
-class Fleet:
-    def __init__(self, emulator: MailgunEmulator, database_url: str) -> None:
-        self._env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-                     "MAILGUN_DOMAINS": ",".join(DOMAINS), "DATABASE_URL": database_url,
-                     "SYNC_INTERVAL": str(INTERVAL), "SYNC_JITTER": "1"}
-        self.replicas: list[Replica] = []
-
-    async def start(self, *, clock_offset_s: int | None = None, **env: str) -> Replica:
-        port = _free_port()
-        extra = dict(env)
-        if clock_offset_s is not None:
-            assert FAKETIME is not None, "pip install libfaketime"
-            extra.update(LD_PRELOAD=str(FAKETIME), FAKETIME=f"{clock_offset_s:+d}", DONT_FAKE_MONOTONIC="1")
-        path = extra.pop("BREAK_STDERR", None)
-        stderr = Path(path).open("ab") if path else asyncio.subprocess.DEVNULL  # noqa: SIM115, ASYNC230
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "daemon", env={**self._env, "HTTP_PORT": str(port), **extra},
-            stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
-        if stderr is not asyncio.subprocess.DEVNULL:
-            stderr.close()
-        replica = Replica(process, f"http://127.0.0.1:{port}")
-        self.replicas.append(replica)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{replica.http}/readyz") as response:
-                        if response.status == 200:
-                            return replica
-                await asyncio.sleep(0.1)
-        raise AssertionError("the replica did not become ready")
-
-    async def stop(self) -> list[int]:
-        alive = [r.process for r in self.replicas if r.process.returncode is None]
-        for process in alive:
-            process.send_signal(signal.SIGTERM)
-        return [await asyncio.wait_for(process.wait(), 30) for process in alive]
-
-
-@contextlib.asynccontextmanager
-async def fleet(emulator: MailgunEmulator, database_url: str) -> AsyncIterator[Fleet]:
-    started = Fleet(emulator, database_url)
-    try:
-        yield started
-    finally:
-        await started.stop()
+def fleet(emulator: MailgunEmulator, database_url: str) -> contextlib.AbstractAsyncContextManager[Fleet]:
+    return replicas_fleet(emulator, database_url, domains=DOMAINS, interval=INTERVAL)
 
 
 async def until_runs(pool, count: int) -> None:
@@ -177,7 +125,7 @@ async def test_a_stop_during_a_claim_is_a_clean_stop(emulator, pool, database_ur
     Reliability): also when the signal comes while a claim waits on a slow schedule."""
     stderr = tmp_path / "stderr"
     async with fleet(emulator, database_url) as replicas:
-        replica = await replicas.start(MAILGUN_DOMAINS=DOMAINS[0], BREAK_STDERR=str(stderr))
+        replica = await replicas.start(MAILGUN_DOMAINS=DOMAINS[0], stderr_to=stderr)
         await until_runs(pool, len(SYNCED_LISTS))
         async with pool.acquire() as db, db.transaction():
             # The schedule is slow to answer (a lock, a busy server): the next claim waits.
@@ -278,7 +226,7 @@ async def test_replicas_joining_beside_busy_ones_with_thousands_of_lists_all_sta
             failed = []
             for n in range(8):
                 try:
-                    joined = await replicas.start(**env, BREAK_STDERR=str(tmp_path / f"{n}"))
+                    joined = await replicas.start(**env, stderr_to=tmp_path / f"{n}")
                 except AssertionError:
                     failed.append((tmp_path / f"{n}").read_text()[-400:])
                 else:

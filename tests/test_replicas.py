@@ -7,17 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from tests.support.account import API_KEY
-from tests.support.replicas import Replica, run_starts
-from worker.devtools.benchmark.run import _free_port
+from tests.support.replicas import Fleet, Replica, run_starts
+from tests.support.replicas import fleet as replicas_fleet
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SYNCED_LISTS
 
@@ -37,46 +34,8 @@ async def emulator() -> AsyncIterator[MailgunEmulator]:
         yield running
 
 
-class Fleet:
-    """Daemon replicas on one database, started one by one."""
-
-    def __init__(self, emulator: MailgunEmulator, database_url: str) -> None:
-        self._env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-                     "MAILGUN_DOMAINS": ",".join(DOMAINS), "DATABASE_URL": database_url,
-                     "SYNC_INTERVAL": str(INTERVAL), "SYNC_JITTER": "1"}
-        self.replicas: list[Replica] = []
-
-    async def start(self) -> Replica:
-        port = _free_port()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "daemon", env={**self._env, "HTTP_PORT": str(port)},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        replica = Replica(process, f"http://127.0.0.1:{port}")
-        self.replicas.append(replica)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{replica.http}/readyz") as response:
-                        if response.status == 200:
-                            return replica
-                await asyncio.sleep(0.1)
-        raise AssertionError("the replica did not become ready")
-
-    async def stop(self) -> list[int]:
-        """SIGTERM to each replica still running; their exit codes."""
-        alive = [r.process for r in self.replicas if r.process.returncode is None]
-        for process in alive:
-            process.send_signal(signal.SIGTERM)
-        return [await asyncio.wait_for(process.wait(), 30) for process in alive]
-
-
-@contextlib.asynccontextmanager
-async def fleet(emulator: MailgunEmulator, database_url: str) -> AsyncIterator[Fleet]:
-    started = Fleet(emulator, database_url)
-    try:
-        yield started
-    finally:
-        assert set(await started.stop()) <= {0}
+def fleet(emulator: MailgunEmulator, database_url: str) -> contextlib.AbstractAsyncContextManager[Fleet]:
+    return replicas_fleet(emulator, database_url, domains=DOMAINS, interval=INTERVAL)
 
 
 async def runs_of(replica: Replica) -> float:
