@@ -28,7 +28,6 @@ INTERVAL = 2.0
 CLAIM_SLACK = 1.5
 
 
-
 @pytest.fixture
 async def emulator() -> AsyncIterator[MailgunEmulator]:
     async with MailgunEmulator(api_key=API_KEY, domains=list(DOMAINS)) as running:
