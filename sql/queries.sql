@@ -756,10 +756,6 @@ SELECT api_base, domains, listed_at, checked_at, error FROM mailgun.discovered_d
 -- Each list's last success and its runs in a row not ending ok, for the daemon's gauges.
 SELECT domain, list, last_ok_at, failures_in_a_row FROM mailgun.last_runs;
 
--- name: last_successes
--- When each (domain, list) last ended ok.
-SELECT domain, list, last_ok_at AS finished_at FROM mailgun.last_runs WHERE last_ok_at IS NOT NULL;
-
 -- name: retention_cutoff
 -- $1 days: rows older than this moment, by the database's clock, are past the retention.
 SELECT clock_timestamp() - make_interval(days => $1);

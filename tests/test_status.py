@@ -287,6 +287,6 @@ async def test_an_ok_run_recorded_after_a_later_failed_one_still_counts_as_the_l
                            started=t0, finished=ok_at)
     in_log = await pool.fetchval("SELECT max(finished_at) FROM mailgun.sync_runs "
                                  "WHERE domain = $1 AND status = 'ok'", OTHER_LISTS_DOMAIN)
-    successes = {(r["domain"], r["list"]): r["finished_at"] for r in await store.last_successes()}
+    successes = {key: last_ok for key, (last_ok, _) in (await store.list_health()).items()}
     assert in_log == ok_at
     assert successes.get((OTHER_LISTS_DOMAIN, "bounces")) == ok_at, successes

@@ -13,12 +13,13 @@ half-applied) and only then shuts the scheduler down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -265,16 +266,9 @@ class Daemon:
         there is room for."""
         if self._stopping:
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._running.add(task)  # a stop waits for it, within its grace
-        try:
+        # Cancelled by a stop past its grace: the lists it claimed run out their lease.
+        with self._tracked(), contextlib.suppress(asyncio.CancelledError):
             await self._claim_and_start()
-        except asyncio.CancelledError:  # a stop past its grace: claimed lists run out their lease
-            pass
-        finally:
-            if task is not None:
-                self._running.discard(task)
 
     async def _claim_and_start(self) -> None:
         room = RUN_SLOTS - len(self._runs)
@@ -388,33 +382,32 @@ class Daemon:
     async def _refresh_gauges_job(self) -> None:
         if self._stopping:
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._running.add(task)  # a stop waits for it, within its grace
-        try:
+        with self._tracked(), contextlib.suppress(asyncio.CancelledError):  # a stop past its grace
             await self.refresh_gauges()
-        except asyncio.CancelledError:  # a stop past its grace
-            pass
-        finally:
-            if task is not None:
-                self._running.discard(task)
 
     async def prune(self) -> None:
         """Delete the change log and run records past the retention (worker/retention.py)."""
         if self._stopping:
             return
+        with self._tracked():
+            try:
+                report = await prune(self._resources.pool, self._settings.retention_days)
+                self._metrics.observe_prune(report)
+            except SyncError as exc:  # try again at the next turn
+                log.error("retention_prune_failed", error=str(exc))
+            except asyncio.CancelledError:  # a stop; each batch is a transaction of its own
+                log.warning("retention_prune_cancelled", reason="the daemon is stopping")
+            except Exception:  # the daemon outlives a broken prune, like a broken run
+                log.exception("retention_prune_crashed")
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Around a scheduled job's work: a stop waits for it, within its grace, then cancels it."""
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
         try:
-            report = await prune(self._resources.pool, self._settings.retention_days)
-            self._metrics.observe_prune(report)
-        except SyncError as exc:  # try again at the next turn
-            log.error("retention_prune_failed", error=str(exc))
-        except asyncio.CancelledError:  # a stop; each batch is a transaction of its own
-            log.warning("retention_prune_cancelled", reason="the daemon is stopping")
-        except Exception:  # the daemon outlives a broken prune, like a broken run
-            log.exception("retention_prune_crashed")
+            yield
         finally:
             self._running.discard(task)
 

@@ -516,11 +516,6 @@ class MirrorStore:
             rows = await self._pool.fetch(queries()["list_health"])
         return {(r["domain"], r["list"]): (r["last_ok_at"], r["failures_in_a_row"]) for r in rows}
 
-    async def last_successes(self) -> list[dict[str, Any]]:
-        """When each (domain, list) last ended ok, from the run log."""
-        async with wrap_db_errors("reading the last successes"):
-            return [dict(r) for r in await self._pool.fetch(queries()["last_successes"])]
-
     async def record_run(self, run_id: uuid.UUID, domain: str, kind: SuppressionList, *, status: RunStatus,
                          dry_run: bool, counts: RunCounts, error: str | None, started: datetime,
                          finished: datetime) -> None:
