@@ -326,6 +326,10 @@ WITH removed AS (
     INSERT INTO mailgun.changes (run_id, domain, list, address, action)
     SELECT $2, $1, '{list}', address, 'remove' FROM removed
     RETURNING 1
+), overtaken AS (
+    -- An unfinished backfill's pages may list what was just removed (see backfill_overtaken).
+    UPDATE mailgun.backfill_progress SET overtaken = true
+    WHERE domain = $1 AND list = '{list}' AND EXISTS (SELECT 1 FROM removed)
 )
 SELECT count(*) FROM logged;
 
@@ -499,10 +503,12 @@ FROM staged;
 -- (and so removed what Mailgun no longer had), or has a removal been carried out at Mailgun, since?
 -- Then its saved pages may hold records deleted meanwhile. A guarded run removed nothing. Pages
 -- older than the carried-out removals are kept (30 days) cannot be checked, and are read again.
+-- `overtaken`: a run removed rows since, recorded or not (killed before its sync_runs line).
 SELECT EXISTS (SELECT 1 FROM mailgun.sync_runs WHERE domain = $1 AND list = $2 AND NOT dry_run
                                                  AND (status = 'ok' OR removed > 0) AND finished_at > $3)
     OR $3 < now() - interval '30 days'
-    OR EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 AND done_at > $3);
+    OR EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 AND done_at > $3)
+    OR EXISTS (SELECT 1 FROM mailgun.backfill_progress WHERE domain = $1 AND list = $2 AND overtaken);
 
 -- name: backfill_clear
 -- $1 domain, $2 list

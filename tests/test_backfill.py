@@ -524,6 +524,50 @@ async def test_a_resumed_backfill_does_not_bring_back_what_was_deleted_since_its
     assert found[5] not in remote_bounces(emulator)
 
 
+@pytest.mark.slow
+async def test_a_resumed_backfill_does_not_bring_back_what_a_run_killed_before_recording_itself_removed(
+        pool, emulator, store, make_client, database_url, sleeps):
+    """The run's removal is its own evidence: a run SIGKILLed after removing a record Mailgun
+    dropped, but before its sync_runs line, still makes the backfill read the list again."""
+    found = seed_bounces(emulator, 250)
+    await pool.executemany(
+        "INSERT INTO mailgun.bounces (domain, address, created_at, sync_state, synced_at)"
+        " VALUES ($1, $2, $3, 'synced', $4)",
+        [(DOMAIN, r["address"], parse_timestamp(r["created_at"]), AN_HOUR_AGO)
+         for r in emulator.records(DOMAIN, BOUNCES)])
+    emulator.fail_next(503, times=None, page="next")
+    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
+    assert (await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    assert found[5] in await committed_addresses(pool)
+    emulator.faults.clear()
+    # Mailgun drops a record of the committed page; a run removes it from the mirror, then is
+    # killed while it pushes the application's addition, before it records itself.
+    emulator.remove(DOMAIN, BOUNCES, found[5])
+    await insert_row(pool, BOUNCES, DOMAIN, "added@example.com")
+    emulator.inject(Fault(action="delay", delay_s=30, method="POST"))
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "run", "--list", "bounces", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    deadline = asyncio.get_running_loop().time() + 20
+    while not [r for r in emulator.requests if r.method == "POST" and r.status is None]:
+        assert asyncio.get_running_loop().time() < deadline, "the run never pushed"
+        await asyncio.sleep(0.01)
+    worker.send_signal(signal.SIGKILL)
+    await worker.wait()
+    emulator.faults.clear()
+    await wait_until_unlocked(pool)
+    assert found[5] not in await rows(pool, BOUNCES)
+    assert not await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs WHERE NOT dry_run"
+                                   " AND (status = 'ok' OR removed > 0)")
+
+    resumed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert resumed.status == "ok"
+    assert found[5] not in await rows(pool, BOUNCES)
+
+
 async def test_a_resumed_backfill_does_not_vouch_for_rows_added_after_it_began(
         pool, store, emulator, make_client, make_reconciler):
     emulator.seed(DOMAIN, BOUNCES, [{"address": f"b{i:04}@example.com"} for i in range(300)])
