@@ -5,6 +5,7 @@ which is what these tests do; the server itself is shared by the whole test run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from tests.support.account import DOMAIN
 from tests.support.mirror import rows
+from tests.support.proxy import SilentProxy
 from worker.database import open_pool
 from worker.devtools.sql import queries
 from worker.emulator import Fault
@@ -173,3 +175,46 @@ async def test_the_server_gives_up_a_silent_worker_as_soon_as_the_worker_gives_i
         pytest.skip("a Unix socket has no TCP settings")
     assert dict(settings) == {"idle": "20", "interval": "10", "probes": "4",
                               "user_timeout": "60000", "over_a_socket_file": False}
+
+
+@pytest.mark.parametrize("answer_within", [pytest.param(2.0, id="DATABASE_TIMEOUT"),
+                                           pytest.param(None, id="no bound", marks=pytest.mark.slow)])
+async def test_a_run_whose_server_goes_silent_behind_a_proxy_fails_within_database_timeout(
+        answer_within, database_url, pool, emulator, client):
+    # A proxy between the worker and the server (a service mesh's sidecar, a pooler) answers the
+    # kernel's probes for a server it has lost, so only a bound on each answer notices. The run
+    # fails within it, saying so, its connection closed rather than waiting for a cancellation
+    # that nothing answers; once the lost session is gone (a failover ends it) the next run
+    # through the same pool converges. Without the bound the run is still waiting.
+    await arrange(pool, emulator)
+    loop = asyncio.get_running_loop()
+    async with SilentProxy(database_url).running() as proxy, \
+            open_pool(proxy.url, max_size=2, answer_within=answer_within) as proxied:
+        reconciler = Reconciler(MirrorStore(proxied), client, ReconcileOptions())
+        emulator.inject(Fault(action="delay", delay_s=0.5, times=1, method="GET"))
+        running = asyncio.create_task(reconciler.reconcile(uuid.uuid4(), DOMAIN, BOUNCES))
+        while not [r for r in emulator.requests if r.method == "GET"]:
+            assert not running.done(), running.result()
+            await asyncio.sleep(0.01)
+        proxy.cut()  # the connections open now carry nothing more; new ones work
+        lost = loop.time()
+        done, _ = await asyncio.wait([running], timeout=answer_within + 3 if answer_within else 5)
+        if answer_within is None:
+            assert not done, "the run was expected to wait for the silent server"
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            return
+        result = running.result()
+        assert result.status == "failed"
+        assert loop.time() - lost <= answer_within + 2
+        assert "PostgreSQL did not answer in time while" in str(result.error)
+        assert await terminate_lock_holders(pool) == 1  # the failover ends the lost session
+        while await pool.fetchval(f"SELECT count(*) FROM ({LOCK_HOLDERS}) held"):
+            assert loop.time() - lost < 30, "the lost session's lock was never released"
+            await asyncio.sleep(0.01)
+
+        again = await reconciler.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert again.status == "ok", again.error
+    assert len(await rows(pool, BOUNCES)) == N + PENDING

@@ -28,7 +28,9 @@ async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
         # a piece of the password).
         raise DatabaseError(f"PostgreSQL could not be reached while {doing}: DATABASE_URL's host "
                             f"name does not resolve ({exc.strerror})") from exc
-    except (OSError, TimeoutError) as exc:
+    except TimeoutError as exc:
+        raise DatabaseTimeoutError(f"PostgreSQL did not answer in time while {doing}") from exc
+    except OSError as exc:
         raise DatabaseError(f"PostgreSQL could not be reached while {doing}: {exc}") from exc
 
 
@@ -78,8 +80,12 @@ async def _notice_a_silent_server(dead_after: float, connection: asyncpg.Connect
 
 @contextlib.asynccontextmanager
 async def open_pool(database_url: str, *, max_size: int = POOL_SIZE,
-                    statement_timeout: float | None = None,
+                    statement_timeout: float | None = None, answer_within: float | None = None,
                     dead_after: float = DEAD_AFTER) -> AsyncIterator[asyncpg.Pool]:
+    """`answer_within`: how long a statement's answer is waited for (DATABASE_TIMEOUT) before it
+    raises TimeoutError, on the worker's side. A proxy between the worker and the server (a
+    service mesh's sidecar, a connection pooler) keeps answering the kernel's probes when the
+    server behind it is lost, so only this notices that server's silence."""
     # No statement cache: each reconcile creates its own temporary tables, which would
     # invalidate cached plans, and an unnamed statement costs one parse per query.
     # temp_buffers can only be set before a session's first temporary table: a million staged
@@ -89,6 +95,7 @@ async def open_pool(database_url: str, *, max_size: int = POOL_SIZE,
         try:
             pool = await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size, statement_cache_size=0, timeout=15,
+                command_timeout=answer_within,
                 init=functools.partial(_notice_a_silent_server, dead_after),
                 server_settings={"application_name": "mailgun-sync", "temp_buffers": "256MB",
                                  "jit": "off", **_ends_statements_after(statement_timeout),

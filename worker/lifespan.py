@@ -48,7 +48,8 @@ async def open_resources(settings: Settings, *, observer: HttpObserver | None = 
     if not settings.database_url:
         raise ConfigError("DATABASE_URL", "is not set; give a postgresql:// URL for the mirror")
     async with contextlib.AsyncExitStack() as stack:
-        pool = await stack.enter_async_context(open_pool(settings.database_url))
+        pool = await stack.enter_async_context(open_pool(settings.database_url,
+                                                         answer_within=settings.database_timeout))
         serving_pool = await stack.enter_async_context(
             open_pool(settings.database_url, max_size=settings.webhook_pool_size,
                       statement_timeout=WRITE_WITHIN)) if serving else None

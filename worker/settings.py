@@ -32,7 +32,7 @@ ENVIRONMENT = (
     "SYNC_JITTER", "HTTP_PORT", "SYNC_FAILURES_BEFORE_UNREADY", "SHUTDOWN_GRACE", "SYNC_PULL_RANGES",
     "SYNC_CONFIG", "MAILGUN_WEBHOOK_SIGNING_KEY", "WEBHOOK_MAX_AGE", "SYNC_RETENTION_DAYS",
     "MAILGUN_API_KEY_FILE", "DATABASE_URL_FILE", "MAILGUN_WEBHOOK_SIGNING_KEY_FILE",
-    "WEBHOOK_PORT", "WEBHOOK_POOL_SIZE",
+    "WEBHOOK_PORT", "WEBHOOK_POOL_SIZE", "DATABASE_TIMEOUT",
 )
 
 # The settings that hold a secret; each is also read from the file its `<NAME>_FILE` names.
@@ -301,6 +301,8 @@ class Settings:
     backoff_max: float = 60.0
     max_delete_fraction: float = 0.10
     http_timeout: float = 30.0
+    # How long a run waits for one answer of PostgreSQL before it gives its connection up.
+    database_timeout: float = 900.0
     pull_ranges: int = 16
     # The daemon's
     sync_interval: float = 900.0
@@ -357,6 +359,9 @@ class Settings:
             http_timeout=_parse(merged, "MAILGUN_TIMEOUT", float, 30.0,
                                 lambda v: math.isfinite(v) and 0 < v <= 600,
                                 "a number of seconds above 0, at most 600"),
+            database_timeout=_parse(merged, "DATABASE_TIMEOUT", float, 900.0,
+                                    lambda v: math.isfinite(v) and 1 <= v <= 86400,
+                                    "a number of seconds from 1 to 86400"),
             pull_ranges=_parse(merged, "SYNC_PULL_RANGES", int, 16, lambda v: 1 <= v <= 64,
                                "a whole number from 1 to 64"),
             sync_interval=_parse(merged, "SYNC_INTERVAL", float, 900.0,

@@ -7,6 +7,7 @@ lives whole in Python.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import re
@@ -19,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from worker.database import wrap_db_errors
+from worker.errors import DatabaseTimeoutError
 from worker.records import ListRef, Page, Record, StagingRow, SuppressionList
 from worker.runs import RunCounts, RunStatus
 from worker.sql import queries
@@ -33,6 +35,8 @@ DATA_COLUMNS: dict[SuppressionList, tuple[tuple[str, str], ...]] = {
     SuppressionList.ALLOWLIST: (("type", "code"), ("reason", "error"), ("created_at", "created_at")),
 }
 MIRRORED_LISTS = tuple(DATA_COLUMNS)
+# Ending a list's session takes milliseconds; past this its connection is closed instead.
+SESSION_END_WITHIN = 10.0
 
 _PLACEHOLDER = re.compile(r"\{(table|list|cols|r_cols|m_cols|set_cols|address|address_key)\}")
 
@@ -439,6 +443,28 @@ class ListSession:
         return marked
 
 
+async def _end_list_session(connection: asyncpg.Connection, ref: ListRef) -> None:
+    """Drop the session's staging and release the list's lock; or, where that cannot be done
+    within milliseconds' work (cancelled mid-operation, a COPY say, or a server gone silent),
+    close the connection, which ends the session on the server and so does both. (A connection
+    already lost is already back in the pool.)"""
+    try:
+        if connection.is_closed():
+            return
+    except asyncpg.InterfaceError:  # terminated, and with that already back in the pool
+        return
+    try:
+        async with asyncio.timeout(SESSION_END_WITHIN):
+            await connection.execute(queries()["drop_staging"])
+            await connection.fetchval(queries()["unlock_list"], ref.domain, ref.list.value)
+        return
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+            TimeoutError):
+        pass
+    with contextlib.suppress(asyncpg.InterfaceError):
+        connection.terminate()
+
+
 class MirrorStore:
     """The mirror database: migrations, per-list sessions and the run record."""
 
@@ -458,17 +484,14 @@ class MirrorStore:
                 return
             try:
                 yield ListSession(connection, ref)
+            except DatabaseTimeoutError:
+                # A statement given up (DATABASE_TIMEOUT): asyncpg's next statement on this
+                # connection, and its release, would wait for a cancellation the silent server
+                # never answers.
+                connection.terminate()
+                raise
             finally:
-                try:
-                    await connection.execute(queries()["drop_staging"])
-                    await connection.fetchval(queries()["unlock_list"], ref.domain, ref.list.value)
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
-                        OSError):
-                    # Cancelled mid-operation (a COPY, say), the connection cannot be cleaned up:
-                    # closing it ends the session, which drops the staging and releases the lock.
-                    # (A connection already lost is already back in the pool.)
-                    with contextlib.suppress(asyncpg.InterfaceError):
-                        connection.terminate()
+                await _end_list_session(connection, ref)
         finally:
             await self._pool.release(connection)
 
