@@ -503,7 +503,8 @@ FROM staged;
 -- (and so removed what Mailgun no longer had), or has a removal been carried out at Mailgun, since?
 -- Then its saved pages may hold records deleted meanwhile. A guarded run removed nothing. Pages
 -- older than the carried-out removals are kept (30 days) cannot be checked, and are read again.
--- `overtaken`: a run removed rows since, recorded or not (killed before its sync_runs line).
+-- `overtaken`: since, a run removed rows or Mailgun confirmed a deletion, marked in the statement
+-- that wrote it down: whatever the run's record says, its clock, or whether it was pruned since.
 SELECT EXISTS (SELECT 1 FROM mailgun.sync_runs WHERE domain = $1 AND list = $2 AND NOT dry_run
                                                  AND (status = 'ok' OR removed > 0) AND finished_at > $3)
     OR $3 < now() - interval '30 days'
@@ -551,6 +552,9 @@ WITH input AS (
     FROM input i WHERE i.id NOT IN (SELECT id FROM done)
     ON CONFLICT (domain, list, address_key, tag) DO UPDATE SET done_at = excluded.done_at
     WHERE x.done_at IS NOT NULL
+), overtaken AS (
+    -- An unfinished backfill's pages may list what Mailgun just deleted (see backfill_overtaken).
+    UPDATE mailgun.backfill_progress SET overtaken = true WHERE domain = $2 AND list = $3
 )
 INSERT INTO mailgun.changes (run_id, domain, list, address, action, detail)
 SELECT $1, $2, $3, address, 'delete', CASE WHEN tag <> '' THEN 'tag ' || tag END FROM input;

@@ -23,11 +23,13 @@ from structlog.testing import capture_logs
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import changes, insert_row, rows
+from tests.support.replicas import FAKETIME
 from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault
 from worker.mailgun.retry import RetryPolicy
 from worker.reconcile import ReconcileOptions
 from worker.records import ListRef, SuppressionList, format_timestamp, parse_timestamp
+from worker.retention import prune
 
 BOUNCES = SuppressionList.BOUNCES
 COMPLAINTS = SuppressionList.COMPLAINTS
@@ -565,6 +567,71 @@ async def test_a_resumed_backfill_does_not_bring_back_what_a_run_killed_before_r
     resumed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
 
     assert resumed.status == "ok"
+    assert found[5] not in await rows(pool, BOUNCES)
+
+
+async def _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps):
+    """250 bounces on both sides, and a backfill that committed its first page (100) and failed;
+    returns the addresses and the backfill, to resume."""
+    found = seed_bounces(emulator, 250)
+    await pool.executemany(
+        "INSERT INTO mailgun.bounces (domain, address, code, error, created_at, sync_state, synced_at)"
+        " VALUES ($1, $2, $3, $4, $5, 'synced', $6)",
+        [(DOMAIN, r["address"], r["code"], r["error"], parse_timestamp(r["created_at"]),
+          AN_HOUR_AGO - timedelta(hours=2)) for r in emulator.records(DOMAIN, BOUNCES)])
+    emulator.fail_next(503, times=None, page="next")
+    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
+    backfill = backfiller(store, client)
+    assert (await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    emulator.faults.clear()
+    return found, backfill
+
+
+async def test_a_resumed_backfill_does_not_bring_back_what_a_run_removed_though_retention_pruned_its_record(
+        pool, emulator, store, make_client, make_reconciler, sleeps):
+    found, backfill = await _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps)
+    # Mailgun drops a record of the saved page; a run removes it, then fails on its push.
+    assert emulator.remove(DOMAIN, BOUNCES, found[5])
+    await insert_row(pool, BOUNCES, DOMAIN, "added@example.com")
+    emulator.inject(Fault(status=503, method="POST", times=None))
+    removing = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert (removing.status, removing.removed) == ("failed", 1)
+    emulator.faults.clear()
+    # Two days on, a run that removed nothing fails, and a retention of one day prunes the first.
+    await pool.execute("UPDATE mailgun.sync_runs SET started_at = started_at - interval '2 days',"
+                       " finished_at = finished_at - interval '2 days'")
+    await pool.execute("UPDATE mailgun.backfill_progress SET started_at = started_at - interval '2 days'")
+    emulator.inject(Fault(status=503, method="GET", times=None))
+    assert (await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    emulator.faults.clear()
+    await prune(pool, 1)
+    assert not await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs WHERE removed > 0")
+
+    resumed = await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert resumed.status == "ok", resumed.error
+    assert found[5] not in await rows(pool, BOUNCES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FAKETIME is None, reason="pip install libfaketime")
+async def test_a_resumed_backfill_does_not_bring_back_what_a_run_whose_clock_is_behind_removed(
+        pool, emulator, store, make_client, database_url, sleeps):
+    # The run records itself by its own clock, which makes its run look older than the backfill.
+    found, backfill = await _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps)
+    assert emulator.remove(DOMAIN, BOUNCES, found[5])
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
+           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url,
+           "LD_PRELOAD": str(FAKETIME), "FAKETIME": "-3600", "DONT_FAKE_MONOTONIC": "1"}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "run", "--list", "bounces", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await asyncio.wait_for(worker.wait(), 60) == 0
+    assert found[5] not in await rows(pool, BOUNCES)
+
+    resumed = await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert resumed.status == "ok", resumed.error
     assert found[5] not in await rows(pool, BOUNCES)
 
 
