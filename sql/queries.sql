@@ -576,8 +576,11 @@ WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") COLLATE "
   AND (r.tag = '' OR r.tag = ANY (m.tags));
 
 -- name: removals_superseded
--- $1 removal ids: tag removals of records deleted whole; nothing was sent for them.
-DELETE FROM mailgun.removals WHERE id = ANY ($1::bigint[]);
+-- $1 removal ids: tag removals of records deleted whole; nothing was sent for them. One whose
+-- record's removal was cancelled since (the address added back) stays queued, and is sent.
+DELETE FROM mailgun.removals t WHERE t.id = ANY ($1::bigint[])
+  AND EXISTS (SELECT 1 FROM mailgun.removals w WHERE w.domain = t.domain AND w.list = t.list
+                AND w.address_key = t.address_key AND w.tag = '' AND w.done_at IS NOT NULL);
 
 -- name: removal_failed
 -- $1 removal id, $2 why

@@ -10,6 +10,8 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+
 from tests.support.account import DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
 from tests.support.waiting import wait_for
@@ -347,3 +349,54 @@ async def test_a_late_webhook_older_than_the_applications_change_of_a_pending_ro
     remote = [(r["address"], r["code"]) for r in emulator.records(DOMAIN, BOUNCES)]
     assert remote == [("ann@example.com", "551")]
     assert (await rows(pool, BOUNCES))["ann@example.com"]["sync_state"] == "synced"
+
+
+async def test_a_tag_removal_kept_by_an_address_added_back_is_not_lost_to_a_run_that_read_it_as_superseded(
+        pool, emulator, database_url, make_reconciler):
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": "reader@example.com", "tags": ["news", "promo"],
+                                         "created_at": CREATED.strftime("%a, %d %b %Y %H:%M:%S UTC")}])
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "reader@example.com", state="synced",
+                     synced_at=AN_HOUR_AGO, created_at=CREATED, tags=["news", "promo"])
+    # The application removes the unsubscribe: the whole record's removal and each tag's are queued.
+    await pool.execute("DELETE FROM mailgun.unsubscribes")
+    assert sorted(await pool.fetchval("SELECT array_agg(tag) FROM mailgun.removals")) == ["", "news", "promo"]
+
+    # A session holding the `promo` removal's row for a moment places the application's write
+    # between two of the run's statements: after it read the queue (the tag removals superseded by
+    # the whole record's), before it clears them.
+    holder = await asyncpg.connect(database_url)
+    app = await asyncpg.connect(database_url)
+    try:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT 1 FROM mailgun.removals WHERE tag = 'promo' FOR UPDATE")
+        run = asyncio.ensure_future(make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES))
+        for _ in range(500):
+            if await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                   " AND datname = current_database()"):
+                break
+            assert not run.done(), run.result()
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the run never reached the superseded removals")
+        # The application changes its mind: the reader stays unsubscribed from `news` only.
+        readd = asyncio.ensure_future(app.execute(
+            "INSERT INTO mailgun.unsubscribes (domain, address, tags) VALUES ($1, $2, '{news}')",
+            DOMAIN, "reader@example.com"))
+        await asyncio.sleep(0.3)
+        await hold.rollback()
+        await readd
+        first = await run
+    finally:
+        await holder.close()
+        await app.close()
+    second = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+
+    assert (first.status, second.status) == ("ok", "ok"), (first.error, second.error)
+    remote = {r["address"]: r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)}
+    mirror = {a: (r["tags"], r["sync_state"]) for a, r in (await rows(pool, UNSUBSCRIBES)).items()}
+    # README: an unsubscribe added again with fewer tags before the run cancels the whole removal and
+    # those of its tags, and the others are still dropped at Mailgun.
+    assert (remote, mirror) == ({"reader@example.com": ["news"]},
+                                {"reader@example.com": (["news"], "synced")}), (
+        f"the dropped tag `promo` is back on both sides: Mailgun {remote}, mirror {mirror}")

@@ -268,8 +268,6 @@ class Reconciler:
         if options.dry_run:
             result.deleted = len(todo)
             return todo
-        if superseded:
-            await session.removals_superseded(superseded)
         sent: list[QueuedRemoval] = []
         for start in range(0, len(todo), REMOVALS_AT_ONCE):
             chunk = await session.removals_sending(todo[start:start + REMOVALS_AT_ONCE])
@@ -281,6 +279,10 @@ class Reconciler:
                 removal, exc = failure
                 await session.removal_failed(removal.id, str(exc))
                 raise exc
+        if superseded:
+            # Only once their record's DELETE is carried out: the application may have added the
+            # address back since they were read, cancelling that DELETE but not these.
+            await session.removals_superseded(superseded)
         return sent
 
     async def _delete_all(self, session: ListSession, removals: Sequence[QueuedRemoval]
