@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from tests.support.account import DOMAIN
@@ -47,6 +48,37 @@ async def test_a_synced_row_deleted_locally_is_deleted_at_mailgun(pool, emulator
     assert list(await rows(pool, BOUNCES)) == ["keep@example.com"]
     assert ("bounces", "drop+tag@example.com", "delete") in await changes(pool)
     assert await pool.fetchval("SELECT count(*) FROM mailgun.removals WHERE done_at IS NULL") == 0
+
+
+@pytest.mark.parametrize("kind", ["bounces", "unsubscribes", "complaints", "allowlist"])
+async def test_changing_the_address_of_a_row_mailgun_holds_is_refused_saying_how(pool, kind):
+    # The old address would stay at Mailgun, no removal queued, and come back with the next pull.
+    column = "value" if kind == "allowlist" else "address"
+    await insert_row(pool, kind, DOMAIN, "old@example.com", state="synced", synced_at=AN_HOUR_AGO)
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await pool.execute(f"UPDATE mailgun.{kind} SET {column} = 'new@example.com'")
+    assert refused.value.message == f"mailgun.{kind}: the address of a row Mailgun may hold cannot be changed"
+    assert refused.value.hint == ("DELETE the row and INSERT the new address: the old one is then "
+                                  "deleted at Mailgun")
+    assert list(await rows(pool, kind)) == ["old@example.com"]
+    # Its spelling may change: to Mailgun it is the same address.
+    await pool.execute(f"UPDATE mailgun.{kind} SET {column} = 'Old@Example.com'")
+    assert list(await rows(pool, kind)) == ["Old@Example.com"]
+
+
+async def test_an_address_changed_by_delete_and_insert_is_deleted_at_mailgun_and_the_new_one_pushed(
+        pool, emulator, make_reconciler):
+    await both_have(pool, emulator, ["old@example.com"])
+    async with pool.acquire() as app, app.transaction():
+        await app.execute("DELETE FROM mailgun.bounces WHERE address = 'old@example.com'")
+        await app.execute("INSERT INTO mailgun.bounces (domain, address) VALUES ($1, 'new@example.com')",
+                          DOMAIN)
+
+    result = await run(make_reconciler)
+
+    assert (result.status, result.deleted, result.pushed) == ("ok", 1, 1)
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["new@example.com"]
+    assert list(await rows(pool, BOUNCES)) == ["new@example.com"]
 
 
 async def test_deleting_a_pending_row_just_cancels_its_push(pool, emulator, make_reconciler):
