@@ -61,6 +61,31 @@ async def test_the_key_appears_in_no_log_error_table_status_or_metric(
         assert BASIC_AUTH not in text
 
 
+@pytest.mark.parametrize("quoted", ["the key", "the Authorization header"])
+async def test_a_refusal_quoting_the_key_it_refused_shows_it_nowhere(
+        quoted, pool, store, emulator, make_client, make_reconciler):
+    # Mailgun answers "Forbidden"; a gateway in front of it may quote what it refused.
+    secret = API_KEY if quoted == "the key" else BASIC_AUTH.split()[-1]
+    await pool.execute("INSERT INTO mailgun.bounces (domain, address) VALUES ($1, 'p@example.com')", DOMAIN)
+    emulator.inject(Fault(status=403, times=None, method="GET", message=f"Invalid private key {secret}"))
+    emulator.inject(Fault(status=400, times=None, method="POST", message=f"bad auth {secret}"))
+
+    with capture_logs() as logs:
+        pulled = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+        emulator.faults.clear()
+        emulator.inject(Fault(status=400, times=None, method="POST", message=f"bad auth {secret}"))
+        pushed = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+
+    assert "Mailgun refused the request (403 Invalid private key [redacted])" in str(pulled.error)
+    assert pushed.rejected == 1
+    tables = [str(tuple(r)) for t in ("sync_runs", "changes", "bounces")
+              for r in await pool.fetch(f"SELECT * FROM mailgun.{t}")]
+    status = str(await list_status(store, [DOMAIN]))
+    for text in (str(pulled.error), str(logs), status, *tables):
+        assert secret not in text
+    assert "bad auth [redacted]" in " ".join(tables)
+
+
 async def test_the_key_goes_only_to_the_configured_origin(emulator, make_client):
     async with MailgunEmulator(api_key=API_KEY, domains=[DOMAIN]) as elsewhere:
         emulator.seed(DOMAIN, BOUNCES, [{"address": f"a{i}@example.com"} for i in range(6)])

@@ -89,6 +89,9 @@ class Transport:
         self.base = validate_api_base(api_base)
         self.origin = urlsplit(self.base)
         self._auth = aiohttp.encode_basic_auth("api", api_key)
+        # What a refusal's text must never carry on into errors, logs and sync_runs.error: a
+        # gateway in front of the API may quote the key, or the header, it refused.
+        self._secrets = (api_key.encode(), self._auth.split()[-1].encode())
         self._retry = retry
         self._max_response_bytes = max_response_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -174,7 +177,15 @@ class Transport:
         if status == 429 or status >= 500:
             raise Retryable(f"HTTP {status}", status=status,
                             wait_hint=server_wait_hint(status, response.headers))
+        if not 200 <= status < 300:
+            body = self._redacted(body)
         return Reply(status, body, url)
+
+    def _redacted(self, body: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret and secret in body:
+                body = body.replace(secret, b"[redacted]")
+        return body
 
     async def _read_capped(self, response: aiohttp.ClientResponse, url: str) -> bytes:
         cap = self._max_response_bytes
