@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from structlog.testing import capture_logs
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
@@ -202,6 +203,24 @@ async def test_a_list_no_longer_synced_gets_no_last_success_gauge_at_start(emula
         assert last_success(metrics, "mg.retired.example.com") is None
     finally:
         await daemon.drain(grace=5)
+
+
+async def test_the_daemon_warns_at_its_start_and_each_refresh_of_pending_rows_of_a_domain_it_does_not_sync(
+        emulator, pool, store, client):
+    await insert_row(pool, BOUNCES, "mg.misspelt.example.com", "a@example.com")
+    daemon = Daemon(daemon_settings(emulator, sync_interval=3600),
+                    Resources(pool=pool, store=store, mailgun=client),
+                    Metrics(), fixed_plans([DomainPlan(DOMAIN, client.api_base, (BOUNCES,))]))
+    with capture_logs() as logs:
+        await daemon.start()
+        try:
+            await daemon.refresh_domains()
+        finally:
+            await daemon.drain(grace=5)
+
+    warned = [line for line in logs if line["event"] == "pending_rows_of_unsynced_domain"]
+    assert [(line["domain"], line["rows"], line["lists"]) for line in warned] == [
+        ("mg.misspelt.example.com", 1, {"bounces": 1})] * 2
 
 
 async def test_a_list_scheduled_by_a_refresh_gets_its_last_success_and_one_unscheduled_loses_it(

@@ -54,6 +54,7 @@ from worker.report import (
     render_summary,
     render_table,
     render_unsynced,
+    warn_of_unsynced_rows,
 )
 from worker.retention import prune
 from worker.retention import render as render_prune
@@ -382,18 +383,6 @@ async def run_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if not args.domains and not planned.failures:  # every domain synced is known
             await warn_of_unsynced_rows(resources.store, [plan.name for plan in planned.domains])
     return print_results(results, planned.failures, as_json=args.json, dry_run=args.dry_run)
-
-
-async def warn_of_unsynced_rows(store: MirrorStore, synced: Sequence[str]) -> None:
-    """One warning per domain that is not synced but has pending rows (a misspelt domain in an
-    INSERT, a domain no longer configured): nothing will ever push them."""
-    by_domain: dict[str, dict[str, int]] = {}
-    for row in await store.pending_elsewhere(synced):
-        by_domain.setdefault(row["domain"], {})[row["list"]] = row["pending_rows"]
-    for domain, lists in by_domain.items():
-        log.warning("pending_rows_of_unsynced_domain", domain=domain, rows=sum(lists.values()),
-                    lists=lists, detail="no configured domain has this name: nothing pushes these "
-                                        "rows; correct their domain, or sync the domain")
 
 
 DRY_RUN_NOTICE = "dry run: nothing was changed; the counts are what a run would do now\n"

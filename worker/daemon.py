@@ -37,6 +37,7 @@ from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.reconcile import ReconcileOptions, Reconciler
 from worker.records import ListRef, SuppressionList
+from worker.report import warn_of_unsynced_rows
 from worker.retention import prune
 from worker.runs import RunStatus
 from worker.schedule import (
@@ -164,6 +165,7 @@ class Daemon:
         start."""
         await self._schedule(await self._planner())
         await self.refresh_gauges()
+        await self._warn_of_unsynced_rows()
         self._scheduler.add_job(
             self._claim_due, IntervalTrigger(seconds=CLAIM_EVERY, timezone=UTC), id=_CLAIM_JOB,
             name="claim the lists due", next_run_time=datetime.now(UTC))
@@ -247,6 +249,7 @@ class Daemon:
         try:
             if await self._schedule(await self._planner()):
                 await self.refresh_gauges()
+            await self._warn_of_unsynced_rows()
         except SyncError as exc:  # keep syncing what is scheduled; try again next time
             self._metrics.domain_refreshes.labels(outcome="failed").inc()
             log.error("domains_not_refreshed", error=str(exc))
@@ -254,6 +257,16 @@ class Daemon:
             log.warning("domains_refresh_cancelled", reason="the daemon is stopping")
         except Exception:  # the daemon outlives a broken refresh, like a broken run
             log.exception("domains_refresh_crashed")
+
+    async def _warn_of_unsynced_rows(self) -> None:
+        """At the start and each refresh, as `run` does: rows of a domain nobody syncs wait
+        forever. Not while a region's listing is stale (its domains may be missing)."""
+        if self._stale:
+            return
+        try:
+            await warn_of_unsynced_rows(self._resources.store, self._domains)
+        except SyncError as exc:  # a warning only: the next refresh tries again
+            log.warning("unsynced_rows_not_counted", error=str(exc))
 
     def _reconciler(self, plan: DomainPlan) -> Reconciler:
         if plan.api_base not in self._reconcilers:

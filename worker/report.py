@@ -6,9 +6,12 @@ import collections
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from worker.logs import get_logger
 from worker.reconcile import ListResult
 from worker.runs import RUN_COUNTS
 from worker.store import MIRRORED_LISTS, MirrorStore
+
+log = get_logger(__name__)
 
 
 def render_table(results: Sequence[ListResult]) -> str:
@@ -140,3 +143,15 @@ def render_discovery(regions: Sequence[dict[str, Any]]) -> str:
                      f"{region['error']}")
         lines.append(line)
     return "".join(f"{line}\n" for line in lines)
+
+
+async def warn_of_unsynced_rows(store: MirrorStore, synced: Sequence[str]) -> None:
+    """One warning per domain that is not synced but has pending rows (a misspelt domain in an
+    INSERT, a domain no longer configured): nothing will ever push them."""
+    by_domain: dict[str, dict[str, int]] = {}
+    for row in await store.pending_elsewhere(synced):
+        by_domain.setdefault(row["domain"], {})[row["list"]] = row["pending_rows"]
+    for domain, lists in by_domain.items():
+        log.warning("pending_rows_of_unsynced_domain", domain=domain, rows=sum(lists.values()),
+                    lists=lists, detail="no configured domain has this name: nothing pushes these "
+                                        "rows; correct their domain, or sync the domain")
