@@ -6,16 +6,27 @@ fails, naming the marker, so the fast run stays fast as tests are added."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import multiprocessing.util
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 # Python's audit events for every way of starting a process (asyncio's subprocesses go through
-# subprocess.Popen).
+# subprocess.Popen), and one of this module's own: multiprocessing's spawn and forkserver start
+# methods start their processes through a call that raises no audit event.
 PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-                            "os.exec", "os.system"})
+                            "os.exec", "os.system", "multiprocessing.spawn"})
+
+
+def _audited_spawn(spawn: Callable[..., int]) -> Callable[..., int]:
+    @functools.wraps(spawn)
+    def spawnv_passfds(path: bytes | str, args: Sequence[str], passfds: Sequence[int]) -> int:
+        sys.audit("multiprocessing.spawn", path, args)
+        return spawn(path, args, passfds)
+    return spawnv_passfds
 
 
 class ProcessGuard:
@@ -27,6 +38,7 @@ class ProcessGuard:
         self._test: str | None = None  # the node id of the unmarked test running now
         self._started: str | None = None  # what it started
         sys.addaudithook(self._audit)
+        multiprocessing.util.spawnv_passfds = _audited_spawn(multiprocessing.util.spawnv_passfds)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
