@@ -18,7 +18,7 @@ from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import insert_row, rows
 from tests.support.waiting import wait_for
 from tests.support.webhooks import SIGNING_KEY, deliver, event, webhook_app
-from worker.errors import DatabaseError
+from worker.errors import WebhookDataRefusedError
 from worker.metrics import Metrics
 from worker.records import SuppressionList
 from worker.settings import Settings
@@ -375,22 +375,31 @@ async def test_events_for_one_address_in_one_batch_apply_in_arrival_order(pool):
     assert (await rows(pool, UNSUBSCRIBES))["o@example.com"]["tags"] == ["a", "b"]
 
 
-async def test_an_event_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_stored(http, pool):
+async def test_an_event_the_database_refuses_for_its_data_is_406_alone_and_the_rest_of_its_batch_is_stored(
+        http, pool):
     # An application's own constraint on the mirror refuses one address.
     await pool.execute("ALTER TABLE mailgun.complaints ADD CONSTRAINT test_refuses_one"
                        " CHECK (address <> 'refused@example.com')")
     try:
         addresses = [f"fine{i:03}@example.com" for i in range(50)] + ["refused@example.com"]
         deliveries = [event("complained", a, DOMAIN) for a in addresses]
-        answers = await asyncio.gather(*(deliver(http, d) for d in deliveries))
+        with capture_logs() as logs:
+            answers = await asyncio.gather(*(deliver(http, d) for d in deliveries))
     finally:
         await pool.execute("ALTER TABLE mailgun.complaints DROP CONSTRAINT test_refuses_one")
 
     assert answers[:-1] == [(200, "stored")] * 50
-    assert answers[-1] == (503, "not stored; retry later")
+    # No retry could store it: 406, so Mailgun stops, logged with the constraint that refused it.
+    assert answers[-1] == (406, "the database refuses the event's data for mailgun.complaints"
+                                " (constraint test_refuses_one)")
+    refused = [e for e in logs if e["event"] == "webhook_refused_by_database"]
+    assert [(e["constraint"], e["sqlstate"], e["log_level"]) for e in refused] == \
+        [("test_refuses_one", "23514", "warning")]
     assert sorted(await rows(pool, COMPLAINTS)) == addresses[:-1]
-    # The refused event's token was not used up: Mailgun's retry can still be stored.
-    assert await deliver(http, deliveries[-1]) == (200, "stored")
+    # Its token is used up: the same delivery again, or a copy with other event-data, is a replay.
+    assert await deliver(http, deliveries[-1]) == (200, "replay")
+    assert await deliver(http, forged(deliveries[-1])) == (200, "replay")
+    assert VICTIM not in await rows(pool, COMPLAINTS)
 
 
 async def test_a_failed_batch_is_written_again_event_by_event(pool):
@@ -408,7 +417,8 @@ async def test_a_failed_batch_is_written_again_event_by_event(pool):
         await pool.execute("ALTER TABLE mailgun.complaints DROP CONSTRAINT test_refuses_one")
 
     assert outcomes[0] == outcomes[2] == "stored"
-    assert isinstance(outcomes[1], DatabaseError)
+    assert isinstance(outcomes[1], WebhookDataRefusedError)
+    assert outcomes[1].constraint == "test_refuses_one"
     assert [entry["events"] for entry in logs if entry["event"] == "webhook_batch_failed"] == [3]
 
 
@@ -667,6 +677,79 @@ async def test_deliveries_sharing_a_token_in_one_transaction_write_once_whatever
         ["replay", "replay"]
 
 
+async def _answered_in_one_batch(pool, http, writer: WebhookWriter,
+                                 deliveries: list[dict]) -> list[tuple[int, str]]:
+    """The deliveries' answers, all sent in this order to be written in one batch: the writer is
+    held on a batch of its own while they queue up behind it."""
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("LOCK TABLE mailgun.webhook_tokens IN SHARE ROW EXCLUSIVE MODE")
+        blocker = asyncio.create_task(deliver(http, event("complained", "early@example.com", DOMAIN)))
+        await _someone_waits_for_a_lock(pool)
+        sent = []
+        for number, delivery in enumerate(deliveries, 1):
+            sent.append(asyncio.create_task(deliver(http, delivery)))
+            await wait_for(lambda number=number: writer.queued == number)
+    assert await blocker == (200, "stored")
+    return list(await asyncio.gather(*sent))
+
+
+async def test_a_forged_copy_behind_a_delivery_the_database_refuses_in_one_batch_is_a_replay(
+        pool, aiohttp_client):
+    genuine = event("failed", "refused@example.com", DOMAIN)
+    fine = event("complained", "fine@example.com", DOMAIN)
+    # An application's own constraint on the mirror refuses the genuine event: the batch fails, and
+    # is written again one delivery at a time.
+    await pool.execute("ALTER TABLE mailgun.bounces ADD CONSTRAINT test_refuses_one"
+                       " CHECK (address <> 'refused@example.com')")
+    try:
+        async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
+            http = await aiohttp_client(endpoint_app(writer, Metrics()))
+            answers = await _answered_in_one_batch(pool, http, writer, [genuine, forged(genuine), fine])
+            await pool.execute("ALTER TABLE mailgun.bounces DROP CONSTRAINT test_refuses_one")
+            again = await deliver(http, genuine)
+    finally:
+        await pool.execute("ALTER TABLE mailgun.bounces DROP CONSTRAINT IF EXISTS test_refuses_one")
+
+    # The genuine delivery decides its token: refused for good (406, Mailgun stops), its token
+    # used up, so the copy carrying a forged complaint is a replay, alone or sent again later.
+    assert answers == [(406, "the database refuses the event's data for mailgun.bounces"
+                             " (constraint test_refuses_one)"),
+                       (200, "replay"), (200, "stored")]
+    assert again == (200, "replay")
+    assert list(await rows(pool, COMPLAINTS)) == ["early@example.com", "fine@example.com"]
+    assert await rows(pool, BOUNCES) == {}
+
+
+async def test_a_forged_copy_behind_a_delivery_that_fails_for_a_passing_reason_in_one_batch_fails_with_it(
+        pool, aiohttp_client):
+    genuine = event("failed", "flaky@example.com", DOMAIN)
+    fine = event("complained", "fine@example.com", DOMAIN)
+    # A failure no fault of the event's: the serialization failure a concurrent transaction can
+    # cause, raised here by a trigger for one address.
+    await pool.execute("""
+        CREATE FUNCTION mailgun.test_fails_for_now() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'could not serialize access' USING ERRCODE = 'serialization_failure'; END $$;
+        CREATE TRIGGER test_fails_for_now BEFORE INSERT OR UPDATE ON mailgun.bounces FOR EACH ROW
+        WHEN (NEW.address = 'flaky@example.com') EXECUTE FUNCTION mailgun.test_fails_for_now();""")
+    try:
+        async with WebhookWriter(WebhookStore(pool), max_age=86400) as writer:
+            http = await aiohttp_client(endpoint_app(writer, Metrics()))
+            answers = await _answered_in_one_batch(pool, http, writer,
+                                                   [genuine, forged(genuine), fine, forged(fine)])
+            await pool.execute("DROP FUNCTION mailgun.test_fails_for_now() CASCADE")
+            # Mailgun retries the genuine delivery after its 503; the copy may come again as well.
+            retried = [await deliver(http, genuine), await deliver(http, forged(genuine))]
+    finally:
+        await pool.execute("DROP FUNCTION IF EXISTS mailgun.test_fails_for_now() CASCADE")
+
+    # The copy is answered as its token's first delivery was: 503, nothing written, token unused.
+    assert answers == [(503, "not stored; retry later"), (503, "not stored; retry later"),
+                       (200, "stored"), (200, "replay")]
+    assert retried == [(200, "stored"), (200, "replay")]
+    assert list(await rows(pool, BOUNCES)) == ["flaky@example.com"]
+    assert list(await rows(pool, COMPLAINTS)) == ["early@example.com", "fine@example.com"]
+
+
 # ---- refused before the database ---------------------------------------------------------------
 
 def _stale() -> dict:
@@ -705,3 +788,4 @@ async def test_a_request_no_signature_vouches_for_costs_no_database_work_and_is_
 
     assert f'mailgun_sync_webhooks_unverified_total{{reason="{reason}"}} 1.0' in page
     assert page.count("mailgun_sync_webhooks_unverified_total{") == 1
+

@@ -11,16 +11,20 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from worker.errors import ConfigError, DatabaseError, DatabaseTimeoutError
+from worker.errors import ConfigError, DatabaseError, DatabaseTimeoutError, DataRefusedError
 from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
 
 
 @contextlib.asynccontextmanager
 async def wrap_db_errors(doing: str) -> AsyncIterator[None]:
-    """Turn driver and connection failures into a DatabaseError that says what was being done."""
+    """Turn driver and connection failures into a DatabaseError that says what was being done: a
+    DataRefusedError when the server refused the data itself, which no retry changes."""
     try:
         yield
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:  # SQLSTATE 23, 22
+        raise DataRefusedError(f"PostgreSQL refused the data while {doing}: {type(exc).__name__}: {exc}",
+                               sqlstate=exc.sqlstate, constraint=exc.constraint_name) from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseError(f"PostgreSQL failed while {doing}: {type(exc).__name__}: {exc}") from exc
     except socket.gaierror as exc:

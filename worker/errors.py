@@ -13,10 +13,13 @@
     │       ├── MalformedPageError   a page that is not the JSON Mailgun documents
     │       └── PagingOrderError     records not in the order parallel ranges rely on
     ├── DatabaseError              PostgreSQL refused or could not be reached
-    │   └── DatabaseTimeoutError   PostgreSQL did not answer in time (the connection was closed)
+    │   ├── DatabaseTimeoutError   PostgreSQL did not answer in time (the connection was closed)
+    │   └── DataRefusedError       PostgreSQL refused the data itself (a constraint, a bad value):
+    │                              the same write would be refused again
     └── WebhookError               a webhook delivery refused; `status` is the answer Mailgun gets
         ├── WebhookAuthError       401: unsigned, badly signed or stale (Mailgun retries)
         └── WebhookPayloadError    406: a payload that will never be valid (Mailgun stops)
+            └── WebhookDataRefusedError  406: an event whose data the database refuses
 
 Messages name what is wrong and what to check. The API key never appears in any of them.
 """
@@ -124,6 +127,19 @@ class DatabaseTimeoutError(DatabaseError):
     COMMIT was under way may have been committed or not."""
 
 
+class DataRefusedError(DatabaseError):
+    """PostgreSQL refused the data itself: an integrity constraint (SQLSTATE class 23, such as an
+    application's CHECK on the mirror) or a value it cannot hold (class 22). Unlike a lost
+    connection, a timeout or a serialization failure, the same write is refused however often it
+    is tried again."""
+
+    def __init__(self, message: str, *, sqlstate: str, constraint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        # The constraint that refused it, when there is one: what a log line names.
+        self.constraint = constraint
+
+
 class WebhookError(SyncError):
     """A webhook delivery was refused."""
 
@@ -151,3 +167,13 @@ class WebhookPayloadError(WebhookError):
 class UnknownDomainError(WebhookPayloadError):
     """The event's domain is not one the daemon syncs: 406, unless the daemon's list of domains is
     incomplete (a region could not be listed), when the event may be for a domain it would sync."""
+
+
+class WebhookDataRefusedError(WebhookPayloadError):
+    """The database refuses the event's own data (DataRefusedError): no retry can store it, so it
+    is answered 406 once its token is used up, and a replay carrying other event-data is a replay."""
+
+    def __init__(self, message: str, *, sqlstate: str, constraint: str | None = None) -> None:
+        super().__init__(message, reason="database_refused")
+        self.sqlstate = sqlstate
+        self.constraint = constraint

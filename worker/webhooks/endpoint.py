@@ -2,8 +2,8 @@
 
 Answers, as Mailgun reads them: 200 stored, a replay, superseded by a local removal, or ignored
 (Mailgun stops); 401 a missing, wrong or stale signature and 503 webhooks not configured or the
-database failing (Mailgun retries for 8 hours); 406 a payload that can never be stored (Mailgun
-stops).
+database failing (Mailgun retries for 8 hours); 406 a payload that can never be stored, or an event
+whose data the database refuses (Mailgun stops).
 
 A request is refused before any database work unless its signature verifies (counted in
 `mailgun_sync_webhooks_unverified_total`), so unsigned floods cost no queries. A signed one uses
@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from worker.errors import SyncError, UnknownDomainError, WebhookError, WebhookPayloadError
+from worker.errors import (
+    SyncError,
+    UnknownDomainError,
+    WebhookDataRefusedError,
+    WebhookError,
+    WebhookPayloadError,
+)
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.webhooks.events import Ignored, Signed, TokenOnly, authenticate, event_label, read_signed
@@ -102,17 +108,27 @@ class WebhookEndpoint:
             log.debug("webhook_ignored", webhook_event=found.event, reason=found.reason)
             return self._answer(200, found.event, "ignored", f"ignored: {found.reason}")
         label = event_label(found.event)
-        outcome = await self._commit(found, label, domain=found.domain, list=found.kind.value)
+        try:
+            outcome = await self._commit(found, label, domain=found.domain, list=found.kind.value)
+        except WebhookDataRefusedError as exc:
+            # Logged each time, not once a second: a genuine event the mirror will never hold.
+            log.warning("webhook_refused_by_database", webhook_event=found.event, domain=found.domain,
+                        list=found.kind.value, constraint=exc.constraint, sqlstate=exc.sqlstate,
+                        reason=str(exc))
+            return self._answer(exc.status, label, "refused", str(exc))
         if outcome is not None:
             log.debug("webhook_written", webhook_event=found.event, domain=found.domain,
                       list=found.kind.value, outcome=outcome)
         return self._committed(label, outcome)
 
     async def _commit(self, delivery: Delivery, label: str, **context: str) -> str | None:
-        """The delivery's outcome, committed with its token; None if nothing was (logged)."""
+        """The delivery's outcome, committed with its token; None if nothing was (logged). Raises
+        WebhookDataRefusedError if the database refused the event's data, its token used up."""
         assert self._writer is not None
         try:
             return await self._writer.submit(delivery)
+        except WebhookDataRefusedError:
+            raise
         except SyncError as exc:
             log.error("webhook_store_failed", webhook_event=label, error=str(exc), **context)
             return None

@@ -11,7 +11,15 @@ token with its row (or its being superseded), an ignored or refused delivery's t
 (`TokenOnly`). Of deliveries sharing a token, the first in arrival order counts and the others are
 replays, within a batch as across batches and replicas (the token's primary key). A batch that
 fails commits nothing, its tokens included, so Mailgun's retry of the delivery (same token) is
-taken as new.
+taken as new. Written again one by one, a token is still decided by its first delivery: a later
+one is a replay once the first is committed, and fails with it if it fails, never written before
+or instead of it.
+
+An event the database refuses for its own data (DataRefusedError: an application's constraint on
+the mirror, a value it cannot hold) can never be stored, however often Mailgun retries it: its
+token is used up on its own and it is answered 406 (WebhookDataRefusedError), so a copy carrying
+other event-data is a replay. Any other failure (a lost connection, a timeout, a serialization
+failure) leaves the token unused, for Mailgun's retry.
 
 A batch's transaction is over within WRITE_WITHIN seconds or abandoned, its connection terminated,
 and its requests answered 503: a connection a failover lost would otherwise never answer, and every
@@ -33,7 +41,7 @@ import asyncpg
 import orjson
 
 from worker.database import connection_within
-from worker.errors import DatabaseTimeoutError, SyncError
+from worker.errors import DatabaseTimeoutError, DataRefusedError, SyncError, WebhookDataRefusedError
 from worker.logs import get_logger
 from worker.records import SuppressionList
 from worker.sql import queries
@@ -180,8 +188,9 @@ class WebhookWriter:
         await self.stop()
 
     async def submit(self, delivery: Delivery) -> str:
-        """The delivery's outcome once committed; raises SyncError (DatabaseError) if it was not,
-        and then its token is not used up."""
+        """The delivery's outcome once committed; raises WebhookDataRefusedError if the database
+        refused the event's own data and its token was used up in its place, else SyncError
+        (DatabaseError) if nothing was committed, and then its token is not used up."""
         if self._task is None or self._task.done():
             raise SyncError("the webhook writer is not running")
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -249,14 +258,52 @@ class WebhookWriter:
             return
         except SyncError as exc:
             if len(batch) == 1:
-                _settle(batch[0][1], error=exc)
+                await self._failed_alone(batch[0], exc)
                 return
             log.warning("webhook_batch_failed", events=len(batch), error=str(exc))
-            for item in batch:
-                await self._flush([item])
+            await self._one_by_one(batch)
             return
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             _settle(done, outcome=outcome)
+
+    async def _one_by_one(self, batch: list[_Item]) -> None:
+        """A failed batch written again delivery by delivery, in arrival order. Only a token's
+        first delivery is written: the others are replays once it is committed (stored, superseded,
+        used, or refused with its token used up), and fail with it if nothing was."""
+        firsts: dict[str, asyncio.Future[str]] = {}
+        for delivery, done in batch:
+            first = firsts.get(delivery.token)
+            if first is None:
+                # A future of the writer's own: the request's may be gone, and the later
+                # deliveries of the token still need the first's outcome.
+                first = firsts[delivery.token] = asyncio.get_running_loop().create_future()
+                await self._flush([(delivery, first)])
+                _settle_as(done, first)
+            elif (error := first.exception()) is not None and not isinstance(error, WebhookDataRefusedError):
+                _settle(done, error=error)
+            else:
+                _settle(done, outcome=REPLAY)
+
+    async def _failed_alone(self, item: _Item, exc: SyncError) -> None:
+        """A delivery whose write failed on its own: 503 with its token unused, unless the database
+        refused the event's own data, which no retry can store: then its token is used up on its
+        own and it is refused (406)."""
+        delivery, done = item
+        if not (isinstance(exc, DataRefusedError) and isinstance(delivery, WebhookEvent)):
+            _settle(done, error=exc)
+            return
+        try:
+            [outcome] = await self._store.write([TokenOnly(delivery.token, delivery.signed_at)])
+        except SyncError as failed:
+            _settle(done, error=failed)  # nothing committed, the token included: 503
+            return
+        if outcome != USED:  # another delivery of the token was committed meanwhile
+            _settle(done, outcome=outcome)
+            return
+        why = f"constraint {exc.constraint}" if exc.constraint else f"SQLSTATE {exc.sqlstate}"
+        _settle(done, error=WebhookDataRefusedError(
+            f"the database refuses the event's data for mailgun.{delivery.kind.value} ({why})",
+            sqlstate=exc.sqlstate, constraint=exc.constraint))
 
     def _take_waiting(self, count: int) -> list[_Item]:
         items: list[_Item] = []
@@ -286,6 +333,14 @@ class WebhookWriter:
             return
         if pruned:
             log.info("webhook_tokens_pruned", tokens=pruned)
+
+
+def _settle_as(done: asyncio.Future[str], settled: asyncio.Future[str]) -> None:
+    """Settle `done` as `settled` was."""
+    if (error := settled.exception()) is not None:
+        _settle(done, error=error)
+    else:
+        _settle(done, outcome=settled.result())
 
 
 def _settle(done: asyncio.Future[str], *, outcome: str | None = None,
