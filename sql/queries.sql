@@ -600,7 +600,12 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 --   * Unless Mailgun may have lost the record since: a DELETE of the address was in flight, or was
 --     confirmed only after the event happened (within a minute, for the two clocks). Then the row
 --     is written pending, and the next run adopts it or sends it back.
--- Returns every token's outcome: stored, replay or superseded.
+--   * The statement decides on what its snapshot shows; another transaction committing a change of
+--     the address after it was taken (an application's INSERT the insert below waits for and then
+--     conflicts with, a DELETE, an UPDATE making the row pending the UPDATE below then skips)
+--     leaves the event neither updated nor inserted: `moved`. The caller rolls the statement back
+--     and runs it again, when its new snapshot shows the change.
+-- Returns every token's outcome: stored, replay, superseded or moved.
 WITH input AS (
     SELECT e.*, lower(e.address COLLATE "C") COLLATE "default" AS key
     FROM jsonb_to_recordset($1::jsonb) AS e(token text, signed_at timestamptz, domain text, address text,
@@ -635,7 +640,8 @@ WITH input AS (
         sync_error = NULL, synced_at = clock_timestamp()
     FROM accepted r
     WHERE m.domain = r.domain AND m.address_key = r.key
-    RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
+      AND NOT (m.sync_state = 'pending' AND m.updated_at > r.occurred_at)
+    RETURNING r.token, r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
 ), inserted AS (
     INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
     SELECT r.domain, r.address, {r_cols},
@@ -653,11 +659,16 @@ WITH input AS (
     UNION ALL
     SELECT r.change_id, n.domain, '{list}', n.address, 'insert', r.event_id, 'webhook'
     FROM inserted n JOIN accepted r ON r.domain = n.domain AND r.key = n.address_key
+), written AS (
+    SELECT token FROM updated
+    UNION ALL
+    SELECT r.token FROM inserted n JOIN accepted r ON r.domain = n.domain AND r.key = n.address_key
 )
 SELECT i.token,
-       CASE WHEN f.token IS NULL THEN 'replay' WHEN a.token IS NULL THEN 'superseded' ELSE 'stored' END
-           AS outcome
-FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
+       CASE WHEN f.token IS NULL THEN 'replay' WHEN a.token IS NULL THEN 'superseded'
+            WHEN w.token IS NULL THEN 'moved' ELSE 'stored' END AS outcome
+FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token)
+    LEFT JOIN written w USING (token);
 
 -- name: webhook_write@unsubscribes
 -- As `webhook_write`, but tags are a set: a synced or pending row takes the union, and a pending
@@ -707,7 +718,8 @@ WITH input AS (
                          ELSE clock_timestamp() END
     FROM accepted r
     WHERE m.domain = r.domain AND m.address_key = r.key
-    RETURNING r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
+      AND NOT (m.sync_state = 'pending' AND m.updated_at > r.occurred_at)
+    RETURNING r.token, r.change_id, r.event_id, m.domain, m.address, m.address_key, m.sync_state
 ), inserted AS (
     INSERT INTO {table} (domain, address, {cols}, sync_state, synced_at)
     SELECT r.domain, r.address, {r_cols},
@@ -725,11 +737,16 @@ WITH input AS (
     UNION ALL
     SELECT r.change_id, n.domain, '{list}', n.address, 'insert', r.event_id, 'webhook'
     FROM inserted n JOIN accepted r ON r.domain = n.domain AND r.key = n.address_key
+), written AS (
+    SELECT token FROM updated
+    UNION ALL
+    SELECT r.token FROM inserted n JOIN accepted r ON r.domain = n.domain AND r.key = n.address_key
 )
 SELECT i.token,
-       CASE WHEN f.token IS NULL THEN 'replay' WHEN a.token IS NULL THEN 'superseded' ELSE 'stored' END
-           AS outcome
-FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token);
+       CASE WHEN f.token IS NULL THEN 'replay' WHEN a.token IS NULL THEN 'superseded'
+            WHEN w.token IS NULL THEN 'moved' ELSE 'stored' END AS outcome
+FROM input i LEFT JOIN fresh f USING (token) LEFT JOIN accepted a USING (token)
+    LEFT JOIN written w USING (token);
 
 -- name: webhook_use_tokens
 -- $1 tokens, $2 their signature times: signed deliveries that write nothing else (ignored, or

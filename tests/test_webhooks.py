@@ -789,3 +789,58 @@ async def test_a_request_no_signature_vouches_for_costs_no_database_work_and_is_
     assert f'mailgun_sync_webhooks_unverified_total{{reason="{reason}"}} 1.0' in page
     assert page.count("mailgun_sync_webhooks_unverified_total{") == 1
 
+
+
+
+# ---- concurrent writers ------------------------------------------------------------------------
+# Each statement of a webhook write decides on its snapshot. An application's transaction holding
+# the address, committed while the write waits for it, is what the write then finds; the event is
+# applied by the rules for what it finds, as if the change had come before the write began.
+
+APPLICATION_INSERTS = "INSERT INTO mailgun.bounces (domain, address, code, error)" \
+                      " VALUES ($1, 'race@example.com', '421', 'from the application')"
+
+
+async def test_an_address_an_application_inserts_while_the_webhook_write_waits_on_it_takes_the_event(
+        http, pool):
+    # The application's INSERT is in a transaction not yet committed when the webhook's statement
+    # takes its snapshot: the webhook's insert of the same address waits for it, then finds the row.
+    async with pool.acquire() as application:
+        async with application.transaction():
+            await application.execute(APPLICATION_INSERTS, DOMAIN)
+            delivery = event("failed", "race@example.com", DOMAIN, timestamp=time.time(), code=550)
+            webhook = asyncio.create_task(deliver(http, delivery))
+            await _someone_waits_for_a_lock(pool)
+        assert await webhook == (200, "stored")
+
+    # As for a row the write had seen: the pending row Mailgun now has becomes synced, the event's.
+    row = (await rows(pool, BOUNCES))["race@example.com"]
+    assert (row["sync_state"], row["code"]) == ("synced", "550")
+    assert row["error"] == "550 5.1.1 mailbox unavailable"
+    assert ("bounces", "race@example.com", "synced", "webhook") in await webhook_changes(pool)
+
+
+@pytest.mark.parametrize("application", [
+    (None, APPLICATION_INSERTS),
+    ("synced", "UPDATE mailgun.bounces SET code = '421', error = 'from the application'"
+               " WHERE domain = $1 AND address = 'race@example.com'"),
+    ("synced", "DELETE FROM mailgun.bounces WHERE domain = $1 AND address = 'race@example.com'"),
+], ids=["insert", "update", "delete"])
+async def test_an_applications_change_committed_while_an_older_webhook_write_waits_on_it_stands(
+        http, pool, application):
+    state, change = application
+    if state is not None:
+        await insert_row(pool, BOUNCES, DOMAIN, "race@example.com", state=state, code="550", error="old")
+    before = await rows(pool, BOUNCES)
+    delivery = event("failed", "race@example.com", DOMAIN, timestamp=time.time() - 60, code=554)
+    async with pool.acquire() as connection:
+        async with connection.transaction():
+            await connection.execute(change, DOMAIN)
+            expected = {a: dict(r) for a, r in (await rows(connection, BOUNCES)).items()}
+            webhook = asyncio.create_task(deliver(http, delivery))
+            await _someone_waits_for_a_lock(pool)
+        # The application changed the address after the event happened: its change stands.
+        assert await webhook == (200, "superseded")
+
+    assert await rows(pool, BOUNCES) == expected != before
+    assert [c for c in await webhook_changes(pool) if c[3] == "webhook"] == []

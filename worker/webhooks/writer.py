@@ -21,6 +21,12 @@ token is used up on its own and it is answered 406 (WebhookDataRefusedError), so
 other event-data is a replay. Any other failure (a lost connection, a timeout, a serialization
 failure) leaves the token unused, for Mailgun's retry.
 
+Each statement decides on its snapshot. A change of an event's address another transaction
+commits while the write waits for it (an application's INSERT the write's insert then conflicts
+with, an UPDATE or DELETE of the row) leaves the event `moved`, neither applied nor superseded: the
+batch's statements are undone to a savepoint and run again, when they see the change and apply
+the event by the rules for what they find. Moved again, the batch fails (503).
+
 A batch's transaction is over within WRITE_WITHIN seconds or abandoned, its connection terminated,
 and its requests answered 503: a connection a failover lost would otherwise never answer, and every
 webhook after it would wait behind it. If it was abandoned during its COMMIT, it may have been
@@ -41,7 +47,13 @@ import asyncpg
 import orjson
 
 from worker.database import connection_within
-from worker.errors import DatabaseTimeoutError, DataRefusedError, SyncError, WebhookDataRefusedError
+from worker.errors import (
+    DatabaseError,
+    DatabaseTimeoutError,
+    DataRefusedError,
+    SyncError,
+    WebhookDataRefusedError,
+)
 from worker.logs import get_logger
 from worker.records import SuppressionList
 from worker.sql import queries
@@ -50,8 +62,12 @@ from worker.webhooks.events import TokenOnly, WebhookEvent
 
 log = get_logger(__name__)
 
-# USED: a TokenOnly delivery's token recorded, not seen before.
-STORED, REPLAY, SUPERSEDED, USED = "stored", "replay", "superseded", "used"
+# USED: a TokenOnly delivery's token recorded, not seen before. MOVED, never an answer: an event
+# another transaction changed its address under while it was written (see webhook_write).
+STORED, REPLAY, SUPERSEDED, USED, MOVED = "stored", "replay", "superseded", "used", "moved"
+# How many times a batch's statements are run when another transaction moved an address of it
+# each time, before its requests are answered 503: the second run sees what the first waited for.
+WRITE_TRIES = 2
 
 Delivery = WebhookEvent | TokenOnly
 
@@ -118,18 +134,37 @@ class WebhookStore:
         outcome: dict[str, str] = {}
         async with connection_within(self._pool, self._within, "storing webhook events") as connection, \
                 connection.transaction():
-            if only:
-                fresh = {row["token"] for row in await connection.fetch(
-                    queries()["webhook_use_tokens"], [d.token for d in only], [d.signed_at for d in only])}
-                outcome.update((d.token, USED if d.token in fresh else REPLAY) for d in only)
-            if batches:
-                await connection.execute(queries()["mark_worker_writes"])
-            for batch in batches:
-                for kind, members in batch.items():
-                    payload = orjson.dumps([_row(e) for e in members]).decode()
-                    for row in await connection.fetch(list_query("webhook_write", kind), payload):
-                        outcome[row["token"]] = row["outcome"]
+            for _ in range(WRITE_TRIES):
+                # A savepoint: a write another transaction moved an address under is undone, and
+                # done again on what the new statements' snapshots show (see webhook_write).
+                attempt = connection.transaction()
+                await attempt.start()
+                outcome = await self._write(connection, only, batches)
+                if MOVED not in outcome.values():
+                    await attempt.commit()
+                    break
+                await attempt.rollback()
+        if MOVED in outcome.values():
+            raise DatabaseError(f"PostgreSQL: other transactions changed an address of the webhook events "
+                                f"while they were written, {WRITE_TRIES} times over; nothing was committed")
         return [REPLAY if i in repeated else outcome[d.token] for i, d in enumerate(deliveries)]
+
+    @staticmethod
+    async def _write(connection: asyncpg.Connection, only: Sequence[TokenOnly],
+                     batches: list[dict[SuppressionList, list[WebhookEvent]]]) -> dict[str, str]:
+        outcome: dict[str, str] = {}
+        if only:
+            fresh = {row["token"] for row in await connection.fetch(
+                queries()["webhook_use_tokens"], [d.token for d in only], [d.signed_at for d in only])}
+            outcome.update((d.token, USED if d.token in fresh else REPLAY) for d in only)
+        if batches:
+            await connection.execute(queries()["mark_worker_writes"])
+        for batch in batches:
+            for kind, members in batch.items():
+                payload = orjson.dumps([_row(e) for e in members]).decode()
+                for row in await connection.fetch(list_query("webhook_write", kind), payload):
+                    outcome[row["token"]] = row["outcome"]
+        return outcome
 
     async def prune_tokens(self, older_than: datetime) -> int:
         within = connection_within(self._pool, self._prune_within, "pruning webhook tokens")
