@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 import pytest
 
 from tests.support.account import API_KEY
@@ -83,6 +84,38 @@ async def test_readyz_answers_within_a_second_while_slow_runs_hold_every_connect
 
     assert (status, text) == (200, "ready\n")
     assert elapsed < PROBE_TIMEOUT
+
+
+async def test_runs_ending_while_the_schedule_is_slow_to_update_leave_readyz_and_webhooks_their_connections(
+        busy, session, emulator, database_url, pool):
+    await until_ready(session, busy)
+    other = await asyncpg.connect(database_url)
+    try:
+        # Another session holds the schedule's rows (an operator's transaction, a server slow to
+        # write): every run that ends waits to record its end, for up to 10 s.
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM mailgun.schedule FOR UPDATE")
+            emulator.faults.clear()
+            emulator.release()  # the 10 runs end at once
+            await asyncio.sleep(1.0)
+            probes = [await timed_get(session, f"{busy.http}/readyz") for _ in range(2)]
+            started = time.monotonic()
+            answer = await deliver(session, event("failed", "ending@example.com", DOMAINS[0]),
+                                   url=busy.webhooks)
+            webhook_s = time.monotonic() - started
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()")
+    finally:
+        await other.close()
+
+    assert waiting >= 1  # the runs' ends did wait on the schedule's rows meanwhile
+    for status, text, elapsed in probes:
+        assert (status, text) == (200, "ready\n")
+        assert elapsed < PROBE_TIMEOUT
+    assert answer == (200, "stored")
+    assert webhook_s < 1.0
+    assert "ending@example.com" in await rows(pool, BOUNCES)
 
 
 # ---- a silent database ---------------------------------------------------------------------------

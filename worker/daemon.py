@@ -140,7 +140,7 @@ class Daemon:
         self._reconcilers: dict[str, Reconciler] = {}
         self._scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={
             "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
-        self._shared = SharedSchedule(resources.pool, _replica_name(), claims_pool=resources.serving)
+        self._shared = SharedSchedule(resources.pool, _replica_name(), claims_pool=resources.claims)
         # The lists this replica syncs, by job id ("domain/list"), and the runs it has now.
         self._lists: dict[str, _Scheduled] = {}
         self._runs: dict[str, tuple[Claim, asyncio.Task[Any]]] = {}

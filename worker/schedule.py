@@ -106,9 +106,9 @@ class SharedSchedule:
 
     def __init__(self, pool: asyncpg.Pool, replica: str, *, claims_pool: asyncpg.Pool | None = None) -> None:
         """`claims_pool` for the claims, their renewals and the ends of runs, which must not wait
-        for a connection behind runs that hold them all (a lease would run out meanwhile): the
-        daemon's pool for webhooks and probes. `pool` for planning, which may take longer than
-        that pool lets a statement run (20,000 lists at once)."""
+        for a connection behind runs that hold them all (a lease would run out meanwhile), nor
+        take the webhooks' and probes': the daemon's schedule pool. `pool` for planning, which
+        may take longer than that pool lets a statement run (20,000 lists at once)."""
         self._pool = pool
         self._claims = claims_pool or pool
         self.replica = replica
