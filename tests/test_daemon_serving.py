@@ -6,12 +6,16 @@ child process against the emulator and a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
 from tests.support.account import API_KEY
@@ -260,3 +264,68 @@ async def test_with_webhook_port_webhooks_are_served_there_only_and_probes_and_m
         status, metrics, _ = await timed_get(session, f"{running.http}/metrics")
         assert status == 200
         assert 'mailgun_sync_webhooks_total{event="complained",outcome="stored"} 1.0' in metrics
+
+
+# ---- the webhooks' port, open to the internet ---------------------------------------------------
+
+UNSIGNED = b"POST /webhooks/mailgun HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+CORRUPT_GZIP = UNSIGNED + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello"
+CORRUPT_DEFLATE = UNSIGNED + b"Content-Encoding: deflate\r\nContent-Length: 5\r\n\r\nhello"
+CUT_SHORT = UNSIGNED + b"Content-Length: 100\r\n\r\n{\"a\":"
+BROKEN_CHUNK = UNSIGNED + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n"
+
+
+def sent(port: int, data: bytes, *, then: str = "wait") -> bytes:
+    """`data` on a connection of its own; then the status line answered (`wait`), or nothing:
+    the client's end shut for writing (`shut`) or closed (`hang_up`) before the body's end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(data)
+        if then == "hang_up":
+            time.sleep(0.01)
+            return b""
+        if then == "shut":
+            connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while b"\r\n" not in answer and (chunk := connection.recv(4096)):
+                answer += chunk
+        return answer.split(b"\r\n")[0]
+
+
+def log_lines(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.startswith(b"{")]
+
+
+async def test_bodies_that_cannot_be_read_are_refused_400_counted_and_logged_once_a_second_without_tracebacks(
+        emulator, pool, database_url, session, tmp_path):
+    stderr = tmp_path / "daemon.err"
+    async with daemon(emulator, database_url, session, stderr=stderr,
+                      WEBHOOK_PORT=str(_free_port())) as running:
+        await until_ready(session, running)
+        port = int(running.webhooks.rsplit(":", 1)[1])
+        started = time.monotonic()
+        answers = {kind: [await asyncio.to_thread(sent, port, data, then=then) for _ in range(100)]
+                   for kind, data, then in [("corrupt gzip", CORRUPT_GZIP, "wait"),
+                                            ("corrupt deflate", CORRUPT_DEFLATE, "wait"),
+                                            ("broken chunk", BROKEN_CHUNK, "wait"),
+                                            ("cut short", CUT_SHORT, "shut"),
+                                            ("hung up", CUT_SHORT, "hang_up")]}
+        flood_s = time.monotonic() - started
+        await asyncio.sleep(0.5)
+        _, metrics, _ = await timed_get(session, f"{running.http}/metrics")
+        ready = await timed_get(session, f"{running.http}/readyz")
+    logged = log_lines(stderr)
+
+    for kind in ("corrupt gzip", "corrupt deflate", "broken chunk"):
+        assert {answer.split(b" ")[1] for answer in answers[kind]} == {b"400"}, kind
+    # Each counted, before any database work; the broken chunk is refused by the HTTP server
+    # itself, before the endpoint: it is no webhook. A body cut short is answered to nobody.
+    assert 'mailgun_sync_webhooks_unverified_total{reason="unreadable"} 400.0' in metrics
+    assert 'mailgun_sync_webhook_duration_seconds_count{status="400"} 400.0' in metrics
+    assert 'status="500"' not in metrics
+    # No traceback, nothing at error, and each kind of refusal at most once a second.
+    assert not [line for line in logged if line["level"] in ("error", "critical") or "exception" in line]
+    refusals = [line for line in logged if line["event"] in ("webhook_refused", "http_request_refused")]
+    assert {line["event"] for line in refusals} == {"webhook_refused", "http_request_refused"}
+    assert len(refusals) <= 2 * (flood_s + 1)
+    assert ready[0] == 200

@@ -844,3 +844,24 @@ async def test_an_applications_change_committed_while_an_older_webhook_write_wai
 
     assert await rows(pool, BOUNCES) == expected != before
     assert [c for c in await webhook_changes(pool) if c[3] == "webhook"] == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_whose_content_encoding_does_not_decode_is_400_unreadable_without_database_work(
+        database_url, aiohttp_client, encoding):
+    from worker.database import open_pool
+
+    metrics = Metrics()
+    async with open_pool(database_url, max_size=1) as closed:
+        await closed.close()  # any query would fail, and the answer would be 503
+        async with WebhookWriter(WebhookStore(closed), max_age=86400) as writer:
+            http = await aiohttp_client(endpoint_app(writer, metrics))
+            with capture_logs() as logs:
+                async with http.post(PATH, data=orjson.dumps(event("complained", VICTIM, DOMAIN)),
+                                     headers={"Content-Encoding": encoding}) as response:
+                    answer = response.status, (await response.text()).strip()
+            page = await (await http.get("/metrics")).text()
+
+    assert answer == (400, f"the body could not be read: Can not decode content-encoding: {encoding}")
+    assert 'mailgun_sync_webhooks_unverified_total{reason="unreadable"} 1.0' in page
+    assert [(e["event"], e["log_level"], e["status"]) for e in logs] == [("webhook_refused", "warning", 400)]

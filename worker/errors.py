@@ -18,8 +18,10 @@
     │                              the same write would be refused again
     └── WebhookError               a webhook delivery refused; `status` is the answer Mailgun gets
         ├── WebhookAuthError       401: unsigned, badly signed or stale (Mailgun retries)
-        └── WebhookPayloadError    406: a payload that will never be valid (Mailgun stops)
-            └── WebhookDataRefusedError  406: an event whose data the database refuses
+        ├── WebhookPayloadError    406: a payload that will never be valid (Mailgun stops)
+        │   └── WebhookDataRefusedError  406: an event whose data the database refuses
+        └── WebhookBodyError       400: a body that could not be read (a broken encoding or
+                                   framing, cut short, the client gone)
 
 Messages name what is wrong and what to check. The API key never appears in any of them.
 """
@@ -162,6 +164,17 @@ class WebhookPayloadError(WebhookError):
     """The webhook's payload can never be stored: answered 406, so Mailgun stops retrying."""
 
     status = 406
+
+
+class WebhookBodyError(WebhookError):
+    """The request's body could not be read as sent: a Content-Encoding that does not decode, a
+    broken chunk, a body shorter than its Content-Length, a client gone before its end. Answered
+    400 (Mailgun, which sends whole bodies, never gets it), before any signature is read."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="unreadable")
 
 
 class UnknownDomainError(WebhookPayloadError):

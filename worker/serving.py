@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from worker.daemon import Daemon, Planner
 from worker.errors import StartupError
@@ -17,10 +20,36 @@ from worker.lifespan import Resources
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.webhooks.endpoint import MAX_BODY, WebhookEndpoint
+from worker.webhooks.endpoint import MAX_BODY, REFUSALS_LOGGED_EVERY, WebhookEndpoint
 from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp's server answers a request it cannot parse (a broken chunk, a bad header) 400
+    itself, and logs it at error with a traceback: a flood of them, from anyone on the internet,
+    would flood the logs. They are said at most once a second instead, in one warning line without
+    a traceback; what fails on the server's side keeps its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said = -REFUSALS_LOGGED_EVERY
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError | ConnectionError):
+            return True
+        now = time.monotonic()
+        if now - self._said >= REFUSALS_LOGGED_EVERY:
+            reason = " ".join(exc.message.split()) if isinstance(exc, HttpProcessingError) else str(exc)
+            log.warning("http_request_refused", status=getattr(exc, "code", None) or None,
+                        reason=reason[:200], not_logged_before=self._held)
+            self._said, self._held = now, 0
+        else:
+            self._held += 1
+        return False
 
 
 def build_http_app(daemon: Daemon, metrics: Metrics,
@@ -77,6 +106,8 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
                  (build_webhook_app(webhooks), settings.webhook_port, "WEBHOOK_PORT (--webhook-port)",
                   "webhook_port")]
     runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, *_ in sites]
+    malformed = _MalformedRequests()
+    logging.getLogger("aiohttp.server").addFilter(malformed)
     for runner in runners:
         await runner.setup()
     if writer is not None:
@@ -117,4 +148,5 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
             await writer.stop(within=max(deadline - loop.time(), 0.0))
         if abandon is not None:
             abandon.cancel()
+        logging.getLogger("aiohttp.server").removeFilter(malformed)
     log.info("daemon_stopped")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -64,17 +66,28 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def daemon(emulator: MailgunEmulator, database_url: str, session: aiohttp.ClientSession,
+                 *, stderr: Path | None = None, open_files: int | None = None,
                  **extra: str) -> AsyncIterator[Running]:
     """`mailgun-sync daemon` for every list of DOMAINS, its first runs started at once; stopped
-    with SIGTERM afterwards, and it must exit 0."""
+    with SIGTERM afterwards, and it must exit 0. `stderr`: a file for its log lines; `open_files`:
+    the soft limit of open files it is started with (a container's is often 1,024), the hard one
+    left as it is."""
     http_port = _free_port()
     env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
            "MAILGUN_DOMAINS": ",".join(DOMAINS), "DATABASE_URL": database_url,
            "HTTP_PORT": str(http_port), "MAILGUN_WEBHOOK_SIGNING_KEY": SIGNING_KEY,
            "SYNC_INTERVAL": "3600", "SYNC_JITTER": "0", "SHUTDOWN_GRACE": "1", **extra}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "daemon", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    with contextlib.ExitStack() as files:
+        err = files.enter_context(stderr.open("wb")) if stderr is not None else asyncio.subprocess.DEVNULL
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "daemon", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=err, preexec_fn=limit)
     http = f"http://127.0.0.1:{http_port}"
     webhooks = f"http://127.0.0.1:{extra['WEBHOOK_PORT']}" if "WEBHOOK_PORT" in extra else http
     try:

@@ -3,7 +3,8 @@
 Answers, as Mailgun reads them: 200 stored, a replay, superseded by a local removal, or ignored
 (Mailgun stops); 401 a missing, wrong or stale signature and 503 webhooks not configured or the
 database failing (Mailgun retries for 8 hours); 406 a payload that can never be stored, or an event
-whose data the database refuses (Mailgun stops).
+whose data the database refuses (Mailgun stops); 400 a body that could not be read (a broken
+Content-Encoding or chunk, cut short, the client gone before its end).
 
 A request is refused before any database work unless its signature verifies (counted in
 `mailgun_sync_webhooks_unverified_total`), so unsigned floods cost no queries. A signed one uses
@@ -17,10 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from worker.errors import (
     SyncError,
     UnknownDomainError,
+    WebhookBodyError,
     WebhookDataRefusedError,
     WebhookError,
     WebhookPayloadError,
@@ -84,6 +87,15 @@ class WebhookEndpoint:
         except web.HTTPRequestEntityTooLarge:
             return self._unverified(WebhookPayloadError(f"the body is larger than {MAX_BODY} bytes",
                                                         reason="too_large"))
+        except web.RequestPayloadError as exc:  # what the client sent does not decode or frame
+            # The connection is closed after the answer: aiohttp would otherwise go on reading the
+            # broken body to keep the connection, and log each failure with its traceback.
+            request.content.feed_eof()
+            refused = self._unverified(WebhookBodyError(f"the body could not be read: {_why(exc)}"))
+            refused.force_close()
+            return refused
+        except ConnectionError:  # the client hung up mid-body: the answer reaches nobody
+            return self._unverified(WebhookBodyError("the connection closed before the body's end"))
         try:
             signed = authenticate(body, key=self._key, now=time.time(), max_age=self._max_age)
         except WebhookError as exc:
@@ -162,6 +174,14 @@ class WebhookEndpoint:
         else:
             self._refusals[exc.status] = (logged, held + 1)
         return self._answer(exc.status, "other", outcome, str(exc))
+
+
+def _why(exc: web.RequestPayloadError) -> str:
+    """aiohttp's reason on one line: its parser's message (`Can not decode content-encoding:
+    gzip`), without the status and line breaks it wraps it in."""
+    cause = exc.__cause__
+    text = cause.message if isinstance(cause, HttpProcessingError) and cause.message else str(exc)
+    return " ".join(text.split()).removeprefix("400, message: ")
 
 
 def _token_only(signed: Signed) -> TokenOnly:
