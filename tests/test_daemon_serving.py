@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 import socket
 import time
@@ -28,6 +29,8 @@ from worker.database import POOL_SIZE
 from worker.devtools.benchmark.run import _free_port
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SuppressionList
+from worker.serving import REQUEST_HEAD_WITHIN
+from worker.webhooks.endpoint import BODY_WITHIN
 from worker.webhooks.writer import WRITE_WITHIN
 
 # Each test runs `mailgun-sync daemon` as a child process.
@@ -329,3 +332,79 @@ async def test_bodies_that_cannot_be_read_are_refused_400_counted_and_logged_onc
     assert {line["event"] for line in refusals} == {"webhook_refused", "http_request_refused"}
     assert len(refusals) <= 2 * (flood_s + 1)
     assert ready[0] == 200
+
+
+HALF_A_HEAD = b"POST /webhooks/mailgun HTTP/1.1\r\nHost: x\r\n"
+
+
+def closed_after(port: int, data: bytes, within: float) -> tuple[float, bytes]:
+    """`data` on a connection of its own, then nothing: how long until the daemon closed it, and
+    what it answered meanwhile (inf: still open after `within` seconds)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=within) as connection:
+        started = time.monotonic()
+        connection.sendall(data)
+        answer = b""
+        try:
+            while chunk := connection.recv(4096):
+                answer += chunk
+        except TimeoutError:
+            return float("inf"), answer
+        except ConnectionResetError:
+            pass
+        return time.monotonic() - started, answer
+
+
+async def test_a_connection_that_sends_half_a_request_or_nothing_is_closed_within_its_bound(
+        emulator, pool, database_url, session):
+    async with daemon(emulator, database_url, session, WEBHOOK_PORT=str(_free_port())) as running:
+        await until_ready(session, running)
+        http, webhooks = (int(url.rsplit(":", 1)[1]) for url in (running.http, running.webhooks))
+        cases = {"nothing sent": (webhooks, b""),
+                 "half a head": (webhooks, HALF_A_HEAD),
+                 "half a head on HTTP_PORT": (http, b"GET /readyz HTTP/1.1\r\nHost: x\r\n"),
+                 "idle after an answer": (http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+                 "half a body": (webhooks, CUT_SHORT)}
+        waited = [asyncio.to_thread(closed_after, port, data, REQUEST_HEAD_WITHIN + 10)
+                  for port, data in cases.values()]
+        outcomes = dict(zip(cases, await asyncio.gather(*waited), strict=True))
+
+    for case in ("nothing sent", "half a head", "half a head on HTTP_PORT", "idle after an answer"):
+        elapsed, _ = outcomes[case]
+        assert REQUEST_HEAD_WITHIN - 1 < elapsed < REQUEST_HEAD_WITHIN + 2, (case, elapsed)
+    assert outcomes["idle after an answer"][1].startswith(b"HTTP/1.1 200 OK")
+    elapsed, answer = outcomes["half a body"]
+    assert BODY_WITHIN - 1 < elapsed < BODY_WITHIN + 2
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert answer.endswith(f"the body was not sent within {BODY_WITHIN:g} s\n".encode())
+
+
+async def test_the_probes_and_webhooks_answer_with_more_half_sent_requests_open_than_the_soft_limit_of_files(
+        emulator, pool, database_url, session, tmp_path):
+    stderr = tmp_path / "daemon.err"
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    held: list[socket.socket] = []
+    async with daemon(emulator, database_url, session, stderr=stderr, open_files=256,
+                      WEBHOOK_PORT=str(_free_port())) as running:
+        await until_ready(session, running)
+        port = int(running.webhooks.rsplit(":", 1)[1])
+        try:
+            for _ in range(1_000):  # about 4 times the limit it was started with
+                connection = socket.create_connection(("127.0.0.1", port), timeout=2)
+                connection.sendall(HALF_A_HEAD)
+                held.append(connection)
+            await asyncio.sleep(0.5)
+            probes = [await timed_get(session, f"{running.http}{path}") for path in ("/healthz", "/readyz")]
+            started = time.monotonic()
+            answer = await deliver(session, event("failed", "crowded@example.com", DOMAINS[0]),
+                                   url=running.webhooks)
+            webhook_s = time.monotonic() - started
+        finally:
+            for connection in held:
+                connection.close()
+    started_line = next(line for line in log_lines(stderr) if line["event"] == "daemon_started")
+
+    assert started_line["open_files_limit"] == hard  # raised from 256 to the hard limit
+    assert [(status, text) for status, text, _ in probes] == [(200, "ok\n"), (200, "ready\n")]
+    assert all(elapsed < PROBE_TIMEOUT for *_, elapsed in probes)
+    assert answer == (200, "stored")
+    assert webhook_s < 1.0

@@ -157,12 +157,12 @@ class Daemon:
         # The domains whose lists it claims.
         self._claimable: tuple[str, ...] = ()
 
-    async def start(self, ports: dict[str, int] | None = None) -> None:
+    async def start(self, ports: dict[str, int] | None = None, *, open_files: int | None = None) -> None:
         """Put every (domain, list) on the shared schedule and start claiming. Lists new to the
         schedule are first due within the jitter (at most 5 s), so that replicas started together
         do not all reach for the same list at once; the others are due when their schedule says,
-        whichever replica ran them last. `ports`, the ports served by name, are logged with the
-        start."""
+        whichever replica ran them last. `ports`, the ports served by name, and `open_files`, the
+        process's limit of open files, are logged with the start."""
         await self._schedule(await self._planner())
         await self.refresh_gauges()
         await self._warn_of_unsynced_rows()
@@ -188,7 +188,9 @@ class Daemon:
             log.warning("setting_has_no_effect", setting="SYNC_FAILURES_BEFORE_UNREADY",
                         detail="readiness no longer depends on failing lists; alert on "
                                "mailgun_sync_consecutive_failures instead")
-        log.info("daemon_started", **(ports or {}), domains=self.domains(), replica=self._shared.replica,
+        limit = {} if open_files is None else {"open_files_limit": open_files}
+        log.info("daemon_started", **(ports or {}), **limit, domains=self.domains(),
+                 replica=self._shared.replica,
                  default_schedule=self._settings.sync_cron or f"every {self._settings.sync_interval:g}s")
 
     def domains(self) -> tuple[str, ...]:

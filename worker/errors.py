@@ -21,7 +21,7 @@
         ├── WebhookPayloadError    406: a payload that will never be valid (Mailgun stops)
         │   └── WebhookDataRefusedError  406: an event whose data the database refuses
         └── WebhookBodyError       400: a body that could not be read (a broken encoding or
-                                   framing, cut short, the client gone)
+                                   framing, cut short, the client gone); 408: not sent in time
 
 Messages name what is wrong and what to check. The API key never appears in any of them.
 """
@@ -169,12 +169,14 @@ class WebhookPayloadError(WebhookError):
 class WebhookBodyError(WebhookError):
     """The request's body could not be read as sent: a Content-Encoding that does not decode, a
     broken chunk, a body shorter than its Content-Length, a client gone before its end. Answered
-    400 (Mailgun, which sends whole bodies, never gets it), before any signature is read."""
+    400, or 408 to a body not sent within its bound (Mailgun, which sends whole bodies at once,
+    gets neither), before any signature is read."""
 
     status = 400
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, reason="unreadable")
+    def __init__(self, message: str, *, reason: str = "unreadable", status: int = 400) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
 
 
 class UnknownDomainError(WebhookPayloadError):

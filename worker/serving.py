@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import time
 
@@ -24,6 +25,33 @@ from worker.webhooks.endpoint import MAX_BODY, REFUSALS_LOGGED_EVERY, WebhookEnd
 from worker.webhooks.writer import WebhookStore, WebhookWriter
 
 log = get_logger(__name__)
+
+
+# How long a client has to send a whole request head, from its connection's opening or its
+# previous answer; so also how long a connection may idle between requests (aiohttp's
+# keep-alive timer starts with the connection, and closes it if no whole head has come by then).
+# Anyone on the internet may open connections to the webhooks' port: a connection that sends
+# half a request and then nothing (slowloris) would otherwise hold a file descriptor for good.
+# The body has its own bound (the endpoint's BODY_WITHIN).
+REQUEST_HEAD_WITHIN = 15.0
+# The most open files asked for when the hard limit is unlimited (Linux's default fs.nr_open).
+OPEN_FILES_CEILING = 1 << 20
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one, and return the limit now in force. A
+    container's soft limit is often 1,024 (containerd 2), which the webhooks' connections alone
+    could use up, leaving none for the probes or PostgreSQL; its hard limit is far higher."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:  # kept as it is: said, not fatal
+            log.warning("open_files_limit_not_raised", soft=soft, hard=hard, error=str(exc))
+            return soft
+        return wanted
+    return soft
 
 
 class _MalformedRequests(logging.Filter):
@@ -88,6 +116,7 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
                 stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), then drain and return."""
     stop = stop or asyncio.Event()
+    open_files = raise_open_files_limit()
     daemon = Daemon(settings, resources, metrics, planner)
     writer = WebhookWriter(WebhookStore(resources.serving), max_age=settings.webhook_max_age) \
         if settings.webhook_signing_key else None
@@ -105,7 +134,8 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
         sites = [(build_http_app(daemon, metrics), *http),
                  (build_webhook_app(webhooks), settings.webhook_port, "WEBHOOK_PORT (--webhook-port)",
                   "webhook_port")]
-    runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app, *_ in sites]
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False,
+                             keepalive_timeout=REQUEST_HEAD_WITHIN) for app, *_ in sites]
     malformed = _MalformedRequests()
     logging.getLogger("aiohttp.server").addFilter(malformed)
     for runner in runners:
@@ -129,7 +159,7 @@ async def serve(settings: Settings, resources: Resources, metrics: Metrics, plan
             ports[name] = runner.addresses[0][1]  # as bound: port 0 is any free one
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await daemon.start(ports)
+        await daemon.start(ports, open_files=open_files)
         await stop.wait()
         log.info("stop_requested")
         stopped_at = loop.time()

@@ -4,7 +4,8 @@ Answers, as Mailgun reads them: 200 stored, a replay, superseded by a local remo
 (Mailgun stops); 401 a missing, wrong or stale signature and 503 webhooks not configured or the
 database failing (Mailgun retries for 8 hours); 406 a payload that can never be stored, or an event
 whose data the database refuses (Mailgun stops); 400 a body that could not be read (a broken
-Content-Encoding or chunk, cut short, the client gone before its end).
+Content-Encoding or chunk, cut short, the client gone before its end) and 408 one not sent within
+BODY_WITHIN.
 
 A request is refused before any database work unless its signature verifies (counted in
 `mailgun_sync_webhooks_unverified_total`), so unsigned floods cost no queries. A signed one uses
@@ -14,6 +15,7 @@ its token up with whatever it is answered: stored, superseded, ignored or refuse
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,6 +40,10 @@ log = get_logger(__name__)
 PATH = "/webhooks/mailgun"
 # Mailgun's event payloads are a few kilobytes; this leaves room for large user variables.
 MAX_BODY = 64 * 1024
+# How long a client has to send the body once its request head has come (the head's own bound
+# is the server's): Mailgun sends a few kilobytes at once; a client trickling its body (slowloris)
+# is answered 408 and its connection closed.
+BODY_WITHIN = 15.0
 # Refusals are logged at most once a second for each answer (401, 406): a flood of forged
 # requests would otherwise cost a log line each, more than its refusal. The metric counts all.
 REFUSALS_LOGGED_EVERY = 1.0
@@ -83,7 +89,8 @@ class WebhookEndpoint:
             return self._answer(503, "other", "unconfigured",
                                 "webhooks are not configured: set MAILGUN_WEBHOOK_SIGNING_KEY")
         try:
-            body = await request.read()  # at most the app's client_max_size
+            async with asyncio.timeout(BODY_WITHIN):
+                body = await request.read()  # at most the app's client_max_size
         except web.HTTPRequestEntityTooLarge:
             return self._unverified(WebhookPayloadError(f"the body is larger than {MAX_BODY} bytes",
                                                         reason="too_large"))
@@ -96,6 +103,12 @@ class WebhookEndpoint:
             return refused
         except ConnectionError:  # the client hung up mid-body: the answer reaches nobody
             return self._unverified(WebhookBodyError("the connection closed before the body's end"))
+        except TimeoutError:
+            request.content.feed_eof()  # answered now, and closed: not read on after the answer
+            refused = self._unverified(WebhookBodyError(
+                f"the body was not sent within {BODY_WITHIN:g} s", reason="too_slow", status=408))
+            refused.force_close()
+            return refused
         try:
             signed = authenticate(body, key=self._key, now=time.time(), max_age=self._max_age)
         except WebhookError as exc:
