@@ -501,25 +501,32 @@ async def test_a_backfill_of_a_list_being_reconciled_is_skipped(
                 and r.query.get("page") != "last"]) == 4
 
 
-async def test_a_resumed_backfill_does_not_bring_back_what_was_deleted_since_its_pages_were_read(
-        pool, emulator, store, make_client, make_reconciler, sleeps):
+async def _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps):
+    """250 bounces on both sides, and a backfill that committed its first page (100) and failed;
+    returns the addresses and the backfill, to resume."""
     found = seed_bounces(emulator, 250)
     await pool.executemany(
-        "INSERT INTO mailgun.bounces (domain, address, created_at, sync_state, synced_at)"
-        " VALUES ($1, $2, $3, 'synced', $4)",
-        [(DOMAIN, r["address"], parse_timestamp(r["created_at"]), AN_HOUR_AGO)
-         for r in emulator.records(DOMAIN, BOUNCES)])
-    # The backfill commits its first page, then stops.
+        "INSERT INTO mailgun.bounces (domain, address, code, error, created_at, sync_state, synced_at)"
+        " VALUES ($1, $2, $3, $4, $5, 'synced', $6)",
+        [(DOMAIN, r["address"], r["code"], r["error"], parse_timestamp(r["created_at"]),
+          AN_HOUR_AGO - timedelta(hours=2)) for r in emulator.records(DOMAIN, BOUNCES)])
     emulator.fail_next(503, times=None, page="next")
     client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
-    assert (await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
-    assert found[5] in await committed_addresses(pool)
+    backfill = backfiller(store, client)
+    assert (await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
     emulator.faults.clear()
+    return found, backfill
+
+
+async def test_a_resumed_backfill_does_not_bring_back_what_was_deleted_since_its_pages_were_read(
+        pool, emulator, store, make_client, make_reconciler, sleeps):
+    found, backfill = await _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps)
+    assert found[5] in await committed_addresses(pool)
     # Meanwhile the application deletes a record of that page, and a run carries it out.
     await pool.execute("DELETE FROM mailgun.bounces WHERE address = $1", found[5])
     assert (await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).deleted == 1
 
-    resumed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    resumed = await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
 
     assert (resumed.status, resumed.pulled, resumed.inserted) == ("ok", 249, 0)
     assert found[5] not in await rows(pool, BOUNCES)
@@ -531,17 +538,8 @@ async def test_a_resumed_backfill_does_not_bring_back_what_a_run_killed_before_r
         pool, emulator, store, make_client, database_url, sleeps):
     """The run's removal is its own evidence: a run SIGKILLed after removing a record Mailgun
     dropped, but before its sync_runs line, still makes the backfill read the list again."""
-    found = seed_bounces(emulator, 250)
-    await pool.executemany(
-        "INSERT INTO mailgun.bounces (domain, address, created_at, sync_state, synced_at)"
-        " VALUES ($1, $2, $3, 'synced', $4)",
-        [(DOMAIN, r["address"], parse_timestamp(r["created_at"]), AN_HOUR_AGO)
-         for r in emulator.records(DOMAIN, BOUNCES)])
-    emulator.fail_next(503, times=None, page="next")
-    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
-    assert (await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
+    found, backfill = await _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps)
     assert found[5] in await committed_addresses(pool)
-    emulator.faults.clear()
     # Mailgun drops a record of the committed page; a run removes it from the mirror, then is
     # killed while it pushes the application's addition, before it records itself.
     emulator.remove(DOMAIN, BOUNCES, found[5])
@@ -564,27 +562,10 @@ async def test_a_resumed_backfill_does_not_bring_back_what_a_run_killed_before_r
     assert not await pool.fetchval("SELECT count(*) FROM mailgun.sync_runs WHERE NOT dry_run"
                                    " AND (status = 'ok' OR removed > 0)")
 
-    resumed = await backfiller(store, client).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    resumed = await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
 
     assert resumed.status == "ok"
     assert found[5] not in await rows(pool, BOUNCES)
-
-
-async def _backfill_paused_after_its_first_page(pool, emulator, store, make_client, sleeps):
-    """250 bounces on both sides, and a backfill that committed its first page (100) and failed;
-    returns the addresses and the backfill, to resume."""
-    found = seed_bounces(emulator, 250)
-    await pool.executemany(
-        "INSERT INTO mailgun.bounces (domain, address, code, error, created_at, sync_state, synced_at)"
-        " VALUES ($1, $2, $3, $4, $5, 'synced', $6)",
-        [(DOMAIN, r["address"], r["code"], r["error"], parse_timestamp(r["created_at"]),
-          AN_HOUR_AGO - timedelta(hours=2)) for r in emulator.records(DOMAIN, BOUNCES)])
-    emulator.fail_next(503, times=None, page="next")
-    client = make_client(page_limit=100, retry=RetryPolicy(max_attempts=2, backoff_max=1.0, sleep=sleeps))
-    backfill = backfiller(store, client)
-    assert (await backfill.reconcile(uuid.uuid4(), DOMAIN, BOUNCES)).status == "failed"
-    emulator.faults.clear()
-    return found, backfill
 
 
 async def test_a_resumed_backfill_does_not_bring_back_what_a_run_removed_though_retention_pruned_its_record(
