@@ -545,7 +545,15 @@ WITH input AS (
 ), done AS (
     UPDATE mailgun.removals x SET done_at = clock_timestamp(), last_error = NULL
     FROM input i WHERE x.id = i.id AND x.done_at IS NULL
-    RETURNING x.id
+    RETURNING x.id, x.tag, x.address_key, x.sent_at
+), moot AS (
+    -- A record deleted whole takes its tags with it: the removals of its tags queued before its
+    -- DELETE left are cleared with it, never sent. One queued since (the address added back with
+    -- tags, one dropped again) stands, and so does every tag removal of a record whose removal
+    -- was not carried out (cancelled: the address added back with fewer tags).
+    DELETE FROM mailgun.removals t USING done w
+    WHERE w.tag = '' AND t.domain = $2 AND t.list = $3 AND t.address_key = w.address_key
+      AND t.tag <> '' AND t.done_at IS NULL AND t.sent_at IS NULL AND t.removed_at < w.sent_at
 ), recorded AS (
     INSERT INTO mailgun.removals AS x (domain, list, address, tag, removed_at, sent_at, done_at)
     SELECT $2, $3, i.address, i.tag, i.removed_at, clock_timestamp(), clock_timestamp()
@@ -574,13 +582,6 @@ UPDATE {table} m SET sync_state = 'pending', sync_error = NULL
 FROM unnest($2::text[], $3::text[]) AS r(address, tag)
 WHERE m.domain = $1 AND m.{address_key} = lower(r.address COLLATE "C") COLLATE "default" AND m.sync_state = 'synced'
   AND (r.tag = '' OR r.tag = ANY (m.tags));
-
--- name: removals_superseded
--- $1 removal ids: tag removals of records deleted whole; nothing was sent for them. One whose
--- record's removal was cancelled since (the address added back) stays queued, and is sent.
-DELETE FROM mailgun.removals t WHERE t.id = ANY ($1::bigint[])
-  AND EXISTS (SELECT 1 FROM mailgun.removals w WHERE w.domain = t.domain AND w.list = t.list
-                AND w.address_key = t.address_key AND w.tag = '' AND w.done_at IS NOT NULL);
 
 -- name: removal_failed
 -- $1 removal id, $2 why

@@ -26,6 +26,7 @@ BOUNCES, UNSUBSCRIBES = SuppressionList.BOUNCES, SuppressionList.UNSUBSCRIBES
 ALLOWLIST = SuppressionList.ALLOWLIST
 AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
 CREATED = datetime(2026, 3, 2, 10, tzinfo=UTC)
+MAILGUN_DATE = "%a, %d %b %Y %H:%M:%S UTC"
 
 
 def wire_time(moment: datetime) -> str:
@@ -400,3 +401,40 @@ async def test_a_tag_removal_kept_by_an_address_added_back_is_not_lost_to_a_run_
     assert (remote, mirror) == ({"reader@example.com": ["news"]},
                                 {"reader@example.com": (["news"], "synced")}), (
         f"the dropped tag `promo` is back on both sides: Mailgun {remote}, mirror {mirror}")
+
+
+async def test_tag_removals_made_moot_by_a_deletion_are_cleared_with_it_even_when_the_run_then_fails(
+        pool, emulator, make_reconciler):
+    for address, tags in (("reader@example.com", ["news", "promo"]), ("other@example.com", ["x"])):
+        emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": address, "tags": tags,
+                                             "created_at": CREATED.strftime(MAILGUN_DATE)}])
+        await insert_row(pool, UNSUBSCRIBES, DOMAIN, address, state="synced", synced_at=AN_HOUR_AGO,
+                         created_at=CREATED, tags=tags)
+    # The application removes both unsubscribes: each record's removal and each of its tags' queued.
+    await pool.execute("DELETE FROM mailgun.unsubscribes WHERE address = 'reader@example.com'")
+    await pool.execute("DELETE FROM mailgun.unsubscribes WHERE address = 'other@example.com'")
+    # The second record's DELETE fails (a wrong region's answer): the list fails, the rest stay queued.
+    emulator.inject(Fault(status=404, method="DELETE", path_contains="other",
+                          message="Domain not found", times=1))
+
+    first = await make_reconciler(allow_mass_delete=True).reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+    assert first.status == "failed", first
+    assert [r["address"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)] == ["other@example.com"]
+    # The reader's record is deleted at Mailgun: its tags' removals went with it.
+    assert await pool.fetch("SELECT tag FROM mailgun.removals WHERE address = 'reader@example.com'"
+                            " AND done_at IS NULL") == []
+
+    # The reader unsubscribes again from `promo`, at Mailgun (a new record, after the deletion).
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": "reader@example.com", "tags": ["promo"],
+                                         "created_at": datetime.now(UTC).strftime(MAILGUN_DATE)}])
+
+    second = await make_reconciler(allow_mass_delete=True).reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+
+    tag_deletes = [r.query["tag"] for r in emulator.requests if r.method == "DELETE" and "reader" in r.path
+                   and "tag" in r.query]
+    remote = {r["address"]: r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)}
+    mirror = {a: r["tags"] for a, r in (await rows(pool, UNSUBSCRIBES)).items()}
+    assert second.status == "ok", second.error
+    # The reader's new unsubscribe stays on both sides: no tag removal of the old one was sent.
+    assert (tag_deletes, remote, mirror) == (
+        [], {"reader@example.com": ["promo"]}, {"reader@example.com": ["promo"]})

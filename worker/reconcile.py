@@ -252,8 +252,9 @@ class Reconciler:
         options = self._options
         whole = [r for r in queued if r.tag is None]
         gone = {r.key for r in whole}
-        # A tag of a record deleted whole goes with it: nothing to send.
-        superseded = [r.id for r in queued if r.tag is not None and r.key in gone]
+        # A tag of a record deleted whole goes with it: nothing to send. Its removal is cleared
+        # when the record's DELETE is carried out (removals_done), not before: the address may be
+        # added back meanwhile, cancelling that DELETE but not this.
         tags = [r for r in queued if r.tag is not None and r.key not in gone]
         synced = await session.count_synced()
         if not options.allow_mass_delete and guard_trips(len(whole), synced + len(whole),
@@ -263,7 +264,7 @@ class Reconciler:
                 f"would delete {len(whole)} of {synced + len(whole)} records at Mailgun, more than "
                 f"SYNC_MAX_DELETE_FRACTION={options.max_delete_fraction}; deleted nothing "
                 "(--allow-mass-delete lets it through)")
-            whole, superseded = [], []
+            whole = []
         todo = sorted(whole + tags, key=lambda r: r.id)
         if options.dry_run:
             result.deleted = len(todo)
@@ -279,10 +280,6 @@ class Reconciler:
                 removal, exc = failure
                 await session.removal_failed(removal.id, str(exc))
                 raise exc
-        if superseded:
-            # Only once their record's DELETE is carried out: the application may have added the
-            # address back since they were read, cancelling that DELETE but not these.
-            await session.removals_superseded(superseded)
         return sent
 
     async def _delete_all(self, session: ListSession, removals: Sequence[QueuedRemoval]

@@ -300,10 +300,6 @@ class ListSession:
                                    [r.removed_at for r in removals])
             await self._db.execute(self._q("resend_after_removal"), self.domain, addresses, tags)
 
-    async def removals_superseded(self, removals: Sequence[int]) -> None:
-        async with wrap_db_errors(f"clearing removals of {self.ref}"):
-            await self._db.execute(queries()["removals_superseded"], list(removals))
-
     async def removal_failed(self, removal: int, why: str) -> None:
         async with wrap_db_errors(f"noting a failed removal of {self.ref}"):
             await self._db.execute(queries()["removal_failed"], removal, why)
