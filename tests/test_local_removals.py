@@ -51,19 +51,41 @@ async def test_a_synced_row_deleted_locally_is_deleted_at_mailgun(pool, emulator
 
 
 @pytest.mark.parametrize("kind", ["bounces", "unsubscribes", "complaints", "allowlist"])
-async def test_changing_the_address_of_a_row_mailgun_holds_is_refused_saying_how(pool, kind):
-    # The old address would stay at Mailgun, no removal queued, and come back with the next pull.
-    column = "value" if kind == "allowlist" else "address"
+@pytest.mark.parametrize("change", ["address", "domain"])
+async def test_changing_the_address_or_domain_of_a_row_mailgun_holds_is_refused_saying_how(
+        pool, kind, change):
+    # The old record would stay at Mailgun, no removal queued, and come back with the next pull.
+    column = ("value" if kind == "allowlist" else "address") if change == "address" else "domain"
+    value = "new@example.com" if change == "address" else "mg.other.example.com"
     await insert_row(pool, kind, DOMAIN, "old@example.com", state="synced", synced_at=AN_HOUR_AGO)
     with pytest.raises(asyncpg.CheckViolationError) as refused:
-        await pool.execute(f"UPDATE mailgun.{kind} SET {column} = 'new@example.com'")
-    assert refused.value.message == f"mailgun.{kind}: the address of a row Mailgun may hold cannot be changed"
-    assert refused.value.hint == ("DELETE the row and INSERT the new address: the old one is then "
+        await pool.execute(f"UPDATE mailgun.{kind} SET {column} = $1", value)
+    assert refused.value.message == (f"mailgun.{kind}: the domain and address of a row Mailgun may "
+                                     "hold cannot be changed")
+    assert refused.value.hint == ("DELETE the row and INSERT the new one: the old record is then "
                                   "deleted at Mailgun")
-    assert list(await rows(pool, kind)) == ["old@example.com"]
-    # Its spelling may change: to Mailgun it is the same address.
+    assert [(r["domain"], a) for a, r in (await rows(pool, kind)).items()] == [(DOMAIN, "old@example.com")]
+
+
+@pytest.mark.parametrize("kind", ["bounces", "unsubscribes", "complaints", "allowlist"])
+async def test_the_case_of_an_address_mailgun_holds_may_change(pool, kind):
+    column = "value" if kind == "allowlist" else "address"
+    await insert_row(pool, kind, DOMAIN, "old@example.com", state="synced", synced_at=AN_HOUR_AGO)
     await pool.execute(f"UPDATE mailgun.{kind} SET {column} = 'Old@Example.com'")
     assert list(await rows(pool, kind)) == ["Old@Example.com"]
+
+
+async def test_the_address_of_a_row_mailgun_refused_may_be_corrected(pool, emulator, make_reconciler):
+    # Sent and refused (a 400 for the record), it is not at Mailgun: correcting it sends the new one.
+    emulator.inject(Fault(status=400, method="POST", message="'address' parameter is not a valid address"))
+    await insert_row(pool, BOUNCES, DOMAIN, "typo@example.com")
+    assert (await run(make_reconciler)).rejected == 1
+    assert (await rows(pool, BOUNCES))["typo@example.com"]["sync_state"] == "rejected"
+
+    await pool.execute("UPDATE mailgun.bounces SET address = 'fixed@example.com'")
+
+    assert (await run(make_reconciler)).pushed == 1
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["fixed@example.com"]
 
 
 async def test_an_address_changed_by_delete_and_insert_is_deleted_at_mailgun_and_the_new_one_pushed(
