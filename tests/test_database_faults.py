@@ -190,7 +190,7 @@ async def test_a_run_whose_server_goes_silent_behind_a_proxy_fails_within_databa
     loop = asyncio.get_running_loop()
     async with SilentProxy(database_url).running() as proxy, \
             open_pool(proxy.url, max_size=2, answer_within=answer_within) as proxied:
-        reconciler = Reconciler(MirrorStore(proxied), client, ReconcileOptions())
+        reconciler = Reconciler(MirrorStore(proxied, answer_within=answer_within), client, ReconcileOptions())
         emulator.inject(Fault(action="delay", delay_s=0.5, times=1, method="GET"))
         running = asyncio.create_task(reconciler.reconcile(uuid.uuid4(), DOMAIN, BOUNCES))
         while not [r for r in emulator.requests if r.method == "GET"]:
@@ -218,3 +218,54 @@ async def test_a_run_whose_server_goes_silent_behind_a_proxy_fails_within_databa
 
     assert again.status == "ok", again.error
     assert len(await rows(pool, BOUNCES)) == N + PENDING
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store_told", [True, False], ids=["store told", "store not told"])
+async def test_a_pull_longer_than_database_timeout_is_not_given_up_while_postgresql_answers(
+        store_told, pool, database_url, emulator, make_client):
+    # The pull is streamed into one COPY; Mailgun's time (a large list, a rate limit's waits) is
+    # no answer of PostgreSQL's, whether or not the store knows the pool's DATABASE_TIMEOUT.
+    emulator.seed(DOMAIN, BOUNCES, [{"address": f"a{i:04}@example.com"} for i in range(500)])
+    emulator.inject(Fault(action="delay", delay_s=0.6, times=None, method="GET"))
+    async with open_pool(database_url, max_size=2, answer_within=1.0) as bounded:
+        store = MirrorStore(bounded, answer_within=1.0) if store_told else MirrorStore(bounded)
+        result = await Reconciler(store, make_client(page_limit=100), ReconcileOptions()).reconcile(
+            uuid.uuid4(), DOMAIN, BOUNCES)
+    assert (result.status, result.error, result.inserted) == ("ok", None, 500)
+
+
+@pytest.mark.slow
+async def test_a_server_silent_while_a_pull_streams_into_it_fails_the_run_within_database_timeout(
+        pool, database_url, emulator, make_client):
+    # Enough records that the COPY sends while Mailgun's pages are still coming. The server stops
+    # taking them (flow control) once the buffers on the way are full, or answers nothing after
+    # the last: the run fails DATABASE_TIMEOUT after Mailgun's last answer, whichever comes first.
+    emulator.generate(DOMAIN, BOUNCES, 20000)
+    emulator.inject(Fault(action="delay", delay_s=0.2, times=None, method="GET"))
+    loop = asyncio.get_running_loop()
+    last_answer = loop.time()
+
+    async def note_answers() -> None:
+        nonlocal last_answer
+        answered = 0
+        while True:
+            now = sum(1 for r in list(emulator.requests) if r.status is not None)
+            if now != answered:
+                answered, last_answer = now, loop.time()
+            await asyncio.sleep(0.01)
+
+    async with SilentProxy(database_url).running() as proxy, \
+            open_pool(proxy.url, max_size=2, answer_within=2.0) as proxied:
+        reconciler = Reconciler(MirrorStore(proxied, answer_within=2.0), make_client(), ReconcileOptions())
+        noting = asyncio.create_task(note_answers())
+        running = asyncio.create_task(reconciler.reconcile(uuid.uuid4(), DOMAIN, BOUNCES))
+        while len([r for r in emulator.requests if r.method == "GET"]) < 3:
+            assert not running.done(), running.result()
+            await asyncio.sleep(0.01)
+        proxy.cut()
+        result = await asyncio.wait_for(running, 60)
+        noting.cancel()
+    assert result.status == "failed"
+    assert "PostgreSQL did not answer in time while staging" in str(result.error)
+    assert loop.time() - last_answer <= 2.0 + 1.5

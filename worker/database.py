@@ -8,12 +8,15 @@ import contextlib
 import functools
 import socket
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import asyncpg
 
 from worker.errors import ConfigError, DatabaseError, DatabaseTimeoutError, DataRefusedError
 from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
+
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -159,6 +162,67 @@ async def connection_within(pool: asyncpg.Pool, within: float,
             # the work done stands.
             with contextlib.suppress(TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 await pool.release(connection, timeout=max(deadline - loop.time(), 0.0))
+
+
+# A COPY fed by a stream (the pull, page by page) is given this as its own timeout: asyncpg counts
+# a COPY's whole length against it, Mailgun's time included, which is the pull's, not the
+# server's. CopyWatch bounds the server's part instead.
+STREAMED_COPY_TIMEOUT = 365 * 86400.0
+
+
+class CopyWatch:
+    """The time PostgreSQL keeps a streamed COPY waiting, bounded by `within` (DATABASE_TIMEOUT; None:
+    not bounded): a row handed over and not taken (the server's flow control), or the COPY's
+    answer after its last row. Past it the connection is terminated, and the COPY fails with a
+    DatabaseTimeoutError. The stream's own waits (Mailgun's pages) do not count.
+
+        async with CopyWatch(connection, within, doing) as watch:
+            await connection.copy_records_to_table(..., records=watch.rows(source),
+                                                   timeout=watch.timeout)
+    """
+
+    def __init__(self, connection: asyncpg.Connection, within: float | None, doing: str) -> None:
+        self._connection = connection
+        self._within = within
+        self._doing = doing
+        self._waiting_since: float | None = None  # on the server, since
+        self._stalled = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self.timeout = STREAMED_COPY_TIMEOUT
+
+    async def rows(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
+        loop = asyncio.get_running_loop()
+        async for row in source:
+            self._waiting_since = loop.time()
+            yield row
+            self._waiting_since = None
+        self._waiting_since = loop.time()  # every row sent: the COPY's answer is awaited
+
+    async def _watch(self, within: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, within / 4))
+            since = self._waiting_since
+            if since is not None and loop.time() - since > within:
+                self._stalled = True
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    self._connection.terminate()
+                return
+
+    async def __aenter__(self) -> CopyWatch:
+        if self._within is not None:
+            self._watchdog = asyncio.create_task(self._watch(self._within))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        traceback: object) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._stalled and exc is not None:
+            raise DatabaseTimeoutError(
+                f"PostgreSQL did not answer in time while {self._doing} (DATABASE_TIMEOUT)") from exc
 
 
 async def ping(pool: asyncpg.Pool, within: float) -> None:

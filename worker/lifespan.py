@@ -79,5 +79,6 @@ async def open_resources(settings: Settings, *, observer: HttpObserver | None = 
                 retry=RetryPolicy(max_attempts=settings.max_attempts, backoff_max=settings.backoff_max),
                 timeout=settings.http_timeout, observer=observer)
 
-        yield Resources(pool=pool, store=MirrorStore(pool), mailgun=client_for(settings.api_base),
+        store = MirrorStore(pool, answer_within=settings.database_timeout)
+        yield Resources(pool=pool, store=store, mailgun=client_for(settings.api_base),
                         regional=client_for, serving_pool=serving_pool, schedule_pool=schedule_pool)

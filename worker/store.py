@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.database import wrap_db_errors
+from worker.database import CopyWatch, wrap_db_errors
 from worker.errors import DatabaseTimeoutError
 from worker.records import ListRef, Page, Record, StagingRow, SuppressionList
 from worker.runs import RunCounts, RunStatus
@@ -168,9 +168,13 @@ def _pending_record(kind: SuppressionList, row: asyncpg.Record) -> Record:
 class ListSession:
     """One (domain, list) on one connection, with its advisory lock held."""
 
-    def __init__(self, connection: asyncpg.Connection, ref: ListRef) -> None:
+    def __init__(self, connection: asyncpg.Connection, ref: ListRef, *,
+                 answer_within: float | None = None) -> None:
+        """`answer_within`: DATABASE_TIMEOUT, which the pool's connections apply to each statement
+        and the pull's streamed COPY to the server's part of it (CopyWatch)."""
         self._db = connection
         self.ref = ref
+        self._answer_within = answer_within
 
     @property
     def domain(self) -> str:
@@ -213,7 +217,9 @@ class ListSession:
         async with contextlib.aclosing(pages), wrap_db_errors(f"staging {self.ref}"):
             await self._db.execute(queries()["create_staging"])
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
-            await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS)
+            async with CopyWatch(self._db, self._answer_within, f"staging {self.ref}") as watch:
+                await self._db.copy_records_to_table("staging", records=watch.rows(rows()),
+                                                     columns=_COPY_COLUMNS, timeout=watch.timeout)
             taken = await self._take_out(removed_first) if removed_first else Staged(0, 0)
             await self._finish_staging(maybe_repeats=repeats.possible)
         return Staged(repeats.count - taken.records, skipped - taken.skipped)
@@ -464,8 +470,10 @@ async def _end_list_session(connection: asyncpg.Connection, ref: ListRef) -> Non
 class MirrorStore:
     """The mirror database: migrations, per-list sessions and the run record."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, answer_within: float | None = None) -> None:
+        """`answer_within`: the pool's DATABASE_TIMEOUT, if it has one (see ListSession)."""
         self._pool = pool
+        self._answer_within = answer_within
 
     @contextlib.asynccontextmanager
     async def list_session(self, ref: ListRef) -> AsyncIterator[ListSession | None]:
@@ -479,12 +487,13 @@ class MirrorStore:
                 yield None
                 return
             try:
-                yield ListSession(connection, ref)
+                yield ListSession(connection, ref, answer_within=self._answer_within)
             except DatabaseTimeoutError:
                 # A statement given up (DATABASE_TIMEOUT): asyncpg's next statement on this
                 # connection, and its release, would wait for a cancellation the silent server
-                # never answers.
-                connection.terminate()
+                # never answers. (Terminated already: back in the pool.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    connection.terminate()
                 raise
             finally:
                 await _end_list_session(connection, ref)
