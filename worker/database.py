@@ -7,16 +7,14 @@ import asyncio
 import contextlib
 import functools
 import socket
+import time
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 import asyncpg
 
 from worker.errors import ConfigError, DatabaseError, DatabaseTimeoutError, DataRefusedError
 from worker.settings import PERCENT_ENCODE
 from worker.sql import queries
-
-T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -172,13 +170,16 @@ STREAMED_COPY_TIMEOUT = 365 * 86400.0
 
 class CopyWatch:
     """The time PostgreSQL keeps a streamed COPY waiting, bounded by `within` (DATABASE_TIMEOUT; None:
-    not bounded): a row handed over and not taken (the server's flow control), or the COPY's
-    answer after its last row. Past it the connection is terminated, and the COPY fails with a
-    DatabaseTimeoutError. The stream's own waits (Mailgun's pages) do not count.
+    not bounded): rows handed over and not taken (the server's flow control), or the COPY's answer
+    after its last row. Past it the connection is terminated, and the COPY fails with a
+    DatabaseTimeoutError. The stream's own waits (Mailgun's pages) do not count. The stream says
+    whose turn it is, a page at a time (a row at a time would cost the pull):
 
-        async with CopyWatch(connection, within, doing) as watch:
-            await connection.copy_records_to_table(..., records=watch.rows(source),
-                                                   timeout=watch.timeout)
+        async with watch:  # CopyWatch(connection, within, doing)
+            await connection.copy_records_to_table(..., records=rows, timeout=watch.timeout)
+
+    where `rows` calls watch.server_turn() before handing over a page's rows and after its last
+    page, and watch.stream_turn() before waiting for the next page.
     """
 
     def __init__(self, connection: asyncpg.Connection, within: float | None, doing: str) -> None:
@@ -190,20 +191,17 @@ class CopyWatch:
         self._watchdog: asyncio.Task[None] | None = None
         self.timeout = STREAMED_COPY_TIMEOUT
 
-    async def rows(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
-        loop = asyncio.get_running_loop()
-        async for row in source:
-            self._waiting_since = loop.time()
-            yield row
-            self._waiting_since = None
-        self._waiting_since = loop.time()  # every row sent: the COPY's answer is awaited
+    def server_turn(self) -> None:
+        self._waiting_since = time.monotonic()
+
+    def stream_turn(self) -> None:
+        self._waiting_since = None
 
     async def _watch(self, within: float) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, within / 4))
             since = self._waiting_since
-            if since is not None and loop.time() - since > within:
+            if since is not None and time.monotonic() - since > within:
                 self._stalled = True
                 with contextlib.suppress(asyncpg.InterfaceError):
                     self._connection.terminate()

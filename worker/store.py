@@ -203,6 +203,7 @@ class ListSession:
         """
         repeats = RepeatWatch(ranged=ranged)
         skipped = 0
+        watch = CopyWatch(self._db, self._answer_within, f"staging {self.ref}")
 
         async def rows() -> AsyncIterator[StagingRow]:
             nonlocal skipped
@@ -210,16 +211,19 @@ class ListSession:
                 repeats.see(page.rows)
                 repeats.count += page.held
                 skipped += len(page.skipped)
+                watch.server_turn()  # a page's rows are handed over: the server must take them
                 for row in page.rows:
                     yield row
+                watch.stream_turn()
+            watch.server_turn()  # the COPY's answer
 
         # Closed at once if the COPY fails, so no page request is left running in the background.
         async with contextlib.aclosing(pages), wrap_db_errors(f"staging {self.ref}"):
             await self._db.execute(queries()["create_staging"])
             # One COPY for the whole pull: a COPY per page would cost a few round trips each.
-            async with CopyWatch(self._db, self._answer_within, f"staging {self.ref}") as watch:
-                await self._db.copy_records_to_table("staging", records=watch.rows(rows()),
-                                                     columns=_COPY_COLUMNS, timeout=watch.timeout)
+            async with watch:
+                await self._db.copy_records_to_table("staging", records=rows(), columns=_COPY_COLUMNS,
+                                                     timeout=watch.timeout)
             taken = await self._take_out(removed_first) if removed_first else Staged(0, 0)
             await self._finish_staging(maybe_repeats=repeats.possible)
         return Staged(repeats.count - taken.records, skipped - taken.skipped)
