@@ -551,9 +551,11 @@ WITH input AS (
     -- DELETE left are cleared with it, never sent. One queued since (the address added back with
     -- tags, one dropped again) stands, and so does every tag removal of a record whose removal
     -- was not carried out (cancelled: the address added back with fewer tags).
+    -- (A tag's DELETE sent in an earlier run and failed is as moot: the run never sends a tag's
+    -- DELETE beside its record's.)
     DELETE FROM mailgun.removals t USING done w
     WHERE w.tag = '' AND t.domain = $2 AND t.list = $3 AND t.address_key = w.address_key
-      AND t.tag <> '' AND t.done_at IS NULL AND t.sent_at IS NULL AND t.removed_at < w.sent_at
+      AND t.tag <> '' AND t.done_at IS NULL AND t.removed_at < w.sent_at
 ), recorded AS (
     INSERT INTO mailgun.removals AS x (domain, list, address, tag, removed_at, sent_at, done_at)
     SELECT $2, $3, i.address, i.tag, i.removed_at, clock_timestamp(), clock_timestamp()

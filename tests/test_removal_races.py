@@ -438,3 +438,39 @@ async def test_tag_removals_made_moot_by_a_deletion_are_cleared_with_it_even_whe
     # The reader's new unsubscribe stays on both sides: no tag removal of the old one was sent.
     assert (tag_deletes, remote, mirror) == (
         [], {"reader@example.com": ["promo"]}, {"reader@example.com": ["promo"]})
+
+
+async def test_a_tag_removal_sent_once_and_failed_is_cleared_with_its_records_deletion(
+        pool, emulator, make_reconciler):
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": "reader@example.com", "tags": ["news", "promo"],
+                                         "created_at": CREATED.strftime(MAILGUN_DATE)}])
+    await insert_row(pool, UNSUBSCRIBES, DOMAIN, "reader@example.com", state="synced",
+                     synced_at=AN_HOUR_AGO, created_at=CREATED, tags=["news", "promo"])
+    # The application drops `promo`: a tag removal is queued. Its DELETE fails once (run 1 fails),
+    # so it stays queued with sent_at set.
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}' WHERE address = 'reader@example.com'")
+    emulator.inject(Fault(status=404, method="DELETE", path_contains="reader",
+                          message="Domain not found", times=1))
+    first = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+    assert first.status == "failed", first
+
+    # The application then deletes the record whole. Run 2 deletes it whole at Mailgun: the
+    # `promo` removal is moot now (its record is gone at Mailgun).
+    await pool.execute("DELETE FROM mailgun.unsubscribes WHERE address = 'reader@example.com'")
+    second = await make_reconciler(allow_mass_delete=True).reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+    assert second.status == "ok", second.error
+    assert emulator.records(DOMAIN, UNSUBSCRIBES) == []
+    assert await pool.fetch("SELECT tag FROM mailgun.removals WHERE done_at IS NULL") == []
+
+    # The reader unsubscribes again from `promo` at Mailgun (a new record, after the deletion).
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": "reader@example.com", "tags": ["promo"],
+                                         "created_at": datetime.now(UTC).strftime(MAILGUN_DATE)}])
+    before = len(emulator.requests)
+    third = await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)
+    tag_deletes = [r.query["tag"] for r in list(emulator.requests)[before:]
+                   if r.method == "DELETE" and "tag" in r.query]
+    remote = {r["address"]: r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)}
+    mirror = {a: r["tags"] for a, r in (await rows(pool, UNSUBSCRIBES)).items()}
+    assert third.status == "ok", third.error
+    assert (tag_deletes, remote, mirror) == (
+        [], {"reader@example.com": ["promo"]}, {"reader@example.com": ["promo"]})
