@@ -382,8 +382,8 @@ async def test_trigger_functions_that_touch_removals_run_as_the_owner_with_a_fix
            FROM pg_proc WHERE pronamespace = 'mailgun'::regnamespace ORDER BY proname""")
     definers = {f["proname"] for f in functions if f["prosecdef"]}
     assert definers == {f["proname"] for f in functions if f["touches_removals"]}
-    assert definers == {"cancel_local_removal", "note_held_when_readded", "note_local_removal",
-                        "note_tag_removal"}
+    assert definers == {"cancel_local_removal", "guard_identity", "note_held_when_readded",
+                        "note_local_removal", "note_tag_removal"}
     assert {f["proname"]: f["proconfig"] for f in functions if f["prosecdef"]} == {
         name: ["search_path=pg_catalog, pg_temp"] for name in definers}
 

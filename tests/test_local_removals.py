@@ -88,6 +88,25 @@ async def test_the_address_of_a_row_mailgun_refused_may_be_corrected(pool, emula
     assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["fixed@example.com"]
 
 
+async def test_a_corrected_address_mailgun_stored_before_refusing_a_retry_is_deleted_there(
+        pool, emulator, make_reconciler, make_client):
+    # The push's first try is stored, its answer too late; the retry is refused: the row is
+    # rejected, yet Mailgun holds it. Its correction queues the old record's removal.
+    await insert_row(pool, BOUNCES, DOMAIN, "typo@example.com", code="550", error="no such user")
+    emulator.inject(Fault(action="delay_after", delay_s=1.5, times=1, method="POST"))
+    emulator.inject(Fault(status=400, message="Invalid request", times=1, method="POST"))
+    await make_reconciler(make_client(timeout=0.5)).reconcile(uuid.uuid4(), DOMAIN, BOUNCES)
+    assert (await rows(pool, BOUNCES))["typo@example.com"]["sync_state"] == "rejected"
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["typo@example.com"]
+
+    await pool.execute("UPDATE mailgun.bounces SET address = 'fixed@example.com'")
+    result = await run(make_reconciler)
+
+    assert (result.status, result.deleted, result.pushed) == ("ok", 1, 1)
+    assert [r["address"] for r in emulator.records(DOMAIN, BOUNCES)] == ["fixed@example.com"]
+    assert list(await rows(pool, BOUNCES)) == ["fixed@example.com"]
+
+
 async def test_an_address_changed_by_delete_and_insert_is_deleted_at_mailgun_and_the_new_one_pushed(
         pool, emulator, make_reconciler):
     await both_have(pool, emulator, ["old@example.com"])
