@@ -238,10 +238,10 @@ async def test_a_pull_longer_than_database_timeout_is_not_given_up_while_postgre
 @pytest.mark.slow
 async def test_a_server_silent_while_a_pull_streams_into_it_fails_the_run_within_database_timeout(
         pool, database_url, emulator, make_client):
-    # Enough records that the COPY sends while Mailgun's pages are still coming. The server stops
-    # taking them (flow control) once the buffers on the way are full, or answers nothing after
-    # the last: the run fails DATABASE_TIMEOUT after Mailgun's last answer, whichever comes first.
-    emulator.generate(DOMAIN, BOUNCES, 20000)
+    # Enough records that the COPY sends while Mailgun's pages are still coming, and fills the
+    # buffers on the way: the server then stops taking them (flow control, which a closed
+    # connection does not lift). The run fails DATABASE_TIMEOUT after Mailgun's last answer.
+    emulator.generate(DOMAIN, BOUNCES, 150000)
     emulator.inject(Fault(action="delay", delay_s=0.2, times=None, method="GET"))
     loop = asyncio.get_running_loop()
     last_answer = loop.time()

@@ -189,6 +189,7 @@ class CopyWatch:
         self._waiting_since: float | None = None  # on the server, since
         self._stalled = False
         self._watchdog: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[object] | None = None  # the COPY's
         self.timeout = STREAMED_COPY_TIMEOUT
 
     def server_turn(self) -> None:
@@ -205,9 +206,14 @@ class CopyWatch:
                 self._stalled = True
                 with contextlib.suppress(asyncpg.InterfaceError):
                     self._connection.terminate()
+                # A COPY held by the server's flow control waits for asyncpg's leave to write,
+                # which a closed connection never gives: the COPY's task is woken.
+                assert self._task is not None
+                self._task.cancel()
                 return
 
     async def __aenter__(self) -> CopyWatch:
+        self._task = asyncio.current_task()
         if self._within is not None:
             self._watchdog = asyncio.create_task(self._watch(self._within))
         return self
@@ -218,9 +224,13 @@ class CopyWatch:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
-        if self._stalled and exc is not None:
-            raise DatabaseTimeoutError(
-                f"PostgreSQL did not answer in time while {self._doing} (DATABASE_TIMEOUT)") from exc
+        if not self._stalled:
+            return
+        assert self._task is not None
+        if self._task.uncancel() > 0 and isinstance(exc, asyncio.CancelledError):
+            return  # cancelled from outside as well: that stands
+        raise DatabaseTimeoutError(
+            f"PostgreSQL did not answer in time while {self._doing} (DATABASE_TIMEOUT)") from exc
 
 
 async def ping(pool: asyncpg.Pool, within: float) -> None:
