@@ -18,7 +18,7 @@ import pytest
 from tests.support.account import DOMAIN
 from tests.support.mirror import rows
 from tests.support.proxy import SilentProxy
-from worker.database import open_pool
+from worker.database import CopyWatch, open_pool
 from worker.devtools.sql import queries
 from worker.emulator import Fault
 from worker.migrate import migrate
@@ -269,3 +269,26 @@ async def test_a_server_silent_while_a_pull_streams_into_it_fails_the_run_within
     assert result.status == "failed"
     assert "PostgreSQL did not answer in time while staging" in str(result.error)
     assert loop.time() - last_answer <= 2.0 + 1.5
+
+
+async def test_a_run_stopped_as_its_pull_copy_ends_is_stopped(pool):
+    # The stop (SIGTERM, a drain past its grace) lands while the COPY's watch is put away.
+    async with pool.acquire() as connection:
+        copied = asyncio.Event()
+        went_on = []
+
+        async def copying() -> None:
+            async with CopyWatch(connection, 10.0, "staging"):
+                await copied.wait()
+            went_on.append(True)
+
+        task = asyncio.create_task(copying())
+        await asyncio.sleep(0.05)
+        copied.set()
+        await asyncio.sleep(0)  # the COPY is over: the watch is being put away
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    assert task.cancelled()
+    assert went_on == []
+

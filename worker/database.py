@@ -222,8 +222,9 @@ class CopyWatch:
                         traceback: object) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            # Waited for without taking its cancellation for this task's: a stop arriving now
+            # is this task's, and goes on.
+            await asyncio.wait([self._watchdog])
         if not self._stalled:
             return
         assert self._task is not None
