@@ -535,15 +535,17 @@ WHERE x.id = i.id AND x.done_at IS NULL
 RETURNING x.id;
 
 -- name: removals_done
--- $1 run id, $2 domain, $3 list, $4 removal ids, $5 addresses, $6 tags, $7 removed_at: Mailgun
--- confirmed these DELETEs (2xx) or no longer had the address (its own 404). Each is kept as
+-- $1 run id, $2 domain, $3 list, $4 removal ids, $5 addresses, $6 tags, $7 removed_at, $8 the ids
+-- Mailgun answered "not found": Mailgun confirmed these DELETEs (2xx) or no longer had the address
+-- (its own 404), which `found` tells apart. Each is kept as
 -- carried out; one cancelled while its DELETE was in flight (a newer webhook, or the address added
 -- again) is put back on record as carried out, since the DELETE happened all the same.
 WITH input AS (
     SELECT * FROM unnest($4::bigint[], $5::text[], $6::text[], $7::timestamptz[])
                   AS i(id, address, tag, removed_at)
 ), done AS (
-    UPDATE mailgun.removals x SET done_at = clock_timestamp(), last_error = NULL
+    UPDATE mailgun.removals x SET done_at = clock_timestamp(), last_error = NULL,
+                                  found = x.id <> ALL ($8::bigint[])
     FROM input i WHERE x.id = i.id AND x.done_at IS NULL
     RETURNING x.id, x.tag, x.address_key, x.sent_at
 ), moot AS (
@@ -557,10 +559,12 @@ WITH input AS (
     WHERE w.tag = '' AND t.domain = $2 AND t.list = $3 AND t.address_key = w.address_key
       AND t.tag <> '' AND t.done_at IS NULL AND t.removed_at < w.sent_at
 ), recorded AS (
-    INSERT INTO mailgun.removals AS x (domain, list, address, tag, removed_at, sent_at, done_at)
-    SELECT $2, $3, i.address, i.tag, i.removed_at, clock_timestamp(), clock_timestamp()
+    INSERT INTO mailgun.removals AS x (domain, list, address, tag, removed_at, sent_at, done_at, found)
+    SELECT $2, $3, i.address, i.tag, i.removed_at, clock_timestamp(), clock_timestamp(),
+           i.id <> ALL ($8::bigint[])
     FROM input i WHERE i.id NOT IN (SELECT id FROM done)
-    ON CONFLICT (domain, list, address_key, tag) DO UPDATE SET done_at = excluded.done_at
+    ON CONFLICT (domain, list, address_key, tag) DO UPDATE SET done_at = excluded.done_at,
+                                                              found = excluded.found
     WHERE x.done_at IS NOT NULL
 ), overtaken AS (
     -- An unfinished backfill's pages may list what Mailgun just deleted (see backfill_overtaken).
@@ -600,9 +604,10 @@ UPDATE mailgun.removals SET last_error = $2 WHERE id = $1;
 --     and the row is written pending, below).
 --   * Rows are written synced (Mailgun has them), at the clock's time: a reconcile whose pull
 --     started before neither updates nor removes them. A pending or rejected row is adopted.
---   * Unless Mailgun may have lost the record since: a DELETE of the address was in flight, or was
---     confirmed only after the event happened (within a minute, for the two clocks). Then the row
---     is written pending, and the next run adopts it or sends it back.
+--   * Unless Mailgun may have lost the record since: a DELETE of the address was in flight, or
+--     found and deleted a record only after the event happened (within a minute, for the two
+--     clocks). Then the row is written pending, and the next run adopts it or sends it back. A
+--     DELETE answered "not found" took nothing.
 --   * The statement decides on what its snapshot shows; another transaction committing a change of
 --     the address after it was taken (an application's INSERT the insert below waits for and then
 --     conflicts with, a DELETE, an UPDATE making the row pending the UPDATE below then skips)
@@ -624,7 +629,8 @@ WITH input AS (
     SELECT i.*,
            EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
                    AND x.address_key = i.key AND x.sent_at IS NOT NULL
-                   AND (x.done_at IS NULL OR x.done_at + interval '1 minute' >= i.occurred_at)) AS in_doubt
+                   AND (x.done_at IS NULL OR (x.found IS NOT FALSE
+                                              AND x.done_at + interval '1 minute' >= i.occurred_at))) AS in_doubt
     FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
                       AND x.address_key = i.key AND x.removed_at >= i.occurred_at)
@@ -693,7 +699,8 @@ WITH input AS (
     SELECT i.*,
            EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'
                    AND x.address_key = i.key AND x.sent_at IS NOT NULL
-                   AND (x.done_at IS NULL OR x.done_at + interval '1 minute' >= i.occurred_at)
+                   AND (x.done_at IS NULL OR (x.found IS NOT FALSE
+                                              AND x.done_at + interval '1 minute' >= i.occurred_at))
                    AND (x.tag = '' OR x.tag = ANY (i.tags))) AS in_doubt
     FROM input i JOIN fresh USING (token)
     WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x WHERE x.domain = i.domain AND x.list = '{list}'

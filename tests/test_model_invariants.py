@@ -435,11 +435,12 @@ class ModelMachine(RuleBasedStateMachine):
             # A local addition not yet confirmed may still be pushed after this: open.
             unconfirmed = await self._row_state(kind, key) == "pending" or self._in_flight_post(kind, key)
             # A webhook about a suppression from within a minute of a DELETE of the address (in flight
-            # or confirmed) is written pending, for the two clocks (README): it may be sent back.
+            # or one that found a record) is written pending, for the two clocks (README): it may be
+            # sent back.
             near_a_delete = await self.world.app_pool.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM mailgun.removals WHERE domain = $1 AND list = $2 "
-                "AND address_key = $3 AND sent_at IS NOT NULL "
-                "AND (done_at IS NULL OR done_at > clock_timestamp() - interval '1 minute'))",
+                "AND address_key = $3 AND sent_at IS NOT NULL AND (done_at IS NULL OR "
+                "(found IS NOT FALSE AND done_at > clock_timestamp() - interval '1 minute')))",
                 DOMAIN, kind.value, key)
             self.new_event(kind, key, Event(time.time(), "mailgun", "delete",
                                             open=unconfirmed or near_a_delete))

@@ -474,3 +474,24 @@ async def test_a_tag_removal_sent_once_and_failed_is_cleared_with_its_records_de
     assert third.status == "ok", third.error
     assert (tag_deletes, remote, mirror) == (
         [], {"reader@example.com": ["promo"]}, {"reader@example.com": ["promo"]})
+
+
+async def test_a_late_webhook_about_a_record_mailgun_dropped_before_the_delete_found_nothing_stays_gone(
+        webhook_http, pool, emulator, make_reconciler):
+    # The application deletes a bounce; Mailgun bounces the address again, then drops that record;
+    # the run's DELETE is answered "not found"; the webhook about the newer bounce comes late. The
+    # DELETE took nothing, so it cannot have taken that record: the newest event, the drop, stands.
+    await both_have(pool, emulator, BOUNCES, "late@example.com")
+    await pool.execute("DELETE FROM mailgun.bounces")
+    await asyncio.sleep(0.05)
+    bounced = time.time()
+    emulator.remove(DOMAIN, BOUNCES, "late@example.com")
+    assert (await run(make_reconciler)).deleted == 1  # "not found"
+
+    answer = await deliver(webhook_http, event("failed", "late@example.com", DOMAIN, timestamp=bounced))
+    result = await run(make_reconciler)
+
+    assert answer == (200, "stored")
+    assert result.pushed == 0
+    assert (await rows(pool, BOUNCES), emulator.records(DOMAIN, BOUNCES)) == ({}, [])
+

@@ -272,8 +272,8 @@ class Reconciler:
         sent: list[QueuedRemoval] = []
         for start in range(0, len(todo), REMOVALS_AT_ONCE):
             chunk = await session.removals_sending(todo[start:start + REMOVALS_AT_ONCE])
-            done, failure = await self._delete_all(session, chunk)
-            await session.removals_done(run_id, done)
+            done, not_found, failure = await self._delete_all(session, chunk)
+            await session.removals_done(run_id, done, not_found)
             result.deleted += len(done)
             sent += done
             if failure is not None:
@@ -283,10 +283,13 @@ class Reconciler:
         return sent
 
     async def _delete_all(self, session: ListSession, removals: Sequence[QueuedRemoval]
-                          ) -> tuple[list[QueuedRemoval], tuple[QueuedRemoval, MailgunError] | None]:
+                          ) -> tuple[list[QueuedRemoval], set[int],
+                                     tuple[QueuedRemoval, MailgunError] | None]:
         """DELETE each at Mailgun, a bounded number at a time (the client's request budget paces
-        them); after the first failure no more are started. What was carried out, and the failure."""
+        them); after the first failure no more are started. What was carried out, the ids of
+        those Mailgun answered "not found", and the failure."""
         done: list[QueuedRemoval] = []
+        not_found: set[int] = set()
         failures: list[tuple[QueuedRemoval, MailgunError]] = []
         slots = asyncio.Semaphore(self._options.delete_concurrency)
 
@@ -295,15 +298,17 @@ class Reconciler:
                 if failures:
                     return
                 try:
-                    await self._mailgun.delete(session.domain, session.kind, removal.address,
-                                               tag=removal.tag)
+                    found = await self._mailgun.delete(session.domain, session.kind, removal.address,
+                                                       tag=removal.tag)
                 except MailgunError as exc:
                     failures.append((removal, exc))
                     return
                 done.append(removal)
+                if not found:
+                    not_found.add(removal.id)
 
         await asyncio.gather(*(delete(removal) for removal in removals))
-        return done, (failures[0] if failures else None)
+        return done, not_found, (failures[0] if failures else None)
 
     async def _applied(self, session: ListSession, *, guarded: bool) -> None:
         """Called once a complete pull has been applied to the mirror."""

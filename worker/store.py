@@ -12,7 +12,7 @@ import contextlib
 import functools
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -295,20 +295,23 @@ class ListSession:
                                                            [r.id for r in removals])}
         return [r for r in removals if r.id in still]
 
-    async def removals_done(self, run_id: uuid.UUID, removals: Sequence[QueuedRemoval]) -> None:
-        """Mailgun carried these out: record them, and send back any row a newer webhook wrote
-        while they were in flight (the DELETE may have removed its record at Mailgun)."""
+    async def removals_done(self, run_id: uuid.UUID, removals: Sequence[QueuedRemoval],
+                            not_found: Collection[int] = ()) -> None:
+        """Mailgun carried these out (`not_found`: the ids it answered "not found"): record them,
+        and send back any row a newer webhook wrote while they were in flight (a DELETE that found
+        a record may have removed the webhook's at Mailgun)."""
         if not removals:
             return
-        addresses = [r.address for r in removals]
-        tags = [r.tag or "" for r in removals]
+        found = [r for r in removals if r.id not in not_found]
         async with wrap_db_errors(f"recording removals of {self.ref}"), \
                 self._db.transaction():
             await self._db.execute(queries()["mark_worker_writes"])
             await self._db.execute(queries()["removals_done"], run_id, self.domain, self.kind.value,
-                                   [r.id for r in removals], addresses, tags,
-                                   [r.removed_at for r in removals])
-            await self._db.execute(self._q("resend_after_removal"), self.domain, addresses, tags)
+                                   [r.id for r in removals], [r.address for r in removals],
+                                   [r.tag or "" for r in removals], [r.removed_at for r in removals],
+                                   list(not_found))
+            await self._db.execute(self._q("resend_after_removal"), self.domain,
+                                   [r.address for r in found], [r.tag or "" for r in found])
 
     async def removal_failed(self, removal: int, why: str) -> None:
         async with wrap_db_errors(f"noting a failed removal of {self.ref}"):
