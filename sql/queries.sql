@@ -289,6 +289,30 @@ WITH changed AS (
 )
 SELECT count(*) FROM logged;
 
+-- name: update_changed@unsubscribes
+-- As `update_changed`, less the tags the application dropped whose removal is still queued: taken
+-- back from Mailgun before their DELETE is sent, they would be sent back with the row (see
+-- resend_after_removal). Unless that is every tag: Mailgun drops the record with its last tag.
+WITH changed AS (
+    UPDATE {table} m
+    SET address = r.address,
+        tags = coalesce((SELECT array_agg(t COLLATE "C" ORDER BY t COLLATE "C") FROM unnest(r.tags) AS t
+                         WHERE NOT EXISTS (SELECT 1 FROM mailgun.removals x
+                                           WHERE x.domain = $1 AND x.list = '{list}'
+                                             AND x.address_key = m.address_key AND x.tag = t
+                                             AND x.done_at IS NULL)), r.tags),
+        created_at = r.created_at, synced_at = now()
+    FROM diff r
+    WHERE r.action = 'update' AND m.domain = $1 AND m.address_key = r.key
+      AND m.sync_state = 'synced' AND m.synced_at < $3
+    RETURNING m.address
+), logged AS (
+    INSERT INTO mailgun.changes (run_id, domain, list, address, action)
+    SELECT $2, $1, '{list}', address, 'update' FROM changed
+    RETURNING 1
+)
+SELECT count(*) FROM logged;
+
 -- name: insert_remote_only
 -- $1 domain, $2 run id. A row an application inserts meanwhile wins the conflict and is adopted
 -- by the next run.

@@ -495,3 +495,41 @@ async def test_a_late_webhook_about_a_record_mailgun_dropped_before_the_delete_f
     assert result.pushed == 0
     assert (await rows(pool, BOUNCES), emulator.records(DOMAIN, BOUNCES)) == ({}, [])
 
+
+async def test_a_tag_dropped_while_a_run_pulls_is_not_taken_back_by_its_update_nor_sent_back(
+        webhook_http, pool, emulator, make_reconciler):
+    # A run has read its removal queue, its pull to come; meanwhile the application drops `*` and
+    # Mailgun adds `news` (its webhook makes the row synced). The pull's update of the synced row
+    # must not take `*` back: the next run would drop it at Mailgun, then send the row back with it.
+    for address in ("reader@example.com", "other@example.com"):
+        emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": address, "tags": ["*"],
+                                             "created_at": CREATED.strftime(MAILGUN_DATE)}])
+        await insert_row(pool, UNSUBSCRIBES, DOMAIN, address, state="synced",
+                         synced_at=AN_HOUR_AGO, created_at=CREATED, tags=["*"])
+    # The run is held in its deletions (of another address), after its queue was read and before
+    # its pull starts.
+    await pool.execute("DELETE FROM mailgun.unsubscribes WHERE address = 'other@example.com'")
+    emulator.inject(Fault(action="hold_after", method="DELETE", times=1))
+    running = asyncio.create_task(
+        make_reconciler(allow_mass_delete=True).reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES))
+    async with asyncio.timeout(10):
+        await emulator.until_held()
+    await pool.execute("UPDATE mailgun.unsubscribes SET tags = '{news}' WHERE address = 'reader@example.com'")
+    now = time.time()
+    added = datetime.fromtimestamp(now, UTC).strftime(MAILGUN_DATE)
+    emulator.seed(DOMAIN, UNSUBSCRIBES, [{"address": "reader@example.com", "tags": ["*", "news"],
+                                         "created_at": added}])
+    assert await deliver(webhook_http, event("unsubscribed", "reader@example.com", DOMAIN, timestamp=now,
+                                             tags=["news"])) == (200, "stored")
+    emulator.release()
+    assert (await running).status == "ok"
+    posts_before = len([r for r in emulator.requests if r.method == "POST"])
+
+    assert (await make_reconciler().reconcile(uuid.uuid4(), DOMAIN, UNSUBSCRIBES)).status == "ok"
+
+    assert len([r for r in emulator.requests if r.method == "POST"]) == posts_before
+    assert {r["address"]: r["tags"] for r in emulator.records(DOMAIN, UNSUBSCRIBES)} == {
+        "reader@example.com": ["news"]}
+    assert {a: r["tags"] for a, r in (await rows(pool, UNSUBSCRIBES)).items()} == {
+        "reader@example.com": ["news"]}
+
