@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from tests.support.account import API_KEY, DOMAIN
 from tests.support.mirror import changes, insert_row, rows
+from tests.support.process import run_killed_once
 from tests.support.replicas import FAKETIME
 from worker.backfill import Backfiller, Progress
 from worker.emulator import Fault
@@ -545,17 +546,7 @@ async def test_a_resumed_backfill_does_not_bring_back_what_a_run_killed_before_r
     emulator.remove(DOMAIN, BOUNCES, found[5])
     await insert_row(pool, BOUNCES, DOMAIN, "added@example.com")
     emulator.inject(Fault(action="delay", delay_s=30, method="POST"))
-    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "run", "--list", "bounces", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    deadline = asyncio.get_running_loop().time() + 20
-    while not [r for r in emulator.requests if r.method == "POST" and r.status is None]:
-        assert asyncio.get_running_loop().time() < deadline, "the run never pushed"
-        await asyncio.sleep(0.01)
-    worker.send_signal(signal.SIGKILL)
-    await worker.wait()
+    await run_killed_once(emulator, database_url, lambda r: r.method == "POST" and r.status is None)
     emulator.faults.clear()
     await wait_until_unlocked(pool)
     assert found[5] not in await rows(pool, BOUNCES)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import signal
-import sys
 import uuid
 
 import pytest
 
-from tests.support.account import API_KEY, DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import rows
+from tests.support.process import run_killed_once
 from worker.devtools.sql import queries
 from worker.emulator import Fault
 from worker.records import SuppressionList
@@ -38,19 +36,10 @@ async def test_a_run_killed_anywhere_converges_on_the_next(point, pool, emulator
     emulator.generate(DOMAIN, BOUNCES, N)
     await pool.execute(queries()["bench_prepare_mirror"], DOMAIN, N, PENDING)
     emulator.inject(KILL_POINTS[point])
-    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "run", "--list", "bounces", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     method = KILL_POINTS[point].method
+    await run_killed_once(emulator, database_url, lambda r: r.method == method and r.status is None,
+                          then=0.1 if point.endswith("stored the batch") else 0)
     deadline = asyncio.get_running_loop().time() + 20
-    while not [r for r in emulator.requests if r.method == method and r.status is None]:
-        assert asyncio.get_running_loop().time() < deadline, "the worker never got there"
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1 if point.endswith("stored the batch") else 0)
-    worker.send_signal(signal.SIGKILL)
-    await worker.wait()
     emulator.faults.clear()
     # PostgreSQL ends the dead worker's session, and with it the list's lock, as soon as it
     # notices the closed connection.

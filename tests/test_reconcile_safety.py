@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import signal
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.support.account import API_KEY, DOMAIN
+from tests.support.account import DOMAIN
 from tests.support.mirror import insert_row, rows, snapshot
+from tests.support.process import run_killed_once
 from worker.emulator import Fault
 from worker.records import SuppressionList, parse_timestamp
 
@@ -135,17 +133,7 @@ async def test_a_run_killed_mid_push_converges_on_the_next_run(pool, emulator, d
                            [(DOMAIN, a) for a in local])
     # The first batch goes through; the others fail until the worker is killed in its retry waits.
     emulator.fail_next(503, times=None, method="POST", skip=1)
-    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "MAILGUN_API_BASE": str(emulator.base_url),
-           "MAILGUN_DOMAINS": DOMAIN, "DATABASE_URL": database_url}
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "run", "--list", "bounces", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    deadline = asyncio.get_running_loop().time() + 20
-    while not [r for r in emulator.requests if r.method == "POST" and r.status == 200]:
-        assert asyncio.get_running_loop().time() < deadline, "the worker never pushed"
-        await asyncio.sleep(0.01)
-    worker.send_signal(signal.SIGKILL)
-    await worker.wait()
+    await run_killed_once(emulator, database_url, lambda r: r.method == "POST" and r.status == 200)
     emulator.faults.clear()
     remote_after_kill = {r["address"] for r in emulator.records(DOMAIN, BOUNCES)}
     assert len(remote_after_kill) == 1000

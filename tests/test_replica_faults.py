@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support.account import API_KEY
-from tests.support.replicas import FAKETIME, Fleet, Replica, run_starts
+from tests.support.replicas import FAKETIME, Fleet, Replica, run_starts, slow_emulator
 from tests.support.replicas import fleet as replicas_fleet
 from worker.emulator import Fault, MailgunEmulator
 from worker.records import SYNCED_LISTS
@@ -30,8 +30,7 @@ CLAIM_SLACK = 1.5
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[MailgunEmulator]:
-    async with MailgunEmulator(api_key=API_KEY, domains=list(DOMAINS)) as running:
-        running.inject(Fault(action="delay", delay_s=0.3, times=None, method="GET"))
+    async with slow_emulator(DOMAINS) as running:
         yield running
 
 

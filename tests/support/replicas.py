@@ -17,7 +17,7 @@ import aiohttp
 
 from tests.support.account import API_KEY
 from worker.devtools.benchmark.run import _free_port
-from worker.emulator import MailgunEmulator
+from worker.emulator import Fault, MailgunEmulator
 
 try:  # a replica whose clock is off: LD_PRELOAD of libfaketime (a test dependency)
     import libfaketime
@@ -94,3 +94,13 @@ async def fleet(emulator: MailgunEmulator, database_url: str, *, domains: Sequen
         yield started
     finally:
         assert set(await started.stop()) <= {0}
+
+
+@contextlib.asynccontextmanager
+async def slow_emulator(domains: Sequence[str]) -> AsyncIterator[MailgunEmulator]:
+    """An emulator of these domains that takes 0.3 s to answer each page, so that runs are in
+    progress whenever something happens."""
+    async with MailgunEmulator(api_key=API_KEY, domains=list(domains)) as running:
+        running.inject(Fault(action="delay", delay_s=0.3, times=None, method="GET"))
+        yield running
+
